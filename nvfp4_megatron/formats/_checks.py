@@ -1,0 +1,60 @@
+"""Input validation shared by the quantizers: errors name the field, the value and the rule."""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4_megatron.formats.constants import FP8_DTYPES, SUPPORTED_INPUT_DTYPES
+
+
+def check_float_input(x: object, *, name: str = "x", min_ndim: int = 1) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {x.dtype}; the quantizers take one of "
+            f"{[str(d) for d in SUPPORTED_INPUT_DTYPES]} (cast it first, e.g. x.float())"
+        )
+    if x.dim() < min_ndim:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; need at least {min_ndim} dimension(s)"
+        )
+    return x
+
+
+def check_last_dim_divisible(x: torch.Tensor, block: int, *, what: str) -> None:
+    if x.shape[-1] % block != 0 or x.shape[-1] == 0:
+        raise ValueError(
+            f"{what}: last dimension of shape {tuple(x.shape)} is {x.shape[-1]}, which is not "
+            f"a positive multiple of the block size {block}; pad the last dimension to a multiple of {block}"
+        )
+
+
+def check_rows_divisible(x: torch.Tensor, rows: int, tile_rows: int, *, what: str) -> None:
+    if rows % tile_rows != 0:
+        raise ValueError(
+            f"{what}: shape {tuple(x.shape)} has {rows} rows (product of the leading "
+            f"dimensions), which is not divisible by the tile height {tile_rows}; pad the rows or "
+            f"use a 1-row tile"
+        )
+
+
+def check_fp8_dtype(fp8_dtype: object) -> torch.dtype:
+    if fp8_dtype not in FP8_DTYPES:
+        raise ValueError(
+            f"fp8_dtype={fp8_dtype!r} is not supported; use torch.float8_e4m3fn or torch.float8_e5m2"
+        )
+    return fp8_dtype  # type: ignore[return-value]
+
+
+def amax_tensor(amax: object, *, device: torch.device) -> torch.Tensor:
+    """A caller-supplied (e.g. TP-reduced) amax as an FP32 0-d tensor on ``device``."""
+    if isinstance(amax, torch.Tensor):
+        if amax.numel() != 1:
+            raise ValueError(
+                f"amax must be a scalar (one global amax), got a tensor of shape {tuple(amax.shape)}"
+            )
+        return amax.detach().reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(amax, (int, float)):
+        return torch.tensor(float(amax), dtype=torch.float32, device=device)
+    raise TypeError(f"amax must be a float or a 0-d tensor, got {type(amax).__name__}")

@@ -1,0 +1,132 @@
+"""Microsoft FP4 training pieces (Wang et al., arXiv 2501.17116), as pure functions.
+
+Absmax scaling (§3): each row of ``x`` along ``dim`` is scaled so its absmax maps to 6 (the
+E2M1 maximum) and rounded to E2M1 (nearest even): per token for activations ``X[tokens, in]``
+and per output channel for weights ``W[out, in]`` (both reduce over the last dim)::
+
+    scale = 6 / amax_row   (1 when amax_row is 0 or not finite),   q = e2m1(x * scale),   x̂ = q / scale
+
+Differentiable gradient estimator, DGE (§3.1): the quantizer is replaced in the backward pass by
+``f(x) = δ/2 (1 + sign(2x/δ - 1) |2x/δ - 1|^(1/k))`` on each quantization interval of width δ,
+``x`` being the offset inside the interval. Its derivative, which multiplies the weight gradient,
+is ``f'(x) = (1/k) |2x/δ - 1|^(1/k - 1)``; it is infinite at the interval midpoint, so it is capped
+(default ``cap = 3.0``, ``k = 5``). ``dge_derivative`` is the formula; ``dge_derivative_e2m1``
+locates each scaled value's E2M1 interval (widths 0.5, 1, 2) and evaluates it there.
+
+Outlier clamping and compensation, OCC (§3.2): clamp activations to the [1-α, α] quantiles
+(α = 0.99), quantize the clamped tensor, and compute ``(x - clamped) @ W`` in high precision. The
+residual is sparse: ≈ 2(1-α) of the entries are non-zero (≈ 2% at α = 0.99).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from nvfp4_megatron.formats._checks import check_float_input
+from nvfp4_megatron.formats.constants import E2M1_GRID, F4_E2M1_MAX
+from nvfp4_megatron.formats.e2m1 import decode_e2m1, encode_e2m1_rne
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AbsmaxE2M1Tensor:
+    """E2M1 codes (uint8, one per element, ``shape``) and FP32 ``scale`` (keepdim along ``dim``)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dim: int
+    shape: torch.Size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (decode_e2m1(self.codes) / self.scale).to(dtype)
+
+
+def quantize_absmax_e2m1(x: torch.Tensor, *, dim: int = -1) -> AbsmaxE2M1Tensor:
+    """Absmax-to-6 E2M1 quantization with one FP32 scale per slice along ``dim``."""
+    check_float_input(x, min_ndim=1)
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"quantize_absmax_e2m1: dim={dim} is out of range for shape {tuple(x.shape)}")
+    x_fp32 = x.float()
+    amax = x_fp32.abs().amax(dim=dim, keepdim=True)
+    valid = torch.isfinite(amax) & (amax > 0)
+    safe = torch.where(valid, amax, torch.ones_like(amax))
+    scale = torch.where(valid, F4_E2M1_MAX / safe, torch.ones_like(safe))
+    codes = encode_e2m1_rne(torch.clamp(x_fp32 * scale, -F4_E2M1_MAX, F4_E2M1_MAX))
+    return AbsmaxE2M1Tensor(codes=codes, scale=scale, dim=dim % x.dim(), shape=torch.Size(x.shape))
+
+
+def quantize_per_token(x: torch.Tensor) -> AbsmaxE2M1Tensor:
+    """Activations ``[..., tokens, hidden]``: one scale per token (reduce over the last dim)."""
+    return quantize_absmax_e2m1(x, dim=-1)
+
+
+def quantize_per_channel(w: torch.Tensor) -> AbsmaxE2M1Tensor:
+    """Weights ``[out, in]``: one scale per output channel (reduce over ``in``, the last dim)."""
+    return quantize_absmax_e2m1(w, dim=-1)
+
+
+def dge_derivative(
+    x_scaled: torch.Tensor, delta: torch.Tensor | float, *, k: float = 5.0, cap: float = 3.0
+) -> torch.Tensor:
+    """``min((1/k) |2x/δ - 1|^(1/k - 1), cap)`` with ``x`` the offset inside an interval of width δ."""
+    if k <= 0:
+        raise ValueError(f"dge_derivative: k={k} must be > 0 (the paper uses k = 5)")
+    if cap <= 0:
+        raise ValueError(f"dge_derivative: cap={cap} must be > 0 (the paper uses 3.0)")
+    x_fp32 = x_scaled.float()
+    delta_fp32 = torch.as_tensor(delta, dtype=torch.float32, device=x_fp32.device)
+    if bool((delta_fp32 <= 0).any()):
+        raise ValueError("dge_derivative: every interval width delta must be > 0")
+    t = torch.abs(2.0 * x_fp32 / delta_fp32 - 1.0)
+    d = (1.0 / k) * torch.pow(t, 1.0 / k - 1.0)  # t = 0 -> +inf for k > 1, capped below
+    return torch.clamp(d, max=cap)
+
+
+def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 3.0) -> torch.Tensor:
+    """DGE derivative of the E2M1 quantizer at scaled values ``x_scaled`` (|x| within [0, 6]).
+
+    Each ``|x|`` falls in the grid interval ``[lo, hi)`` (widths 0.5, 1, 2); ``f'`` is evaluated at
+    ``|x| - lo`` with ``δ = hi - lo`` (the quantizer is odd, so its derivative is even in x). Beyond
+    the saturation point (|x| >= 6) the derivative is 0: clamping passes no gradient.
+    """
+    x_fp32 = x_scaled.float()
+    a = x_fp32.abs()
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=x_fp32.device)
+    idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
+    lo, hi = grid[idx], grid[idx + 1]
+    d = dge_derivative(a - lo, hi - lo, k=k, cap=cap)
+    return torch.where(a >= F4_E2M1_MAX, torch.zeros_like(d), d)
+
+
+def _quantile_linear(v_fp32: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(v, q)`` (linear interpolation, same FP32 rank and ``lerp`` arithmetic) for
+    any size: torch.quantile refuses inputs above 2^24 elements, ``kthvalue`` does not."""
+    n = v_fp32.numel()
+    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
+    below = torch.floor(rank)
+    weight = rank - below
+    lo_i = int(below.item())
+    hi_i = min(lo_i + 1, n - 1)
+    lo_v = torch.kthvalue(v_fp32, lo_i + 1).values
+    hi_v = torch.kthvalue(v_fp32, hi_i + 1).values
+    return torch.lerp(lo_v, hi_v, weight.to(v_fp32.device))
+
+
+def outlier_clamp(x: torch.Tensor, alpha: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clamped, residual)``: ``x`` clamped to its [1-α, α] quantiles and ``x - clamped``.
+
+    Both are FP32 tensors of ``x``'s shape; ``residual`` is zero except at the ≈ 2(1-α) clamped
+    entries (call ``.to_sparse()`` for a sparse GEMM). ``clamped + residual == x`` exactly.
+    """
+    check_float_input(x, min_ndim=1)
+    if not 0.5 < alpha < 1.0:
+        raise ValueError(f"outlier_clamp: alpha={alpha} must be in (0.5, 1) (the paper uses 0.99)")
+    x_fp32 = x.float()
+    flat = x_fp32.reshape(-1)
+    if bool(torch.isnan(flat).any()):
+        raise ValueError("outlier_clamp: x contains NaN; quantiles are undefined")
+    hi = _quantile_linear(flat, alpha)
+    lo = _quantile_linear(flat, 1.0 - alpha)
+    clamped = torch.clamp(x_fp32, min=lo, max=hi)
+    return clamped, x_fp32 - clamped

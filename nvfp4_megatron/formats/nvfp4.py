@@ -1,0 +1,210 @@
+"""NVFP4 reference quantizer (arXiv 2509.25149 §2 and App. B; same math as Transformer Engine).
+
+NVFP4 = E2M1 elements, one E4M3 decode scale per block of 16 along the last (reduction) dim,
+and one FP32 per-tensor scale. In FP32, with this evaluation order (DESIGN.md §1)::
+
+    S_enc = min(448 * 6 / amax, FLT_MAX)         (S_enc = 1 if amax is 0 or not finite)
+    S_dec = 1 / S_enc
+    s_b   = e4m3_rne_satfinite(amax_b * (S_enc * fp32(1/6)))      per block b
+    enc_b = min(1 / (fp32(s_b) * S_dec), FLT_MAX)
+    q     = e2m1(clamp(x * enc_b, -6, 6))         round-to-nearest-even or stochastic
+    x̂     = q * fp32(s_b) * S_dec
+
+``tile=(1, 16)``: each row's 16-element block has its own ``amax_b``. ``tile=(16, 16)`` (2D weight
+scaling): ``amax_b`` is the amax of a 16x16 tile, the scale is replicated to its 16 rows, so the
+quantization of ``W`` transposed equals that of ``Wᵀ`` (Fprop and Dgrad see the same weight).
+N-d inputs are flattened to rows ``[prod(shape[:-1]), shape[-1]]``.
+
+``rht=True`` transforms the last dim with the 16x16 RHT (``formats.rht``) first; the amax is the
+post-RHT amax, and ``dequantize()`` returns values **in the RHT basis** (``≈ apply_rht(x)``, not
+``x``): a GEMM whose both operands are in that basis gives the original product.
+
+NaN/Inf policy: the global amax propagates NaN/Inf, so ``S_enc = 1`` then. A block containing
+±Inf gets scale ``e4m3_rne_satfinite(Inf) = 448`` and the Inf element the code ±6; a block
+containing NaN gets a NaN scale (E4M3 0x7F) so the whole block dequantizes to NaN (NaN stays
+visible) and the NaN element the code ±6. All-zero blocks get scale 0 and codes 0 and
+dequantize to exact zeros; an all-zero tensor never produces NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from nvfp4_megatron.formats._checks import (
+    amax_tensor,
+    check_float_input,
+    check_last_dim_divisible,
+    check_rows_divisible,
+)
+from nvfp4_megatron.formats.constants import (
+    F4_E2M1_MAX,
+    FP32_MAX,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_GLOBAL_SCALE_NUM,
+)
+from nvfp4_megatron.formats.e2m1 import (
+    decode_e2m1,
+    encode_e2m1_rne,
+    encode_e2m1_sr,
+    pack_e2m1,
+    unpack_e2m1,
+)
+from nvfp4_megatron.formats.rht import apply_rht, hadamard_signs
+from nvfp4_megatron.formats.rounding import e4m3_rne_satfinite
+
+NVFP4_TILES = ((1, NVFP4_BLOCK_SIZE), (NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NVFP4Tensor:
+    """One NVFP4-quantized tensor.
+
+    data: uint8 ``[*shape[:-1], K // 2]``, two E2M1 codes a byte (element 2i in the low nibble).
+    scale: float8_e4m3fn ``[*shape[:-1], K // 16]`` block decode scales ``s_b`` (16x16 tiles:
+        the tile scale replicated to its 16 rows).
+    amax: FP32 0-d global amax used (post-RHT when ``rht``); scale_enc = S_enc; scale_dec = S_dec.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor
+    scale_enc: torch.Tensor
+    scale_dec: torch.Tensor
+    shape: torch.Size
+    tile: tuple[int, int]
+    rht: bool
+    rht_signs: tuple[int, ...] | None = None
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked E2M1 codes, uint8, one per element, ``shape``."""
+        return unpack_e2m1(self.data)
+
+    def dequantize_unscaled(self) -> torch.Tensor:
+        """FP32 ``q * s_b`` (exact: at most 6 significant bits), ``shape``; S_dec not applied."""
+        q_fp32 = decode_e2m1(self.codes())
+        k = self.shape[-1]
+        q_blocks = q_fp32.reshape(-1, k // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
+        s_fp32 = self.scale.float().reshape(-1, k // NVFP4_BLOCK_SIZE, 1)
+        return (q_blocks * s_fp32).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``q * fp32(s_b) * S_dec`` in FP32, then cast to ``dtype`` (RHT basis when ``rht``)."""
+        return (self.dequantize_unscaled() * self.scale_dec).to(dtype)
+
+
+def nvfp4_global_scales(amax_fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_enc, S_dec) from the global amax.
+
+    ``S_enc = min(2688 / amax, FLT_MAX)``, or 1 if amax is 0 or not finite; ``S_dec = 1 / S_enc``.
+    """
+    amax_fp32 = amax_fp32.float()
+    num = torch.tensor(NVFP4_GLOBAL_SCALE_NUM, dtype=torch.float32, device=amax_fp32.device)
+    valid = torch.isfinite(amax_fp32) & (amax_fp32 > 0)
+    safe = torch.where(valid, amax_fp32, torch.ones_like(amax_fp32))
+    s_enc = torch.clamp(num / safe, max=FP32_MAX)
+    s_enc = torch.where(valid, s_enc, torch.ones_like(s_enc))
+    return s_enc, 1.0 / s_enc
+
+
+def _block_amax(x_fp32: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """Per-block amax ``[rows, K // 16]`` (16x16: tile amax replicated to the tile's rows)."""
+    rows, k = x_fp32.shape
+    nb = k // NVFP4_BLOCK_SIZE
+    a = x_fp32.abs()
+    if tile[0] == 1:
+        return a.reshape(rows, nb, NVFP4_BLOCK_SIZE).amax(dim=-1)
+    tiles = a.reshape(rows // tile[0], tile[0], nb, NVFP4_BLOCK_SIZE).amax(dim=(1, 3))
+    return tiles.repeat_interleave(tile[0], dim=0)
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    *,
+    tile: tuple[int, int] = (1, NVFP4_BLOCK_SIZE),
+    rht: bool = False,
+    rht_signs: Sequence[int] | torch.Tensor | None = None,
+    stochastic_rounding: bool = False,
+    generator: torch.Generator | None = None,
+    rand: torch.Tensor | None = None,
+    amax: torch.Tensor | float | None = None,
+) -> NVFP4Tensor:
+    """Quantize ``x`` (BF16/FP16/FP32, any rank >= 1) to NVFP4 along its last dimension.
+
+    tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
+    rht: apply the 16x16 RHT (``rht_signs``, default ``DEFAULT_RHT_SIGNS``) first.
+    stochastic_rounding: SR with ``generator`` or explicit uniforms ``rand`` (shape of ``x``,
+        in the RHT basis order when ``rht``); otherwise round-to-nearest-even.
+    amax: a pre-reduced global amax (e.g. max over the TP group); default ``amax(|x|)``
+        (post-RHT when ``rht``).
+    """
+    what = "quantize_nvfp4"
+    check_float_input(x, min_ndim=1)
+    tile = tuple(tile)  # type: ignore[assignment]
+    if tile not in NVFP4_TILES:
+        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
+    check_last_dim_divisible(x, NVFP4_BLOCK_SIZE, what=what)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if tile[0] != 1:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
+            )
+        check_rows_divisible(x, rows, tile[0], what=what)
+    if (rand is not None or generator is not None) and not stochastic_rounding:
+        raise ValueError(
+            f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
+        )
+
+    x_fp32 = x.float().reshape(rows, k)
+    signs = None
+    if rht:
+        x_fp32 = apply_rht(x_fp32, rht_signs)
+        signs = tuple(int(v) for v in hadamard_signs(rht_signs))
+
+    if amax is not None:
+        amax_fp32 = amax_tensor(amax, device=x.device)
+    elif x_fp32.numel() == 0:
+        amax_fp32 = torch.zeros((), dtype=torch.float32, device=x.device)
+    else:
+        amax_fp32 = x_fp32.abs().amax()
+    s_enc, s_dec = nvfp4_global_scales(amax_fp32)
+
+    inv6_fp32 = torch.tensor(1.0 / F4_E2M1_MAX, dtype=torch.float32, device=x.device)
+    amax_b = _block_amax(x_fp32, tile)
+    s_b_e4m3 = e4m3_rne_satfinite(amax_b * (s_enc * inv6_fp32))
+    enc_b = torch.clamp(1.0 / (s_b_e4m3.float() * s_dec), max=FP32_MAX)
+
+    nb = k // NVFP4_BLOCK_SIZE
+    y_fp32 = x_fp32.reshape(rows, nb, NVFP4_BLOCK_SIZE) * enc_b.unsqueeze(-1)
+    y_fp32 = torch.clamp(y_fp32, -F4_E2M1_MAX, F4_E2M1_MAX).reshape(rows, k)
+    if stochastic_rounding:
+        rand_r = None if rand is None else _check_rand(rand, x.shape).reshape(rows, k)
+        codes = encode_e2m1_sr(y_fp32, generator=generator, rand=rand_r)
+    else:
+        codes = encode_e2m1_rne(y_fp32)
+
+    lead = tuple(x.shape[:-1])
+    return NVFP4Tensor(
+        data=pack_e2m1(codes).reshape(*lead, k // 2),
+        scale=s_b_e4m3.reshape(*lead, nb),
+        amax=amax_fp32,
+        scale_enc=s_enc,
+        scale_dec=s_dec,
+        shape=torch.Size(x.shape),
+        tile=tile,  # type: ignore[arg-type]
+        rht=bool(rht),
+        rht_signs=signs,
+    )
+
+
+def _check_rand(rand: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if not isinstance(rand, torch.Tensor) or rand.shape != shape:
+        raise ValueError(
+            f"quantize_nvfp4: rand must be a tensor of the input's shape {tuple(shape)} with "
+            f"uniforms in [0, 1), got {getattr(rand, 'shape', type(rand).__name__)}"
+        )
+    return rand
