@@ -1,0 +1,160 @@
+"""Per-layer precision: configure every quantized linear of a built model and log what runs.
+
+``apply_precision(model_chunks, recipe)`` walks the model after Megatron built it. For each
+``TransformerLayer`` it takes the global block index ``layer_number - 1`` (Megatron's
+``layer_number`` is 1-based and already includes the pipeline-stage offset, so the index is the
+same whichever stage holds the block), decides from the recipe's ``LayerPolicy`` whether the block
+stays BF16 (NVFP4 paper arXiv 2509.25149 §4.1: first 2 and last 8 of 62 blocks), and hands each
+quantized linear in it a ``LinearPrecision`` (recipe + a stable key ``"<block>.<module path>"``
+used for SR seeds and telemetry).
+
+Checks that keep a run honest (no silent BF16): a quantized recipe applied to a model with no
+quantized linears is an error (it was built with a plain spec); a quantized linear outside any
+transformer block is an error; ``backend='te'`` is refused here (TE models are built with the TE
+spec and ``megatron/te_adapter.py``).
+
+Rank 0 logs one table, block -> layer -> GEMM -> operand formats (format / tile / RHT / SR) ->
+backend, gathered over all ranks so pipeline stages appear in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from nvfp4_megatron.megatron.layers import QUANTIZED_LINEAR_TYPES, LinearPrecision
+from nvfp4_megatron.quant.recipe import BF16_LINEAR, PrecisionRecipe, bf16_block_set
+
+_log = logging.getLogger(__name__)
+
+_GEMM_OPERANDS = (("fprop", "input", "weight"), ("dgrad", "grad_output", "weight"),
+                  ("wgrad", "grad_output", "input"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionRow:
+    block: int
+    layer: str          # module path inside the block, e.g. "self_attention.linear_qkv"
+    gemm: str           # fprop | dgrad | wgrad
+    operand_a: str      # e.g. "nvfp4 1x16 RHT SR"
+    operand_b: str
+    backend: str
+    quantized: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionTable:
+    recipe: str
+    backend: str
+    num_blocks: int
+    bf16_blocks: tuple[int, ...]
+    schedule: str
+    rows: tuple[PrecisionRow, ...]
+
+    def quantized_blocks(self) -> tuple[int, ...]:
+        return tuple(sorted({r.block for r in self.rows if r.quantized}))
+
+    def format(self) -> str:
+        head = [f"precision recipe={self.recipe} backend={self.backend} blocks={self.num_blocks} "
+                f"bf16_blocks={list(self.bf16_blocks)} schedule={self.schedule}"]
+        cols = ("block", "layer", "gemm", "operand A", "operand B", "backend")
+        body = [(str(r.block), r.layer, r.gemm, r.operand_a, r.operand_b, r.backend)
+                for r in self.rows]
+        widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
+                  for i, c in enumerate(cols)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*cols)] + [fmt.format(*b) for b in body]
+        return "\n".join(head + lines)
+
+
+def _chunks(model_chunks) -> list[torch.nn.Module]:
+    if isinstance(model_chunks, torch.nn.Module):
+        return [model_chunks]
+    return list(model_chunks)
+
+
+def _schedule_text(recipe: PrecisionRecipe) -> str:
+    s = recipe.schedule
+    if not s.enabled:
+        return "none"
+    when = f"step {s.at_step}" if s.at_step is not None else f"{s.at_tokens} tokens"
+    return f"bf16 switch ({s.scope}) at {when}"
+
+
+def _rows_for(block: int, name: str, recipe, backend: str) -> list[PrecisionRow]:
+    rows = []
+    for gemm, a, b in _GEMM_OPERANDS:
+        g = getattr(recipe, gemm)
+        rows.append(PrecisionRow(block=block, layer=name, gemm=gemm,
+                                 operand_a=f"{a}: {getattr(g, a).describe()}",
+                                 operand_b=f"{b}: {getattr(g, b).describe()}", backend=backend,
+                                 quantized=getattr(g, a).is_quantized))
+    return rows
+
+
+def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
+                    recipe: PrecisionRecipe, *, log: bool = True) -> PrecisionTable:
+    """Configure every quantized linear in ``model_chunks``; return (and log) the table."""
+    if recipe.backend == "te":
+        raise ValueError("apply_precision configures the emulated local layers; backend='te' "
+                         "needs the Transformer Engine layer spec (megatron/te_adapter.py). Use "
+                         "backend='auto' or 'emulated', or build the model with the TE spec")
+    chunks = _chunks(model_chunks)
+    layers: list[TransformerLayer] = [m for c in chunks for m in c.modules()
+                                      if isinstance(m, TransformerLayer)]
+    if not layers:
+        raise ValueError("apply_precision: the model has no TransformerLayer")
+    num_blocks = layers[0].config.num_layers
+    bf16 = bf16_block_set(recipe.layers, num_blocks)
+    backend = "emulated"
+    rows: list[PrecisionRow] = []
+    seen: set[int] = set()
+    n_quant = 0
+    for layer in layers:
+        block = layer.layer_number - 1
+        lin_recipe = BF16_LINEAR if block in bf16 else recipe.linear
+        for name, mod in layer.named_modules():
+            if isinstance(mod, QUANTIZED_LINEAR_TYPES):
+                mod.set_precision(LinearPrecision(recipe=lin_recipe, layer_key=f"{block}.{name}",
+                                                  block=block, backend=backend))
+                seen.add(id(mod))
+                n_quant += 1
+                rows.extend(_rows_for(block, name, lin_recipe,
+                                      backend if lin_recipe.is_quantized else "megatron-bf16"))
+    stray = [n for c in chunks for n, m in c.named_modules()
+             if isinstance(m, QUANTIZED_LINEAR_TYPES) and id(m) not in seen]
+    if stray:
+        raise ValueError(f"apply_precision: quantized linear(s) outside any transformer block: "
+                         f"{stray}; block-level precision cannot be decided for them")
+    if recipe.is_quantized and n_quant == 0:
+        raise ValueError(f"recipe {recipe.name!r} quantizes GEMMs but the model has no quantized "
+                         "linear layers; build it with nvfp4_megatron.megatron.spec_provider."
+                         "quantized_gpt_layer_spec")
+    rows = _gather_rows(rows)
+    table = PrecisionTable(recipe=recipe.name, backend=backend, num_blocks=num_blocks,
+                           bf16_blocks=tuple(sorted(bf16)), schedule=_schedule_text(recipe),
+                           rows=tuple(rows))
+    if log and _rank() == 0:
+        _log.info("\n%s", table.format())
+    return table
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+def _gather_rows(rows: Iterable[PrecisionRow]) -> list[PrecisionRow]:
+    """All ranks' rows, deduplicated (TP/DP replicas hold the same layers), sorted by block."""
+    rows = list(rows)
+    d = torch.distributed
+    if d.is_available() and d.is_initialized() and d.get_world_size() > 1:
+        everything: list[list[PrecisionRow] | None] = [None] * d.get_world_size()
+        d.all_gather_object(everything, rows)
+        rows = [r for part in everything for r in (part or [])]
+    unique = {(r.block, r.layer, r.gemm): r for r in rows}  # keeps module order within a block
+    return sorted(unique.values(), key=lambda r: r.block)

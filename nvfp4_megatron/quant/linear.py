@@ -1,0 +1,354 @@
+"""Quantized linear layer: the three GEMMs of ``Y = X Wᵀ`` on the operand copies a recipe asks for.
+
+GEMM/role table (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 §4 and Fig. 5)::
+
+    Fprop  Y  = X · Wᵀ    X rowwise (blocks along in)      W rowwise (blocks along in)
+    Dgrad  dX = dY · W    dY rowwise (blocks along out)    W columnwise (blocks along out)
+    Wgrad  dW = dYᵀ · X   dY columnwise (along tokens)     X columnwise (along tokens)
+
+Each copy is quantized independently from the high-precision tensor (own amax; post-RHT amax when
+the random Hadamard transform is on). The columnwise copies are made by transposing the
+high-precision tensor so the blocks run along the token dimension. With 2D (16x16 or 128x128)
+weight tiles, the Dgrad copy of W is the transpose of the Fprop copy: a square tile has the same
+amax whichever way it is read, so both GEMMs see the same numbers and W is quantized once.
+
+Emulated GEMM (DESIGN.md §1): every quantizer result is turned into its *exact* block-scaled values
+``q * s_b`` in FP32 (NVFP4: at most 6 significant bits; MX and power-of-two FP8 block scales: a
+power of two times an FP8/FP4 element; FP8 per-tensor: the FP8 element), multiplied in FP32, and
+the per-tensor decode scales ``S_dec(A) * S_dec(B)`` (NVFP4 global scales, FP8 ``scale_inv``) are
+applied to the FP32 output once, as the hardware GEMM's alpha. The operand values have at most 6
+significant bits, so they are exact in BF16 and TF32 too: a TF32 matmul gives the same products,
+only the FP32 accumulation order may differ. Outputs go back to the activation
+dtype; weight gradients stay FP32 when accumulated into Megatron's ``main_grad``.
+
+Distributed rules: with sequence parallelism the input is all-gathered *before* quantization
+(so the Wgrad copy is quantized along the full token dimension) and dX is reduce-scattered; without
+it dX is all-reduced when Megatron asks. For formats with a per-tensor scale (NVFP4, FP8) the amax
+of every operand is all-reduced (MAX) over the layer's tensor-parallel group, so every rank uses
+the scale of the logical (unsharded) tensor and TP=N computes what TP=1 computes, up to summation
+order.
+
+Token padding: the columnwise copies need the token count to be a multiple of the block (16 for
+NVFP4, 32 for MX, 128 for block FP8); MoE experts see arbitrary counts. Zero rows are appended
+before quantizing; they change no amax and contribute nothing to dW (with RHT, both operands are
+padded the same way, and (dYᵀH)(XᵀH)ᵀ = dYᵀX still holds exactly).
+
+Non-finite input: the quantizers saturate, so Inf/NaN would turn into finite FP4/FP8 codes and a
+diverged run would look healthy. Instead, a GEMM whose high-precision operand contains Inf or NaN
+returns NaN in every output element, so the training loop's NaN check fires. Finite inputs always
+give finite outputs.
+
+Microsoft FP4 options (arXiv 2501.17116 §3), on top of an FP4 (NVFP4 or MXFP4) Fprop: OCC clamps
+the Fprop input at its [1-α, α] quantiles before quantizing and adds ``(X - clamp(X)) · Wᵀ`` in
+high precision (the Wgrad copy of X is quantized from the unclamped tensor, like every columnwise
+copy); with TP the quantiles are those of the local shard. DGE multiplies dW by f'(W scaled into its
+E2M1 grid), capped. The clamp and the DGE derivative are the formats reference implementations.
+
+Stochastic rounding draws come from a generator seeded by ``quant.state.sr_seed`` (run seed, step,
+layer key, role, rank, call index), so a resumed run reproduces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nvfp4_megatron.formats.msfp4 import dge_derivative_e2m1, outlier_clamp
+from nvfp4_megatron.kernels import dispatch
+from nvfp4_megatron.quant import state as qstate
+from nvfp4_megatron.quant.recipe import GLOBAL_SCALE_FORMATS, LinearRecipe, TensorQuant
+
+ROLES = ("fprop.input", "fprop.weight", "dgrad.grad_output", "dgrad.weight",
+         "wgrad.grad_output", "wgrad.input")
+
+_FP8_TORCH = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+# Observers see every quantizer call: fn(layer_key, role, tensor_quant). Used by tests (count
+# calls per layer and role) and telemetry; an empty list costs nothing.
+_observers: list[Callable[[str, str, TensorQuant], None]] = []
+
+
+def add_quantize_observer(fn: Callable[[str, str, TensorQuant], None]) -> Callable[[], None]:
+    """Register ``fn(layer_key, role, tensor_quant)``; returns a function that removes it."""
+    _observers.append(fn)
+
+    def remove() -> None:
+        if fn in _observers:
+            _observers.remove(fn)
+
+    return remove
+
+
+@dataclass(frozen=True)
+class QuantizedOperand:
+    """One quantized operand copy, ready for the emulated GEMM."""
+
+    q: Any                  # the formats result (NVFP4Tensor, MXTensor, FP8Tensor, FP8BlockTensor)
+    tq: TensorQuant
+    finite: torch.Tensor    # bool 0-d: the high-precision tensor had no Inf/NaN
+    transposed: bool = False
+
+    def values(self) -> torch.Tensor:
+        """FP32 exact block-scaled values (``q * s_b``), without the per-tensor decode scale."""
+        fmt = self.tq.format
+        if fmt == "nvfp4":
+            v = self.q.dequantize_unscaled()
+        elif fmt == "fp8":
+            v = self.q.data.float()
+        else:  # mxfp8, mxfp4, fp8_block: scales inside the blocks only
+            v = self.q.dequantize(torch.float32)
+        v = v.reshape(-1, v.shape[-1])
+        return v.t() if self.transposed else v
+
+    def alpha(self) -> torch.Tensor | None:
+        """FP32 0-d per-tensor decode scale applied to the GEMM output, or None."""
+        if self.tq.format == "nvfp4":
+            return self.q.scale_dec
+        if self.tq.format == "fp8":
+            return self.q.scale_inv
+        return None
+
+    def t(self) -> "QuantizedOperand":
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+
+def _token_multiple(tq: TensorQuant) -> int:
+    return 1 if tq.tile is None else tq.tile[1]
+
+
+def pad_rows(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Append zero rows so ``x2d.shape[0]`` is a multiple of ``multiple``."""
+    pad = (-x2d.shape[0]) % multiple
+    return F.pad(x2d, (0, 0, 0, pad)) if pad else x2d
+
+
+def _reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
+    amax = amax.detach().float().clone()
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    return amax
+
+
+def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "", role: str = "",
+                     amax_group=None) -> QuantizedOperand:
+    """Quantize a 2-D high-precision tensor along its last dim as ``tq`` says (via dispatch).
+
+    ``amax_group``: a process group over which the per-tensor amax is reduced (MAX), or None.
+    """
+    if not tq.is_quantized:
+        raise ValueError(f"quantize_operand: {role or 'operand'} is bf16; nothing to quantize")
+    for fn in _observers:
+        fn(layer_key, role, tq)
+    x2d = x2d.detach()
+    fmt = tq.format
+    # One amax pass serves three purposes: the non-finite check, the TP reduction, and (passed
+    # as amax=) the quantizer's own global amax. Post-RHT when the copy is transformed; a linear
+    # transform of finite values is finite, so the check is unchanged.
+    amax = dispatch.amax(x2d, rht=(fmt == "nvfp4" and tq.rht))
+    finite = torch.isfinite(amax)
+    if amax_group is not None and fmt in GLOBAL_SCALE_FORMATS:
+        amax = _reduce_amax(amax, amax_group)
+    if fmt == "nvfp4":
+        gen = None
+        if tq.stochastic_rounding:
+            gen = qstate.sr_generator(layer_key, role, x2d.device)
+        q = dispatch.quantize_nvfp4(x2d, tile=tq.tile, rht=tq.rht,
+                                    stochastic_rounding=tq.stochastic_rounding, generator=gen,
+                                    amax=amax)
+    elif fmt == "mxfp8":
+        q = dispatch.quantize_mx(x2d, _FP8_TORCH[tq.fp8_dtype], block=tq.tile[1])
+    elif fmt == "mxfp4":
+        q = dispatch.quantize_mx(x2d, "e2m1", block=tq.tile[1])
+    elif fmt == "fp8":
+        q = dispatch.quantize_fp8_current(x2d, _FP8_TORCH[tq.fp8_dtype], pow2_scale=tq.pow2_scale,
+                                          amax=amax)
+    elif fmt == "fp8_block":
+        q = dispatch.quantize_fp8_block(x2d, _FP8_TORCH[tq.fp8_dtype], tile=tq.tile,
+                                        pow2_scale=tq.pow2_scale)
+    else:  # pragma: no cover - TensorQuant validates the format
+        raise ValueError(f"unknown format {fmt!r}")
+    return QuantizedOperand(q=q, tq=tq, finite=finite)
+
+
+def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
+    """FP32 ``A · Bᵀ`` on exact block-scaled values, times alpha = S_dec(A)·S_dec(B) once."""
+    out = torch.matmul(a.values(), b.values().t())
+    alpha_a, alpha_b = a.alpha(), b.alpha()
+    if alpha_a is not None and alpha_b is not None:
+        out = out * (alpha_a.float() * alpha_b.float())
+    elif alpha_a is not None or alpha_b is not None:
+        out = out * (alpha_a if alpha_a is not None else alpha_b).float()
+    return torch.where(a.finite & b.finite, out, torch.full_like(out, float("nan")))
+
+
+def _same_weight_copy(recipe: LinearRecipe) -> bool:
+    """Dgrad may reuse the transposed Fprop weight copy: same settings and a square 2D tile."""
+    w_f, w_d = recipe.fprop.weight, recipe.dgrad.weight
+    return w_f.is_quantized and w_f == w_d and w_f.tile is not None and w_f.tile[0] == w_f.tile[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearCall:
+    """Everything one call of the quantized linear needs besides tensors."""
+
+    recipe: LinearRecipe
+    layer_key: str = ""
+    tp_group: Any = None            # the layer's TP group (amax reduction, SP comms, dgrad AR)
+    sequence_parallel: bool = False
+    allreduce_dgrad: bool = False
+    gradient_accumulation_fusion: bool = False
+
+    @property
+    def amax_group(self):
+        g = self.tp_group
+        return g if g is not None and g.size() > 1 else None
+
+
+def _gather_sp(x: torch.Tensor, group) -> torch.Tensor:
+    from megatron.core.tensor_parallel import mappings
+    return mappings._gather_along_first_dim(x, group)
+
+
+def _reduce_scatter_sp(x: torch.Tensor, group) -> torch.Tensor:
+    from megatron.core.tensor_parallel import mappings
+    return mappings._reduce_scatter_along_first_dim(x, group)
+
+
+class QuantizedLinearFunction(torch.autograd.Function):
+    """Autograd for ``Y = X Wᵀ (+ b)`` with per-GEMM quantization (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, call: LinearCall):
+        recipe = call.recipe
+        group = call.amax_group
+        key = call.layer_key
+        main_grad = weight.main_grad if (call.gradient_accumulation_fusion
+                                         and hasattr(weight, "main_grad")) else None
+        total = _gather_sp(input, call.tp_group) if call.sequence_parallel else input
+        k = total.shape[-1]
+        x2d = total.reshape(-1, k)
+
+        w_fprop = None
+        ms = recipe.msfp4
+        if recipe.fprop.input.is_quantized:
+            x_fprop, residual = x2d, None
+            if ms is not None and ms.occ and bool(torch.isfinite(x2d).all()):
+                x_fprop, residual = outlier_clamp(x2d, ms.occ_quantile)
+            xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
+                                  amax_group=group)
+            w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
+                                       role="fprop.weight", amax_group=group)
+            out = quantized_gemm(xq, w_fprop)
+            if residual is not None:  # OCC compensation, high precision (sparse in the paper)
+                out = out + residual @ weight.detach().float().t()
+            out = out.to(input.dtype).reshape(*total.shape[:-1], weight.shape[0])
+        else:
+            out = torch.matmul(total, weight.t())
+        if bias is not None:
+            out = out + bias
+
+        need_wgrad = ctx.needs_input_grad[1]  # False under no_grad / frozen weights
+        x_col = None
+        save_input = None
+        if need_wgrad:
+            tq = recipe.wgrad.input
+            if tq.is_quantized:
+                x_col = quantize_operand(pad_rows(x2d, _token_multiple(tq)).t(), tq,
+                                         layer_key=key, role="wgrad.input", amax_group=group)
+            else:
+                save_input = input
+        w_dgrad = w_fprop.t() if (w_fprop is not None and _same_weight_copy(recipe)) else None
+        ctx.save_for_backward(save_input, weight)
+        ctx.x_col, ctx.w_dgrad = x_col, w_dgrad
+        ctx.w_dge = w_fprop if (ms is not None and ms.dge and need_wgrad) else None
+        ctx.call, ctx.main_grad = call, main_grad
+        ctx.use_bias = bias is not None
+        ctx.need_wgrad = need_wgrad
+        ctx.total_shape = total.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved_input, weight = ctx.saved_tensors
+        call: LinearCall = ctx.call
+        recipe, group, key = call.recipe, call.amax_group, call.layer_key
+        n = grad_output.shape[-1]
+        dy2d = grad_output.reshape(-1, n)
+
+        # Dgrad: dX = dY · W
+        if recipe.dgrad.grad_output.is_quantized:
+            dyq = quantize_operand(dy2d, recipe.dgrad.grad_output, layer_key=key,
+                                   role="dgrad.grad_output", amax_group=group)
+            wq = ctx.w_dgrad
+            if wq is None:
+                wq = quantize_operand(weight.t(), recipe.dgrad.weight, layer_key=key,
+                                      role="dgrad.weight", amax_group=group)
+            grad_input = quantized_gemm(dyq, wq).to(grad_output.dtype)
+            grad_input = grad_input.reshape(ctx.total_shape)
+        else:
+            grad_input = grad_output.matmul(weight)
+        if call.sequence_parallel:
+            grad_input = _reduce_scatter_sp(grad_input, call.tp_group)
+        elif call.allreduce_dgrad:
+            torch.distributed.all_reduce(grad_input, group=call.tp_group)
+
+        # Wgrad: dW = dYᵀ · X
+        grad_weight = None
+        if ctx.need_wgrad:
+            tq = recipe.wgrad.grad_output
+            if tq.is_quantized:
+                dy_col = quantize_operand(pad_rows(dy2d, _token_multiple(tq)).t(), tq,
+                                          layer_key=key, role="wgrad.grad_output",
+                                          amax_group=group)
+                dw = quantized_gemm(dy_col, ctx.x_col)
+            else:
+                total = (_gather_sp(saved_input, call.tp_group) if call.sequence_parallel
+                         else saved_input)
+                dw = dy2d.t().matmul(total.reshape(-1, total.shape[-1]))
+            if ctx.w_dge is not None:
+                ms = recipe.msfp4
+                dw = dw * dge_factor(ctx.w_dge, weight, k=ms.dge_k, cap=ms.dge_cap)
+            if call.gradient_accumulation_fusion and ctx.main_grad is not None:
+                ctx.main_grad.add_(dw)
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    # Megatron's convention: a dummy grad tells DDP the main_grad holds it.
+                    grad_weight = torch.zeros(weight.shape, dtype=grad_output.dtype,
+                                              device=weight.device)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_weight = dw.to(weight.dtype)
+        grad_bias = dy2d.sum(dim=0) if ctx.use_bias else None
+        ctx.x_col = ctx.w_dgrad = ctx.w_dge = None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def dge_factor(w_op: QuantizedOperand, weight: torch.Tensor, *, k: float, cap: float
+               ) -> torch.Tensor:
+    """Microsoft FP4 DGE (arXiv 2501.17116 §3.1): f'(W scaled into its E2M1 grid), FP32.
+
+    The scaled value is W divided by the decode scale of its block (NVFP4: s_b·S_dec; MXFP4: the
+    E8M0 scale), i.e. the value the E2M1 rounding saw; zero blocks get the factor at 0.
+    """
+    q = w_op.q
+    if w_op.tq.format == "nvfp4":
+        scale = q.scale.float() * q.scale_dec
+    elif w_op.tq.format == "mxfp4":
+        scale = q.scale.float()
+    else:  # LinearRecipe validates msfp4 against the Fprop format
+        raise ValueError(f"DGE needs an FP4 weight, got {w_op.tq.format!r}")
+    rows, k_dim = weight.shape
+    nb = scale.shape[-1]
+    w3 = weight.detach().float().reshape(rows, nb, k_dim // nb)
+    s3 = scale.reshape(rows, nb, 1)
+    y = torch.where(s3 > 0, w3 / torch.where(s3 > 0, s3, torch.ones_like(s3)), torch.zeros_like(w3))
+    return dge_derivative_e2m1(y.reshape(rows, k_dim), k=k, cap=cap)
+
+
+def quantized_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     call: LinearCall) -> torch.Tensor:
+    """``Y = X Wᵀ (+ b)`` with the GEMMs quantized as ``call.recipe`` says."""
+    return QuantizedLinearFunction.apply(input, weight, bias, call)

@@ -1,0 +1,230 @@
+"""The quantized linear against a hand-written reference built from ``nvfp4_megatron.formats``.
+
+Reference for one GEMM: quantize both operands with the formats quantizers (the columnwise copies
+from the transposed high-precision tensor, W's Dgrad copy independently from Wᵀ), take the exact
+block-scaled values, matmul in FP32 and multiply the per-tensor decode scales once.
+"""
+
+import pytest
+import torch
+
+from nvfp4_megatron import formats
+from nvfp4_megatron.quant import linear as qlinear
+from nvfp4_megatron.quant import state as qstate
+from nvfp4_megatron.quant.linear import LinearCall, quantized_linear
+from nvfp4_megatron.quant.recipe import TensorQuant, with_fprop_bf16
+from nvfp4_megatron.quant.registry import get_recipe, list_recipes
+
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+T, K, N = 128, 128, 256  # tokens, in, out: multiples of every block/tile in the registry
+
+
+def ref_operand(x, tq: TensorQuant, generator=None):
+    if tq.format == "nvfp4":
+        q = formats.quantize_nvfp4(x, tile=tq.tile, rht=tq.rht,
+                                   stochastic_rounding=tq.stochastic_rounding, generator=generator)
+        return q.dequantize_unscaled(), q.scale_dec
+    if tq.format == "mxfp8":
+        return formats.quantize_mx(x, FP8[tq.fp8_dtype]).dequantize(), None
+    if tq.format == "mxfp4":
+        return formats.quantize_mx(x, "e2m1").dequantize(), None
+    if tq.format == "fp8":
+        q = formats.quantize_fp8_current(x, FP8[tq.fp8_dtype], pow2_scale=tq.pow2_scale)
+        return q.data.float(), q.scale_inv
+    q = formats.quantize_fp8_block(x, FP8[tq.fp8_dtype], tile=tq.tile, pow2_scale=tq.pow2_scale)
+    return q.dequantize(), None
+
+
+def ref_gemm(a, b):
+    (va, sa), (vb, sb) = a, b
+    out = va @ vb.t()
+    if sa is not None:
+        out = out * (sa * sb)
+    return out
+
+
+def _inputs(seed=0, dtype=torch.bfloat16, t=T):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, K, generator=g) * 2).to(dtype)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(dtype)
+    dy = (torch.randn(t, N, generator=g) * 1e-3).to(dtype)
+    return x, w, dy
+
+
+def _run(linear, x, w, dy, key="L", bias=None, **call_kw):
+    xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = quantized_linear(xi, wi, bias, LinearCall(recipe=linear, layer_key=key, **call_kw))
+    y.backward(dy)
+    return y.detach(), xi.grad, wi.grad
+
+
+def _sr_gen(key, role):
+    return qstate.sr_generator(key, role, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if get_recipe(n).is_quantized])
+def test_matches_formats_reference_exactly(name):
+    """Every registry recipe; SR recipes replay the same seeds, so they are exact too."""
+    lin = get_recipe(name).linear
+    x, w, dy = _inputs()
+    qstate.reset_state()
+    qstate.set_step(11)
+    y, dx, dw = _run(lin, x, w, dy)
+    qstate.reset_state()
+    qstate.set_step(11)
+    y_ref = ref_gemm(ref_operand(x, lin.fprop.input), ref_operand(w, lin.fprop.weight)).to(x.dtype)
+    g_d = _sr_gen("L", "dgrad.grad_output") if lin.dgrad.grad_output.stochastic_rounding else None
+    dx_ref = ref_gemm(ref_operand(dy, lin.dgrad.grad_output, g_d),
+                      ref_operand(w.t().contiguous(), lin.dgrad.weight)).to(x.dtype)
+    g_w = _sr_gen("L", "wgrad.grad_output") if lin.wgrad.grad_output.stochastic_rounding else None
+    dw_ref = ref_gemm(ref_operand(dy.t().contiguous(), lin.wgrad.grad_output, g_w),
+                      ref_operand(x.t().contiguous(), lin.wgrad.input)).to(w.dtype)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(dx, dx_ref)
+    assert torch.equal(dw, dw_ref)
+    # and the quantization did something: not the BF16 result
+    assert not torch.equal(y, (x.float() @ w.float().t()).to(x.dtype))
+    qstate.reset_state()
+
+
+def test_sr_gradients_are_unbiased():
+    """E[dX] over SR draws equals dY·Ŵ with unquantized dY (SR is unbiased on E2M1).
+
+    Bound: the mean of n=64 draws must be at least 3x closer to the expectation than the
+    round-to-nearest result (SR noise shrinks as 1/sqrt(n) ~ 0.125; RNE error does not average).
+    Also every draw differs from RNE and from the others (draws are live and seeded per step).
+    """
+    lin = get_recipe("nvfp4").linear
+    x, w, dy = _inputs(seed=3, dtype=torch.float32)
+    w_hat = ref_operand(w.t().contiguous(), lin.dgrad.weight)
+    expect = (dy @ (w_hat[0] * w_hat[1]).t())
+    rne = _run(get_recipe("nvfp4_no_sr").linear, x, w, dy)[1]
+    draws = []
+    for step in range(64):
+        qstate.reset_state()
+        qstate.set_step(step)
+        draws.append(_run(lin, x, w, dy)[1])
+    mean = torch.stack(draws).mean(0)
+    err_mean = (mean - expect).norm() / expect.norm()
+    err_rne = (rne - expect).norm() / expect.norm()
+    assert err_mean < err_rne / 3, (err_mean.item(), err_rne.item())
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], rne)
+    qstate.reset_state()
+
+
+def test_2d_weight_dgrad_copy_is_the_fprop_copy():
+    lin = get_recipe("nvfp4").linear
+    x, w, dy = _inputs()
+    calls = []
+    remove = qlinear.add_quantize_observer(lambda k, r, tq: calls.append(r))
+    try:
+        _run(lin, x, w, dy)
+    finally:
+        remove()
+    assert sorted(calls) == sorted(["fprop.input", "fprop.weight", "wgrad.input",
+                                    "dgrad.grad_output", "wgrad.grad_output"])
+    a = formats.quantize_nvfp4(w, tile=(16, 16))
+    b = formats.quantize_nvfp4(w.t().contiguous(), tile=(16, 16))
+    assert torch.equal(a.dequantize_unscaled().t(), b.dequantize_unscaled())
+    assert torch.equal(a.scale_dec, b.scale_dec)
+
+
+@pytest.mark.parametrize("name", ["nvfp4_no_sr", "mxfp8", "fp8_block"])
+def test_token_count_not_a_block_multiple_is_zero_padded(name):
+    lin = get_recipe(name).linear
+    x, w, dy = _inputs(t=40)
+    y, dx, dw = _run(lin, x, w, dy)
+    m = lin.wgrad.input.tile[1]
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, (-t.shape[0]) % m))  # noqa: E731
+    dw_ref = ref_gemm(ref_operand(pad(dy).t().contiguous(), lin.wgrad.grad_output),
+                      ref_operand(pad(x).t().contiguous(), lin.wgrad.input)).to(w.dtype)
+    assert torch.equal(dw, dw_ref)
+    assert y.shape == (40, N) and dx.shape == (40, K)
+
+
+def test_non_finite_input_gives_nan_output_finite_input_stays_finite():
+    lin = get_recipe("nvfp4_no_sr").linear
+    x, w, dy = _inputs()
+    big = x.clone()
+    big[0, 0] = 3e38  # finite, huge: saturating quantizers keep everything finite
+    y, dx, dw = _run(lin, big.to(torch.float32), w.float(), dy.float())
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    bad = x.clone()
+    bad[5, 7] = float("inf")
+    y, _, dw = _run(lin, bad, w, dy)
+    assert torch.isnan(y).all() and torch.isnan(dw).all()
+
+
+def test_main_grad_accumulation_in_fp32():
+    lin = get_recipe("nvfp4_no_sr").linear
+    x, w, dy = _inputs()
+    xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    wi.main_grad = torch.full((N, K), 0.5, dtype=torch.float32)
+    y = quantized_linear(xi, wi, None, LinearCall(recipe=lin, layer_key="L",
+                                                  gradient_accumulation_fusion=True))
+    y.backward(dy)
+    dw_ref = ref_gemm(ref_operand(dy.t().contiguous(), lin.wgrad.grad_output),
+                      ref_operand(x.t().contiguous(), lin.wgrad.input))
+    assert wi.grad is None
+    assert torch.equal(wi.main_grad, 0.5 + dw_ref)
+
+
+def test_fprop_switch_runs_fprop_in_bf16_only():
+    lin = with_fprop_bf16(get_recipe("nvfp4_no_sr").linear)
+    x, w, dy = _inputs()
+    y, dx, _ = _run(lin, x, w, dy)
+    assert torch.equal(y, torch.matmul(x, w.t()))
+    full = _run(get_recipe("nvfp4_no_sr").linear, x, w, dy)
+    assert torch.equal(dx, full[1])
+
+
+def test_bias_and_3d_input():
+    lin = get_recipe("mxfp8").linear
+    x, w, dy = _inputs()
+    b = torch.randn(N, dtype=x.dtype)
+    y3, dx3, dw3 = _run(lin, x.view(32, 4, K), w, dy.view(32, 4, N), bias=b)
+    y2, dx2, dw2 = _run(lin, x, w, dy)
+    assert torch.equal(y3.view(T, N), (y2 + b))
+    assert torch.equal(dx3.view(T, K), dx2) and torch.equal(dw3, dw2)
+
+
+@pytest.mark.parametrize("name", ["nvfp4_no_sr", "mxfp4"])
+def test_msfp4_dge_scales_dw_by_the_derivative(name):
+    import dataclasses
+
+    from nvfp4_megatron.quant.recipe import MsFp4Options
+
+    base = get_recipe(name).linear
+    lin = dataclasses.replace(base, msfp4=MsFp4Options(dge=True))
+    x, w, dy = _inputs(seed=5, dtype=torch.float32)
+    _, dx_plain, dw_plain = _run(base, x, w, dy)
+    _, dx, dw = _run(lin, x, w, dy)
+    assert torch.equal(dx, dx_plain)  # DGE touches only the weight gradient
+    if name == "mxfp4":
+        q = formats.quantize_mx(w, "e2m1")
+        s = q.scale.float().repeat_interleave(32, dim=-1)
+    else:
+        q = formats.quantize_nvfp4(w, tile=(16, 16))
+        s = (q.scale.float() * q.scale_dec).repeat_interleave(16, dim=-1)
+    f = formats.dge_derivative_e2m1(w / s, k=5.0, cap=3.0)
+    assert torch.equal(dw, dw_plain * f)
+    assert 0 <= f.min() and f.max() <= 3.0 and not torch.equal(dw, dw_plain)
+
+
+def test_msfp4_occ_compensates_clamped_outliers():
+    import dataclasses
+
+    from nvfp4_megatron.quant.recipe import MsFp4Options
+
+    base = get_recipe("nvfp4_no_sr").linear
+    lin = dataclasses.replace(base, msfp4=MsFp4Options(occ=True, occ_quantile=0.99))
+    x, w, dy = _inputs(seed=6, dtype=torch.float32)
+    x[::7, ::5] *= 40.0  # outliers
+    y, _, dw = _run(lin, x, w, dy)
+    clamped, residual = formats.outlier_clamp(x, 0.99)
+    y_ref = ref_gemm(ref_operand(clamped, lin.fprop.input), ref_operand(w, lin.fprop.weight))
+    assert torch.equal(y, y_ref + residual @ w.t())
+    assert torch.equal(dw, _run(base, x, w, dy)[2])  # Wgrad copy of X is the unclamped tensor
+    exact = x @ w.t()
+    err = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(y) < err(_run(base, x, w, dy)[0])
