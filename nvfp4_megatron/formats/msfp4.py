@@ -88,7 +88,8 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
 
     Each ``|x|`` falls in the grid interval ``[lo, hi)`` (widths 0.5, 1, 2); ``f'`` is evaluated at
     ``|x| - lo`` with ``δ = hi - lo`` (the quantizer is odd, so its derivative is even in x). Beyond
-    the saturation point (|x| >= 6) the derivative is 0: clamping passes no gradient.
+    the saturation point (|x| > 6) the derivative is 0: clamping passes no gradient; |x| = 6 is
+    the upper end of the last interval [4, 6], so it gets f'(δ) = 1/k like every grid point.
     """
     x_fp32 = x_scaled.float()
     a = x_fp32.abs()
@@ -96,7 +97,7 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
     idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
     lo, hi = grid[idx], grid[idx + 1]
     d = dge_derivative(a - lo, hi - lo, k=k, cap=cap)
-    return torch.where(a >= F4_E2M1_MAX, torch.zeros_like(d), d)
+    return torch.where(a > F4_E2M1_MAX, torch.zeros_like(d), d)
 
 
 def _quantile_linear(v_fp32: torch.Tensor, q: float) -> torch.Tensor:

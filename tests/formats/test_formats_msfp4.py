@@ -65,7 +65,9 @@ def test_dge_e2m1_intervals():
     assert d[2].item() == pytest.approx(0.2)
     assert d[3].item() == 3.0
     assert d[4].item() == pytest.approx(0.2 * abs(2 * 0.1 / 0.5 - 1) ** -0.8)
-    assert d[5:].tolist() == [0.0, 0.0]
+    # 6.0 is the upper end of [4, 6]: a grid point like the others (1/k); beyond saturation: 0
+    assert d[5].item() == pytest.approx(0.2)
+    assert d[6].item() == 0.0
 
 
 def test_outlier_clamp_quantiles_and_sparsity():
