@@ -1,0 +1,62 @@
+"""Global amax reduction kernel (NVFP4 per-tensor scale, FP8 current scaling).
+
+One pass over a 2-D view ``[R, C]`` (any strides, so a transposed view is read in place):
+``max |x|`` or, with RHT signs, ``max |apply_rht(x)|`` over 16-element chunks of each row (the
+post-RHT amax that the NVFP4 columnwise copy needs, DESIGN.md §1). Each program reduces
+``ITERS`` tiles of ``BLOCK_R x 16G`` elements to the max of the FP32 bit patterns (int32,
+order-preserving for ``|x|``, NaN propagates) and folds it into the result with one
+``atomic_max`` on a zeroed int32 word (fewer programs, fewer atomics on one address). The result
+is an FP32 0-d tensor on the input's device; nothing syncs with the host. Measured on the H200:
+110 us for 8192 x 20480 BF16 (74% of copy bandwidth), 100 us post-RHT (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d
+
+# Tile of BLOCK_R x (G x 16) elements, ITERS row-tiles per program (one atomic per program).
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4}
+CONFIGS = [
+    {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4},
+    {"BLOCK_R": 16, "G": 16, "ITERS": 16, "num_warps": 4},
+    {"BLOCK_R": 64, "G": 8, "ITERS": 4, "num_warps": 8},
+    {"BLOCK_R": 64, "G": 4, "ITERS": 4, "num_warps": 4},
+]
+
+
+@triton.jit
+def _amax_kernel(
+    x_ptr, out_ptr, h_ptr, R, C, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr, RHT: tl.constexpr,
+):
+    chunks = tl.program_id(1) * G + tl.arange(0, G)
+    running = tl.zeros([BLOCK_R, G, 16], dtype=tl.int32)
+    for i in tl.static_range(ITERS):
+        rows = (tl.program_id(0) * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        running = tl.maximum(running, abs_bits(x))
+    m = tl.max(tl.max(tl.max(running, axis=2), axis=1), axis=0)
+    tl.atomic_max(out_ptr, m)
+
+
+def amax_2d(x2d: torch.Tensor, *, signs_fp32: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """FP32 0-d ``max |x2d|``; with ``signs_fp32`` (16 RHT signs) the max of ``|apply_rht(x2d)|`` along dim 1."""
+    rows, cols = x2d.shape
+    out_i32 = torch.zeros(1, dtype=torch.int32, device=x2d.device)
+    if x2d.numel() == 0:
+        return out_i32.view(torch.float32).reshape(())
+    rht = signs_fp32 is not None
+    if rht and cols % 16 != 0:
+        raise ValueError(f"amax_2d: rht needs the last dimension ({cols}) divisible by 16")
+    h = signs_fp32 if rht else torch.empty(1, dtype=torch.float32, device=x2d.device)
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"] * cfg["ITERS"]), triton.cdiv(cols, 16 * cfg["G"]))
+    _amax_kernel[grid](
+        x2d, out_i32, h, rows, cols, x2d.stride(0), x2d.stride(1),
+        BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], ITERS=cfg["ITERS"], RHT=rht, num_warps=cfg["num_warps"],
+    )
+    return out_i32.view(torch.float32).reshape(())

@@ -1,0 +1,104 @@
+"""FP8 current scaling (FP8-CS) kernel: global amax, then scale and saturating cast in one pass.
+
+Same math as ``formats.fp8.quantize_fp8_current`` (DESIGN.md §1; Transformer Engine's
+``Float8CurrentScaling``): ``scale = min(fmax / amax, FLT_MAX)`` (1 when amax is 0, Inf or NaN),
+optionally rounded down to a power of two, ``data = fp8_rne_satfinite(x * scale)``,
+``scale_inv = 1 / scale``. The amax comes from ``kernels.amax`` (or the caller, e.g. reduced over
+the tensor-parallel group); the cast kernel reads it from device memory and derives the scale
+itself, so nothing syncs with the host. On the GPU the FP8 bytes come from the hardware
+``cvt.rn.satfinite`` conversion (the contract's RNE + saturation); under the interpreter from
+the exact integer rounding in ``kernels._common.round_fp8``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4_megatron.formats.constants import FP8_MAX
+from nvfp4_megatron.formats.fp8 import FP8Tensor
+from nvfp4_megatron.kernels._common import FP32_MAX, load_tile_3d, pow2_fp32, round_fp8
+from nvfp4_megatron.kernels.amax import amax_2d
+
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
+_FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+@triton.jit
+def _fp8_cs_kernel(
+    x_ptr, amax_ptr, data_ptr, scales_ptr, R, C, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, G: tl.constexpr,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr, POW2: tl.constexpr,
+    HW_CVT: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    amax = tl.load(amax_ptr)
+    valid = (amax > 0.0) & (amax <= FP32_MAX)
+    scale = tl.minimum(tl.div_rn(MAXV, tl.where(valid, amax, 1.0)), FP32_MAX)
+    scale = tl.where(valid, scale, 1.0)
+    if POW2:
+        sbits = scale.to(tl.int32, bitcast=True)
+        scale = pow2_fp32(((sbits >> 23) & 0xFF) - 127)  # scale >= 2^-126 here: floor(log2) from the exponent
+    if (pid_r == 0) & (pid_c == 0):
+        tl.store(scales_ptr, scale)
+        tl.store(scales_ptr + 1, tl.div_rn(1.0, scale))
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunks = pid_c * G + tl.arange(0, G)
+    x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, x_ptr, 16, False)
+    if HW_CVT:  # cvt.rn.satfinite.{e4m3,e5m2}x2.f32 (sm_89+): RNE + saturation, as the contract
+        if MBITS == 3:
+            code = (x * scale).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            code = (x * scale).to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        code, _ = round_fp8(x * scale, MBITS, EMIN, MAXV)
+    cols = chunks[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    mask = (rows[:, None, None] < R) & (cols < C)
+    tl.store(data_ptr + rows[:, None, None].to(tl.int64) * C + cols, code.to(tl.uint8), mask=mask)
+
+
+def quantize_fp8_current(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    pow2_scale: bool = False,
+    amax: torch.Tensor | float | None = None,
+    config: dict | None = None,
+) -> FP8Tensor:
+    """Triton twin of ``formats.quantize_fp8_current`` (same arguments, same ``FP8Tensor``, same bits)."""
+    from nvfp4_megatron.formats._checks import amax_tensor, check_float_input, check_fp8_dtype
+
+    check_float_input(x, min_ndim=0)
+    check_fp8_dtype(fp8_dtype)
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    x2d = x.reshape(1, 1) if x.dim() == 0 else (x.reshape(1, -1) if x.dim() == 1 else x)
+    if x2d.dim() > 2:
+        x2d = x2d.reshape(-1, x.shape[-1])
+    rows, cols = x2d.shape
+    amax_fp32 = amax_2d(x2d) if amax is None else amax_tensor(amax, device=x.device)
+    data = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
+    scales = torch.ones(2, dtype=torch.float32, device=x.device)
+    mbits, emin = _FORMAT[fp8_dtype]
+    if x.numel():
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, 16 * cfg["G"]))
+        _fp8_cs_kernel[grid](
+            x2d, amax_fp32.reshape(1), data, scales, rows, cols, x2d.stride(0), x2d.stride(1),
+            BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], MBITS=mbits, EMIN=emin, MAXV=FP8_MAX[fp8_dtype],
+            POW2=bool(pow2_scale), HW_CVT=x.is_cuda, num_warps=cfg["num_warps"],
+        )
+    else:
+        from nvfp4_megatron.formats.fp8 import fp8_scale_from_amax
+
+        scales[0] = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
+        scales[1] = 1.0 / scales[0]
+    return FP8Tensor(
+        data=data.view(fp8_dtype).reshape(x.shape),
+        scale=scales[0],
+        scale_inv=scales[1],
+        amax=amax_fp32.reshape(()),
+        fp8_dtype=fp8_dtype,
+        shape=torch.Size(x.shape),
+    )

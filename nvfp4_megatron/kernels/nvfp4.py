@@ -1,0 +1,243 @@
+"""NVFP4 quantization kernel (arXiv 2509.25149 §2, App. B): 1x16 or 16x16 blocks, RHT, RNE or SR.
+
+Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two launches:
+
+1. ``kernels.amax.amax_2d``: the global amax (post-RHT when ``rht``), unless the caller passes a
+   pre-reduced ``amax``.
+2. ``_nvfp4_kernel``: each program takes a tile of ``BLOCK_R`` rows x ``G`` blocks of 16 columns,
+   (optionally) applies the RHT, computes ``S_enc = min(2688 / amax, FLT_MAX)`` (1 if amax is 0
+   or not finite) and ``S_dec = 1 / S_enc`` from the amax in device memory, the block amax
+   (16x16 tiles: the max over 16 rows, replicated), the E4M3 block scale
+   ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
+   the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.
+
+Columnwise (Wgrad) copies: pass the transposed view ``x.t()``; the kernel reads it in place
+through its strides (no transpose copy), blocks run along the token dimension, and the RHT mixes
+16 consecutive tokens.
+
+Stochastic rounding: 24-bit uniforms from Philox4x32-10 (``tl.randint4x``: counter-based, so the
+same seed gives the same codes for any tile shape or grid), one call per 4 elements, the seed
+drawn from ``generator``; or, for draw-for-draw tests against the reference, an explicit ``rand``
+tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4_megatron.formats.nvfp4 import NVFP4_TILES, NVFP4Tensor
+from nvfp4_megatron.formats.rht import hadamard_signs
+from nvfp4_megatron.kernels._common import (
+    FP32_MAX,
+    abs_bits,
+    e2m1_rne_code,
+    e2m1_sr_code,
+    load_tile_3d,
+    round_fp8,
+)
+from nvfp4_megatron.kernels.amax import amax_2d
+
+# Tile shape: BLOCK_R rows x (G x 16) columns. 32 x 128 reads 8 KiB of BF16 per program.
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
+
+
+@triton.jit
+def _nvfp4_kernel(
+    x_ptr, h_ptr, amax_ptr, rand_ptr, seed_ptr,
+    data_ptr, scale_ptr, gscale_ptr,
+    R, C, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
+    RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunks = pid_c * G + tl.arange(0, G)
+    x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+
+    # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
+    amax = tl.load(amax_ptr)
+    valid = (amax > 0.0) & (amax <= FP32_MAX)
+    s_enc = tl.minimum(tl.div_rn(2688.0, tl.where(valid, amax, 1.0)), FP32_MAX)
+    s_enc = tl.where(valid, s_enc, 1.0)
+    s_dec = tl.div_rn(1.0, s_enc)
+    if (pid_r == 0) & (pid_c == 0):
+        tl.store(gscale_ptr, s_enc)
+        tl.store(gscale_ptr + 1, s_dec)
+
+    # Block amax on the bit patterns (NaN propagates); 16x16 tiles take the max over 16 rows.
+    bmax_bits = tl.max(abs_bits(x), axis=2)  # [BLOCK_R, G]
+    if TILE_R != 1:
+        t = tl.max(tl.reshape(bmax_bits, [BLOCK_R // TILE_R, TILE_R, G]), axis=1)
+        bmax_bits = tl.reshape(
+            tl.broadcast_to(tl.reshape(t, [BLOCK_R // TILE_R, 1, G]), [BLOCK_R // TILE_R, TILE_R, G]),
+            [BLOCK_R, G],
+        )
+    bmax = bmax_bits.to(tl.float32, bitcast=True)
+
+    sb_code, sb_val = round_fp8(bmax * (s_enc * 0.16666666666666666), 3, -6, 448.0)
+    enc = tl.minimum(tl.div_rn(1.0, sb_val * s_dec), FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = x * enc[:, :, None]  # the clamp to [-6, 6] happens inside the E2M1 encoders
+
+    kk = tl.arange(0, 16)
+    if SR:
+        if RAND_TENSOR:
+            lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + kk[None, None, :]
+            emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + kk[None, None, :]) < C)
+            u = tl.load(rand_ptr + lin, mask=emask, other=1.0)
+        else:
+            # One Philox4x32 call per 4 elements: counter = (element index) // 4, its 4 words go
+            # to the 4 elements (a fixed permutation inside each group of 4); 24-bit uniforms.
+            q = tl.arange(0, 4)
+            ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + q[None, None, :]
+            r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
+            words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_R, G, 16])
+            u = (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+        codes = e2m1_sr_code(y, u, not ON_GPU)
+    else:
+        codes = e2m1_rne_code(y, not ON_GPU)
+
+    # Pack: element 2i in the low nibble, 2i+1 in the high nibble.
+    lo, hi = tl.split(tl.reshape(codes, [BLOCK_R, G * 8, 2]))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    bcols = pid_c * G * 8 + tl.arange(0, G * 8)
+    rmask = rows < R
+    dmask = rmask[:, None] & (bcols[None, :] < C // 2)
+    tl.store(data_ptr + rows[:, None].to(tl.int64) * (C // 2) + bcols[None, :], packed, mask=dmask)
+    smask = rmask[:, None] & (chunks[None, :] < C // 16)
+    tl.store(
+        scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
+        sb_code.to(tl.uint8),
+        mask=smask,
+    )
+
+
+def _seed_from_generator(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One int32 Philox seed on ``device``, drawn from ``generator`` (default: torch's)."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device=device, dtype=torch.int32)
+
+
+def quantize_nvfp4_2d(
+    x2d: torch.Tensor,
+    *,
+    tile: tuple[int, int],
+    rht: bool,
+    rht_signs,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None,
+    rand: torch.Tensor | None,
+    amax: torch.Tensor | None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel launch on a validated 2-D view: (data, scale_u8, amax, s_enc, s_dec)."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    rows, cols = x2d.shape
+    dev = x2d.device
+    h = torch.tensor(hadamard_signs(rht_signs), dtype=torch.float32, device=dev) if rht else None
+    amax_fp32 = amax_2d(x2d, signs_fp32=h, config=cfg.get("amax_config")) if amax is None else amax
+    data = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
+    scale = torch.empty(rows, cols // 16, dtype=torch.uint8, device=dev)
+    gscale = torch.empty(2, dtype=torch.float32, device=dev)
+    if rows == 0 or cols == 0:
+        from nvfp4_megatron.formats.nvfp4 import nvfp4_global_scales
+
+        s_enc, s_dec = nvfp4_global_scales(amax_fp32)
+        return data, scale, amax_fp32, s_enc, s_dec
+    dummy_f = torch.empty(1, dtype=torch.float32, device=dev)
+    seed = torch.zeros(1, dtype=torch.int32, device=dev)
+    rand_c = dummy_f
+    if stochastic_rounding:
+        if rand is not None:
+            rand_c = rand.to(device=dev, dtype=torch.float32).reshape(rows, cols).contiguous()
+        else:
+            seed = _seed_from_generator(generator, dev)
+    block_r = cfg["BLOCK_R"]
+    if tile[0] != 1 and block_r % tile[0] != 0:
+        raise ValueError(f"kernel config BLOCK_R={block_r} must be a multiple of the tile height {tile[0]}")
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols // 16, cfg["G"]))
+    _nvfp4_kernel[grid](
+        x2d, h if rht else dummy_f, amax_fp32.reshape(1), rand_c, seed,
+        data, scale, gscale,
+        rows, cols, x2d.stride(0), x2d.stride(1),
+        BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
+        RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
+        ON_GPU=x2d.is_cuda,
+        num_warps=cfg["num_warps"],
+    )
+    return data, scale, amax_fp32, gscale[0], gscale[1]
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[prod(shape[:-1]), shape[-1]]``, a view when the strides allow (transposes included)."""
+    if x.dim() == 2:
+        return x
+    if x.dim() == 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    *,
+    tile: tuple[int, int] = (1, 16),
+    rht: bool = False,
+    rht_signs=None,
+    stochastic_rounding: bool = False,
+    generator: torch.Generator | None = None,
+    rand: torch.Tensor | None = None,
+    amax: torch.Tensor | float | None = None,
+    config: dict | None = None,
+) -> NVFP4Tensor:
+    """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Tensor``, same bits for RNE)."""
+    from nvfp4_megatron.formats._checks import (
+        amax_tensor,
+        check_float_input,
+        check_last_dim_divisible,
+        check_rows_divisible,
+    )
+
+    what = "quantize_nvfp4"
+    check_float_input(x, min_ndim=1)
+    tile = tuple(tile)  # type: ignore[assignment]
+    if tile not in NVFP4_TILES:
+        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
+    check_last_dim_divisible(x, 16, what=what)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if tile[0] != 1:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
+            )
+        check_rows_divisible(x, rows, tile[0], what=what)
+    if (rand is not None or generator is not None) and not stochastic_rounding:
+        raise ValueError(
+            f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
+        )
+    if rand is not None and (not isinstance(rand, torch.Tensor) or rand.shape != x.shape):
+        raise ValueError(
+            f"{what}: rand must be a tensor of the input's shape {tuple(x.shape)} with uniforms in "
+            f"[0, 1), got {getattr(rand, 'shape', type(rand).__name__)}"
+        )
+    amax_fp32 = None if amax is None else amax_tensor(amax, device=x.device)
+    signs = tuple(int(v) for v in hadamard_signs(rht_signs)) if rht else None
+    data, scale, amax_fp32, s_enc, s_dec = quantize_nvfp4_2d(
+        as_2d(x), tile=tile, rht=rht, rht_signs=rht_signs, stochastic_rounding=stochastic_rounding,
+        generator=generator, rand=rand, amax=amax_fp32, config=config,
+    )
+    lead = tuple(x.shape[:-1])
+    return NVFP4Tensor(
+        data=data.reshape(*lead, k // 2),
+        scale=scale.view(torch.float8_e4m3fn).reshape(*lead, k // 16),
+        amax=amax_fp32.reshape(()),
+        scale_enc=s_enc.reshape(()),
+        scale_dec=s_dec.reshape(()),
+        shape=torch.Size(x.shape),
+        tile=tile,  # type: ignore[arg-type]
+        rht=bool(rht),
+        rht_signs=signs,
+    )

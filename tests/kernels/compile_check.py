@@ -1,0 +1,67 @@
+"""Compile every kernel variant for sm_90 (Hopper) without a GPU: catches Triton front-end and
+lowering errors on a CPU machine (the interpreter accepts things the compiler rejects)."""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from nvfp4_megatron.kernels import amax as k_amax
+from nvfp4_megatron.kernels import fp8 as k_fp8
+from nvfp4_megatron.kernels import mx as k_mx
+from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, types: dict, constexprs: dict, num_warps=4):
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
+    src = triton.compiler.ASTSource(fn, sig, constexprs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def variants():
+    """(name, fn, pointer/scalar types, constexprs) for every kernel variant the package launches."""
+    out = []
+    for rht in (False, True):
+        for cfg in k_amax.CONFIGS:
+            cx = {k: v for k, v in cfg.items() if k != "num_warps"}
+            out.append((f"amax rht={rht} {cfg}", k_amax._amax_kernel,
+                        {"x_ptr": "*bf16", "out_ptr": "*i32", "h_ptr": "*fp32"},
+                        dict(cx, RHT=rht)))
+    nv_types = {"x_ptr": "*bf16", "h_ptr": "*fp32", "amax_ptr": "*fp32", "rand_ptr": "*fp32",
+                "seed_ptr": "*i32", "data_ptr": "*u8", "scale_ptr": "*u8", "gscale_ptr": "*fp32"}
+    for tile_r in (1, 16):
+        for rht in (False, True):
+            for sr, rt in ((False, False), (True, False), (True, True)):
+                cfg = dict(k_nvfp4.DEFAULT_CONFIG)
+                cfg.pop("num_warps")
+                out.append((f"nvfp4 tile_r={tile_r} rht={rht} sr={sr} rand={rt}", k_nvfp4._nvfp4_kernel,
+                            nv_types, dict(cfg, TILE_R=tile_r, RHT=rht, SR=sr, RAND_TENSOR=rt, ON_GPU=True)))
+    for elem, (eid, mb, emin, maxv) in k_mx._ELEM.items():
+        out.append((f"mx {elem}", k_mx._mx_kernel, {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*u8"},
+                    dict(BLOCK_R=32, G=4, BLOCK=32, ELEM=eid, MBITS=mb, EMIN=emin, MAXV=maxv, HW_CVT=True)))
+    for pow2 in (False, True):
+        for mb, emin, maxv in ((3, -6, 448.0), (2, -14, 57344.0)):
+            out.append((f"fp8 m{mb} pow2={pow2}", k_fp8._fp8_cs_kernel,
+                        {"x_ptr": "*bf16", "amax_ptr": "*fp32", "data_ptr": "*u8", "scales_ptr": "*fp32"},
+                        dict(BLOCK_R=32, G=8, MBITS=mb, EMIN=emin, MAXV=maxv, POW2=pow2, HW_CVT=True)))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    failed = 0
+    for name, fn, types, cx in variants():
+        if len(sys.argv) > 1 and sys.argv[1] not in name:
+            continue
+        try:
+            k = _compile(fn, types, cx)
+            print("ok  ", name, "regs", k.n_regs if hasattr(k, "n_regs") else "?", "spills", getattr(k, "n_spills", "?"))
+        except Exception as e:  # report all, fail at the end
+            failed += 1
+            print("FAIL", name, type(e).__name__, str(e)[-1500:])
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,139 @@
+"""Kernel-vs-reference comparisons shared by the GPU tests and the CPU interpreter check.
+
+Every comparison is exact: packed codes, scale bytes and the FP32 global scalars must be equal
+bit for bit (``torch.equal`` on uint8 views). ``check_case`` raises ``AssertionError`` naming
+the case, the field and the number of mismatches.
+
+The reference runs on CPU (``x.cpu()``), so the test also shows that the result does not depend
+on the device: the GPU kernel must reproduce the CPU oracle bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4_megatron import formats
+from nvfp4_megatron.kernels import fp8 as k_fp8
+from nvfp4_megatron.kernels import mx as k_mx
+from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
+def _same(name: str, field: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    got_c, want_c = got.detach().cpu(), want.detach().cpu()
+    if got_c.shape != want_c.shape:
+        raise AssertionError(f"{name}: {field} shape {tuple(got_c.shape)} != reference {tuple(want_c.shape)}")
+    if got_c.dtype in (torch.float32,):
+        # FP32 scalars: bit-equal, except that any NaN equals any NaN (the payload of a NaN made
+        # on the GPU, e.g. by Inf - Inf in the RHT, is the canonical 0x7FFFFFFF, on CPU another)
+        g, w = got_c.view(torch.int32).clone(), want_c.view(torch.int32).clone()
+        both_nan = torch.isnan(got_c) & torch.isnan(want_c)
+        g[both_nan] = 0
+        w[both_nan] = 0
+    else:
+        g, w = _u8(got_c), _u8(want_c)
+    if not torch.equal(g, w):
+        n = int((g != w).sum())
+        raise AssertionError(f"{name}: {field} differs from the reference in {n} of {g.numel()} entries")
+
+
+def make_input(shape, dtype=torch.bfloat16, *, device="cpu", seed=0, heavy=False) -> torch.Tensor:
+    """Random input: N(0, 1), or heavy-tailed (log-normal magnitudes over ~20 binades) with ``heavy``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if heavy:
+        x = x * torch.exp(2.0 * torch.randn(shape, generator=g))
+    return x.to(dtype).to(device)
+
+
+def check_nvfp4(name: str, x: torch.Tensor, *, kernel_config: dict | None = None, **kw) -> None:
+    got = k_nvfp4.quantize_nvfp4(x, config=kernel_config, **kw)
+    kw_ref = dict(kw)
+    if kw_ref.get("rand") is not None:
+        kw_ref["rand"] = kw_ref["rand"].cpu()
+    want = formats.quantize_nvfp4(x.cpu(), **kw_ref)
+    _same(name, "data", got.data, want.data)
+    _same(name, "scale", got.scale, want.scale)
+    _same(name, "amax", got.amax, want.amax)
+    _same(name, "scale_enc", got.scale_enc, want.scale_enc)
+    _same(name, "scale_dec", got.scale_dec, want.scale_dec)
+    assert got.scale.dtype == want.scale.dtype and got.data.dtype == want.data.dtype, name
+    assert (got.shape, got.tile, got.rht, got.rht_signs) == (want.shape, want.tile, want.rht, want.rht_signs), name
+
+
+def check_mx(name: str, x: torch.Tensor, elem_dtype) -> None:
+    got = k_mx.quantize_mx(x, elem_dtype)
+    want = formats.quantize_mx(x.cpu(), elem_dtype)
+    _same(name, "data", got.data, want.data)
+    _same(name, "scale", got.scale, want.scale)
+    assert got.data.dtype == want.data.dtype and got.scale.dtype == want.scale.dtype, name
+    assert (got.shape, got.block, got.elem_dtype) == (want.shape, want.block, want.elem_dtype), name
+
+
+def check_fp8(name: str, x: torch.Tensor, fp8_dtype, **kw) -> None:
+    got = k_fp8.quantize_fp8_current(x, fp8_dtype, **kw)
+    want = formats.quantize_fp8_current(x.cpu(), fp8_dtype, **kw)
+    _same(name, "data", got.data, want.data)
+    for field in ("scale", "scale_inv", "amax"):
+        _same(name, field, getattr(got, field), getattr(want, field))
+    assert got.data.dtype == want.data.dtype and got.shape == want.shape, name
+
+
+def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=True) -> list[str]:
+    """Every kernel variant on one input shape; returns the case names that passed."""
+    x = make_input(shape, dtype, device=device, seed=seed, heavy=heavy)
+    tag = f"{tuple(shape)} {dtype} {'heavy' if heavy else 'normal'}"
+    done = []
+
+    def case(name, fn, *args, **kw):
+        fn(f"{name} {tag}", *args, **kw)
+        done.append(name)
+
+    cols_ok = x.dim() == 2 and x.shape[0] % 16 == 0  # columnwise blocks run along the rows (tokens)
+    case("nvfp4 rowwise", check_nvfp4, x)
+    if cols_ok:
+        case("nvfp4 columnwise rht", check_nvfp4, x.t(), rht=True)
+    if not full:
+        return done
+    case("nvfp4 rowwise rht", check_nvfp4, x, rht=True)
+    case("nvfp4 rowwise rht custom signs", check_nvfp4, x, rht=True, rht_signs=[1, -1] * 8)
+    if cols_ok:
+        case("nvfp4 columnwise", check_nvfp4, x.t())
+    case("nvfp4 amax given", check_nvfp4, x, amax=torch.tensor(1.5, device=device))
+    if x.shape[0] % 16 == 0:
+        case("nvfp4 2d 16x16", check_nvfp4, x, tile=(16, 16))
+    rand = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    case("nvfp4 sr rand", check_nvfp4, x, stochastic_rounding=True, rand=rand)
+    if cols_ok:
+        rand_t = torch.rand(x.t().shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
+        case("nvfp4 columnwise rht sr rand", check_nvfp4, x.t(), rht=True, stochastic_rounding=True, rand=rand_t)
+    if x.shape[-1] % 32 == 0:
+        for ed in (torch.float8_e4m3fn, torch.float8_e5m2, "e2m1"):
+            case(f"mx {ed}", check_mx, x, ed)
+    for fd in (torch.float8_e4m3fn, torch.float8_e5m2):
+        case(f"fp8cs {fd}", check_fp8, x, fd)
+        case(f"fp8cs pow2 {fd}", check_fp8, x, fd, pow2_scale=True)
+    if x.dim() == 2:
+        case("fp8cs transposed", check_fp8, x.t(), torch.float8_e4m3fn)
+    return done
+
+
+def special_values_input(device) -> torch.Tensor:
+    """64 x 128 FP32 input with zeros, -0.0, ±Inf, NaN, subnormals and huge values in separate blocks."""
+    x = make_input((64, 128), torch.float32, device="cpu", seed=7)
+    x[0, :32] = 0.0
+    x[1, :32] = -0.0
+    x[2, 3] = float("inf")
+    x[3, 40] = float("-inf")
+    x[4, 70] = float("nan")
+    x[5, :16] = 1e-40  # FP32 subnormals
+    x[6, :16] = 3e38
+    x[7, :16] = torch.linspace(-6, 6, 16)
+    x[16:32, 5] = -0.0  # a whole 16-token chunk of -0.0 (columnwise RHT)
+    # signed zeros whose products with H's first column are all -0: the RHT sum must still be +0
+    h0 = formats.hadamard_matrix()[:, 0]
+    x[9, :16] = torch.where(h0 > 0, torch.tensor(-0.0), torch.tensor(0.0))
+    return x.to(device)

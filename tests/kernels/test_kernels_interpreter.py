@@ -1,0 +1,52 @@
+"""Kernels vs reference on CPU through Triton's interpreter (``TRITON_INTERPRET=1``), small shapes.
+
+The interpreter must be switched on before ``triton.jit`` wraps the kernels, so the check runs in
+a fresh subprocess. Same exact comparisons as the GPU tests (``kernel_cases``), on shapes with a
+row count that is not a multiple of 16, heavy-tailed BF16 and FP32 inputs (FP32 RHT sums round, so
+this also pins the RHT summation order), and NaN/Inf/subnormal/signed-zero specials. About 10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, {here!r})
+import kernel_cases as kc
+for shape, heavy, dtype in [((48, 64), False, torch.bfloat16), ((33, 96), True, torch.bfloat16),
+                            ((32, 64), True, torch.float32), ((2, 16, 32), False, torch.float16)]:
+    print(shape, kc.run_all(shape, device="cpu", heavy=heavy, dtype=dtype))
+x = kc.special_values_input("cpu")
+kc.check_nvfp4("special nvfp4", x)
+kc.check_nvfp4("special nvfp4 columnwise rht", x.t(), rht=True)
+# Row 6 (3e38) overflows in the butterflies: Inf - Inf = NaN, whose sign bit (it becomes the code's
+# sign) is the platform's default NaN: negative under NumPy on x86, positive in torch and on GPUs.
+kc.check_nvfp4("special nvfp4 rowwise rht", torch.cat([x[:6], x[7:]]), rht=True)
+kc.check_nvfp4("special nvfp4 16x16", x, tile=(16, 16))
+for ed in (torch.float8_e4m3fn, torch.float8_e5m2, "e2m1"):
+    kc.check_mx(f"special mx {{ed}}", x, ed)
+kc.check_fp8("special fp8 (Inf/NaN amax)", x, torch.float8_e4m3fn)
+kc.check_fp8("special fp8 finite", x[8:], torch.float8_e5m2)
+kc.check_fp8("zeros", torch.zeros(4, 16), torch.float8_e4m3fn)
+kc.check_nvfp4("zeros", torch.zeros(4, 16))
+print("INTERPRETER-OK")
+"""
+
+
+def test_kernels_match_reference_in_interpreter():
+    here = str(pathlib.Path(__file__).parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT.format(here=here)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
