@@ -1,0 +1,362 @@
+"""5D parallel layout with MoE parallel folding: validation and rank -> group tables.
+
+Megatron-Core lays out one world of ``W`` ranks twice (MoE Parallel Folding, Liu et al.,
+arXiv 2504.14960, §3):
+
+* the **attention** (dense) part as ``TP × CP × DP × PP = W``, and
+* the **MoE** (expert) part as ``ETP × EP × EDP × PP = W``,
+
+sharing only the pipeline dimension. "Folding" means the expert dimensions are chosen
+independently of the attention ones (e.g. ETP=1 while TP=2, EP spanning TP and DP ranks),
+instead of the classic constraint ``ETP = TP`` and ``EP`` a divisor of ``DP``.
+
+Rank order. Megatron-Core's ``RankGenerator`` decomposes a global rank in mixed radix with
+the dimension order string ``"tp-cp-ep-dp-pp"`` (first = fastest varying). The attention
+generator uses it with EP = 1, the expert generator with CP = 1, TP -> ETP and DP -> EDP::
+
+    attention: rank = tp + TP * (cp + CP * (dp + DP * pp))
+    expert:    rank = etp + ETP * (ep + EP * (edp + EDP * pp))
+
+PP is outermost in both, so every pipeline stage is one contiguous block of ``W / PP`` ranks and
+the two decompositions re-partition the same block. A group "over dimensions D" is the set of
+ranks whose coordinates agree on every dimension except those in D. ``dp_cp`` is the group the
+distributed optimizer shards dense parameters over (DP × CP), ``edp`` the one it shards expert
+parameters over.
+
+Validation collects every violated rule (not only the first) and raises one
+:class:`LayoutError` naming all the sizes involved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+__all__ = [
+    "LayoutError",
+    "ModelDims",
+    "ParallelLayout",
+    "make_layout",
+    "rank_coordinates",
+    "rank_groups",
+    "split_hybrid_pattern",
+]
+
+ATTENTION_ORDER = ("tp", "cp", "dp", "pp")  # Megatron "tp-cp-ep-dp-pp" with ep=1
+EXPERT_ORDER = ("etp", "ep", "edp", "pp")  # the same order with cp=1, tp->etp, dp->edp
+HYBRID_SYMBOLS = frozenset("M*-E")
+PIPE_SEPARATOR = "|"
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not fit the world size or the model; lists every violation."""
+
+    def __init__(self, problems: list[str], *, summary: str) -> None:
+        self.problems = list(problems)
+        text = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid parallel layout ({summary}):\n{text}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDims:
+    """The model sizes a layout must divide (Megatron field names)."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int | None = None
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    seq_length: int
+    hybrid_override_pattern: str | None = None
+    mamba_num_heads: int | None = None
+    mamba_num_groups: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelLayout:
+    """A validated layout. Build it with :func:`make_layout`; ``dp``/``edp`` are derived."""
+
+    world_size: int
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    edp: int
+    sequence_parallel: bool
+    micro_batch_size: int
+    global_batch_size: int
+    has_experts: bool = False
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def describe(self) -> str:
+        experts = (f"experts ETP{self.etp} x EP{self.ep} x EDP{self.edp} x PP{self.pp}; "
+                   if self.has_experts else "")
+        return (
+            f"attention TP{self.tp} x CP{self.cp} x DP{self.dp} x PP{self.pp}; {experts}"
+            f"SP={'on' if self.sequence_parallel else 'off'}; world {self.world_size}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "tensor_model_parallel_size": self.tp,
+            "context_parallel_size": self.cp,
+            "pipeline_model_parallel_size": self.pp,
+            "data_parallel_size": self.dp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.etp,
+            "expert_data_parallel_size": self.edp,
+            "sequence_parallel": self.sequence_parallel,
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "num_microbatches": self.num_microbatches,
+            "rank_order": "tp-cp-ep-dp-pp",
+        }
+
+
+def split_hybrid_pattern(pattern: str, pp: int) -> list[str]:
+    """Split a hybrid pattern into ``pp`` stage patterns.
+
+    With ``|`` separators the user chose the stage boundaries and there must be exactly
+    ``pp`` segments; without them the layers are split evenly and ``len(pattern) % pp == 0``.
+    Raises ``ValueError`` naming the pattern length, the segment count and ``pp``.
+    """
+    bad = sorted(set(pattern) - HYBRID_SYMBOLS - {PIPE_SEPARATOR})
+    if bad:
+        raise ValueError(
+            f"hybrid_override_pattern has unknown symbols {bad}; allowed are M (Mamba), "
+            f"* (attention), - (MLP), E (MoE) and | (pipeline boundary)"
+        )
+    if PIPE_SEPARATOR in pattern:
+        segments = pattern.split(PIPE_SEPARATOR)
+        if len(segments) != pp or any(not s for s in segments):
+            raise ValueError(
+                f"hybrid_override_pattern has {len(segments)} '|'-separated stages "
+                f"(lengths {[len(s) for s in segments]}) but pipeline_model_parallel_size={pp}; "
+                f"use exactly PP non-empty segments"
+            )
+        return segments
+    if len(pattern) % pp:
+        raise ValueError(
+            f"hybrid_override_pattern has {len(pattern)} layers, not divisible by "
+            f"pipeline_model_parallel_size={pp}; pick PP dividing {len(pattern)} or mark stage "
+            f"boundaries with '|'"
+        )
+    n = len(pattern) // pp
+    return [pattern[i * n : (i + 1) * n] for i in range(pp)]
+
+
+def make_layout(
+    *,
+    world_size: int,
+    tp: int = 1,
+    cp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    sequence_parallel: bool = False,
+    micro_batch_size: int = 1,
+    global_batch_size: int,
+    model: ModelDims,
+) -> ParallelLayout:
+    """Validate a layout over ``world_size`` and return it with DP and EDP derived.
+
+    ``etp=None`` means "same as TP" (Megatron's default when expert_tensor_parallel_size is
+    unset). Raises :class:`LayoutError` listing every violated rule with the sizes involved.
+    """
+    etp = tp if etp is None else etp
+    sizes = {
+        "world_size": world_size,
+        "tensor_model_parallel_size (TP)": tp,
+        "context_parallel_size (CP)": cp,
+        "pipeline_model_parallel_size (PP)": pp,
+        "expert_model_parallel_size (EP)": ep,
+        "expert_tensor_parallel_size (ETP)": etp,
+        "micro_batch_size": micro_batch_size,
+        "global_batch_size": global_batch_size,
+    }
+    summary = (
+        f"world={world_size} TP={tp} CP={cp} PP={pp} EP={ep} ETP={etp} "
+        f"MBS={micro_batch_size} GBS={global_batch_size}"
+    )
+    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
+           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise LayoutError(bad, summary=summary)
+
+    problems: list[str] = []
+    attn = tp * cp * pp
+    if world_size % attn:
+        problems.append(
+            f"attention group TP={tp} x CP={cp} x PP={pp} = {attn} does not divide "
+            f"world_size={world_size} (data-parallel size would be {world_size / attn:.3g})"
+        )
+    expert = etp * ep * pp
+    if world_size % expert:
+        problems.append(
+            f"expert group ETP={etp} x EP={ep} x PP={pp} = {expert} does not divide "
+            f"world_size={world_size} (expert data-parallel size would be "
+            f"{world_size / expert:.3g})"
+        )
+    dp = world_size // attn if not world_size % attn else 0
+    edp = world_size // expert if not world_size % expert else 0
+
+    m = model
+    if m.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={m.num_attention_heads} not divisible by TP={tp}")
+    if m.num_query_groups % tp:
+        problems.append(f"num_query_groups={m.num_query_groups} not divisible by TP={tp}")
+    if m.ffn_hidden_size and m.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={m.ffn_hidden_size} not divisible by TP={tp}")
+    if m.hybrid_override_pattern:
+        try:
+            split_hybrid_pattern(m.hybrid_override_pattern, pp)
+        except ValueError as err:
+            problems.append(str(err))
+        n_layers = len(m.hybrid_override_pattern.replace(PIPE_SEPARATOR, ""))
+        if n_layers != m.num_layers:
+            problems.append(
+                f"hybrid_override_pattern has {n_layers} layers but num_layers={m.num_layers}"
+            )
+        if "M" in m.hybrid_override_pattern:
+            if m.mamba_num_heads and m.mamba_num_heads % tp:
+                problems.append(f"mamba_num_heads={m.mamba_num_heads} not divisible by TP={tp}")
+            if m.mamba_num_groups and m.mamba_num_groups % tp:
+                problems.append(f"mamba_num_groups={m.mamba_num_groups} not divisible by TP={tp}")
+    elif m.num_layers % pp:
+        problems.append(
+            f"num_layers={m.num_layers} not divisible by PP={pp} "
+            f"(divisors: {[d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]})"
+        )
+    is_moe = bool(m.num_moe_experts) or (
+        m.hybrid_override_pattern is not None and "E" in m.hybrid_override_pattern
+    )
+    if is_moe:
+        if not m.num_moe_experts:
+            problems.append("hybrid pattern has MoE layers (E) but num_moe_experts is not set")
+        elif m.num_moe_experts % ep:
+            problems.append(f"num_moe_experts={m.num_moe_experts} not divisible by EP={ep}")
+        if m.moe_ffn_hidden_size and m.moe_ffn_hidden_size % etp:
+            problems.append(f"moe_ffn_hidden_size={m.moe_ffn_hidden_size} not divisible by ETP={etp}")
+        if tp > 1 and not sequence_parallel:
+            problems.append(
+                f"MoE with TP={tp} > 1 requires sequence_parallel=true (Megatron-Core rule)"
+            )
+    else:
+        if ep > 1:
+            problems.append(f"EP={ep} > 1 but the model has no experts (num_moe_experts unset)")
+        if etp != tp:
+            problems.append(f"ETP={etp} differs from TP={tp} but the model has no experts")
+    if sequence_parallel and tp == 1:
+        problems.append("sequence_parallel=true needs TP > 1 (it shards along the TP group)")
+    if sequence_parallel and m.seq_length % (tp * cp):
+        problems.append(
+            f"seq_length={m.seq_length} not divisible by TP={tp} x CP={cp} (sequence parallel)"
+        )
+    if cp > 1 and m.seq_length % (2 * cp):
+        problems.append(
+            f"seq_length={m.seq_length} not divisible by 2 x CP={cp} = {2 * cp} "
+            f"(load-balanced context parallel splits each sequence into 2*CP chunks)"
+        )
+    if dp and global_batch_size % (micro_batch_size * dp):
+        problems.append(
+            f"global_batch_size={global_batch_size} not divisible by micro_batch_size="
+            f"{micro_batch_size} x DP={dp} = {micro_batch_size * dp}"
+        )
+    if problems:
+        raise LayoutError(problems, summary=summary)
+    return ParallelLayout(
+        world_size=world_size, tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, etp=etp, edp=edp,
+        sequence_parallel=sequence_parallel, micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size, has_experts=is_moe,
+    )
+
+
+def _sizes(layout: ParallelLayout, order: tuple[str, ...]) -> list[int]:
+    return [getattr(layout, d) for d in order]
+
+
+def _decompose(rank: int, sizes: list[int]) -> list[int]:
+    coords = []
+    for s in sizes:
+        coords.append(rank % s)
+        rank //= s
+    return coords
+
+
+def rank_coordinates(layout: ParallelLayout, rank: int) -> dict[str, int]:
+    """Coordinates of ``rank`` in both decompositions (tp, cp, dp, pp, etp, ep, edp)."""
+    if not 0 <= rank < layout.world_size:
+        raise ValueError(f"rank={rank} outside world_size={layout.world_size}")
+    out = dict(zip(ATTENTION_ORDER, _decompose(rank, _sizes(layout, ATTENTION_ORDER))))
+    exp = dict(zip(EXPERT_ORDER, _decompose(rank, _sizes(layout, EXPERT_ORDER))))
+    assert exp["pp"] == out["pp"], "PP is outermost in both orders"
+    out.update({k: v for k, v in exp.items() if k != "pp"})
+    return out
+
+
+def _groups(sizes: list[int], order: tuple[str, ...], dims: tuple[str, ...]) -> list[list[int]]:
+    """All groups varying exactly ``dims`` (others fixed), each sorted, in rank order."""
+    idx = [order.index(d) for d in dims]
+    fixed = [i for i in range(len(order)) if i not in idx]
+    groups = []
+    for fixed_vals in itertools.product(*(range(sizes[i]) for i in reversed(fixed))):
+        fixed_vals = dict(zip(reversed(fixed), fixed_vals))
+        ranks = []
+        for var in itertools.product(*(range(sizes[i]) for i in idx)):
+            coords = [0] * len(order)
+            for i, v in fixed_vals.items():
+                coords[i] = v
+            for i, v in zip(idx, var):
+                coords[i] = v
+            r, stride = 0, 1
+            for c, s in zip(coords, sizes):
+                r += c * stride
+                stride *= s
+            ranks.append(r)
+        groups.append(sorted(ranks))
+    return sorted(groups)
+
+
+def rank_groups(layout: ParallelLayout) -> dict[str, list[list[int]]]:
+    """Process groups as Megatron-Core would build them, keyed by name.
+
+    tp, cp, dp, pp, dp_cp (distributed-optimizer shard group for dense params), tp_cp, mp (TP×PP);
+    etp, ep, edp (expert distributed-optimizer shard group), etp_ep.
+    """
+    a = _sizes(layout, ATTENTION_ORDER)
+    e = _sizes(layout, EXPERT_ORDER)
+    return {
+        "tp": _groups(a, ATTENTION_ORDER, ("tp",)),
+        "cp": _groups(a, ATTENTION_ORDER, ("cp",)),
+        "dp": _groups(a, ATTENTION_ORDER, ("dp",)),
+        "pp": _groups(a, ATTENTION_ORDER, ("pp",)),
+        "dp_cp": _groups(a, ATTENTION_ORDER, ("cp", "dp")),
+        "tp_cp": _groups(a, ATTENTION_ORDER, ("tp", "cp")),
+        "mp": _groups(a, ATTENTION_ORDER, ("tp", "pp")),
+        "etp": _groups(e, EXPERT_ORDER, ("etp",)),
+        "ep": _groups(e, EXPERT_ORDER, ("ep",)),
+        "edp": _groups(e, EXPERT_ORDER, ("edp",)),
+        "etp_ep": _groups(e, EXPERT_ORDER, ("etp", "ep")),
+    }
+
+
+def group_of(groups: list[list[int]], rank: int) -> int:
+    """Index of the group in ``groups`` containing ``rank``."""
+    for i, g in enumerate(groups):
+        if rank in g:
+            return i
+    raise ValueError(f"rank {rank} is in no group")
+
+
+def is_partition(groups: list[list[int]], world: int) -> bool:
+    """True when ``groups`` are equal-sized and cover ranks 0..world-1 exactly once."""
+    flat = sorted(itertools.chain.from_iterable(groups))
+    return flat == list(range(world)) and len({len(g) for g in groups}) == 1
+

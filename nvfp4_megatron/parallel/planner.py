@@ -1,0 +1,342 @@
+"""The dry-run planner: ``pretrain.py +recipe=NAME dry_run=true world_size=N``.
+
+Launches nothing and needs no GPU. From the composed config it
+
+1. validates the 5D layout with MoE parallel folding over ``world_size`` (:mod:`.layout`),
+2. counts parameters analytically and, where Megatron-Core can build the model without
+   optional kernels (dense and MoE GPT; not Mamba, which needs ``mamba_ssm``), also from a
+   ``meta``-device build, and refuses to continue if the two disagree (:mod:`.model_stats`),
+3. estimates memory per GPU for every pipeline stage, tokens per step, steps for the token
+   budget, model FLOPs per step split by precision, and the step time / tokens/s / MFU on a
+   GPU type from :mod:`.hardware` at an assumed fraction of peak,
+4. prints all of it (plus the rank -> group table when ``world_size <= 64``) and writes the same
+   numbers to ``plan.json`` in ``cfg.run_dir`` (or the working directory).
+
+Config keys read (besides model/parallel/train/precision): ``planner.gpu_type`` (default B200)
+and ``planner.assumed_mfu`` (default 0.40). ``docs/planner.md`` explains the estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hardware import (DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute,
+                       runs_native)
+from .layout import LayoutError, ModelDims, ParallelLayout, make_layout, rank_coordinates, rank_groups
+from .model_stats import (Flops, ModelShape, StageMemory, _get, flops_per_step, memory_per_gpu,
+                          meta_param_count, param_count)
+
+__all__ = ["Plan", "plan", "run_dry_run", "format_plan", "RANK_TABLE_MAX_WORLD"]
+
+RANK_TABLE_MAX_WORLD = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    recipe: str
+    layout: ParallelLayout
+    params: dict
+    meta_params: int | None
+    stages: list[StageMemory]
+    tokens_per_step: int
+    train_tokens: int | None
+    steps: int | None
+    flops: Flops
+    gpu: GpuPeak
+    assumed_mfu: float
+    native: bool
+    step_time_s: float
+    step_time_bf16_bound_s: float  # same model with every GEMM at the BF16 peak (no speed-up)
+    bubble_factor: float
+    bf16_layers: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time_s
+
+    @property
+    def mfu_vs_bf16_peak(self) -> float:
+        return self.flops.total / (self.step_time_s * self.layout.world_size * self.gpu.bf16_tflops * 1e12)
+
+    @property
+    def wall_time_s(self) -> float | None:
+        return None if self.steps is None else self.steps * self.step_time_s
+
+    @property
+    def max_memory_gib(self) -> float:
+        return max(s.total_gib for s in self.stages)
+
+    def to_dict(self) -> dict:
+        d = {
+            "recipe": self.recipe,
+            "layout": self.layout.to_dict(),
+            "params": self.params,
+            "meta_device_params": self.meta_params,
+            "memory_per_gpu_gib": [
+                {"stage": s.stage, "params": s.params, "weights": s.weights_gib,
+                 "grads": s.grads_gib, "optimizer": s.optimizer_gib,
+                 "quantized_weights": s.quantized_weights_gib, "activations": s.activations_gib,
+                 "inflight_microbatches": s.inflight_microbatches, "total": s.total_gib,
+                 **s.breakdown}
+                for s in self.stages
+            ],
+            "max_memory_per_gpu_gib": self.max_memory_gib,
+            "tokens_per_step": self.tokens_per_step,
+            "train_tokens": self.train_tokens,
+            "steps": self.steps,
+            "model_flops_per_step": self.flops.total,
+            "model_flops_per_step_quantized": self.flops.quantized,
+            "model_flops_per_step_bf16": self.flops.bf16,
+            "bf16_layers": self.bf16_layers,
+            "gpu": {"name": self.gpu.name, "bf16_tflops": self.gpu.bf16_tflops,
+                    "fp8_tflops": self.gpu.fp8_tflops, "fp4_tflops": self.gpu.fp4_tflops,
+                    "memory_gib": self.gpu.memory_gib, "source": self.gpu.source},
+            "assumed_mfu": self.assumed_mfu,
+            "native_precision": self.native,
+            "pipeline_bubble_factor": self.bubble_factor,
+            "step_time_s": self.step_time_s,
+            "step_time_if_no_lowp_speedup_s": self.step_time_bf16_bound_s,
+            "tokens_per_s_if_no_lowp_speedup": self.tokens_per_step / self.step_time_bf16_bound_s,
+            "wall_time_days_if_no_lowp_speedup": None if self.steps is None
+            else self.steps * self.step_time_bf16_bound_s / 86400,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu_vs_bf16_peak": self.mfu_vs_bf16_peak,
+            "wall_time_s": self.wall_time_s,
+            "wall_time_days": None if self.wall_time_s is None else self.wall_time_s / 86400,
+            "notes": self.notes,
+        }
+        if self.layout.world_size <= RANK_TABLE_MAX_WORLD:
+            d["rank_groups"] = rank_groups(self.layout)
+        return d
+
+
+def _int(node: Any, key: str, default: Any) -> Any:
+    v = _get(node, key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ValueError(f"{key}={v!r} must be an integer")
+    return int(v)
+
+
+def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
+    """Global 0-based BF16 block indices: the config's first/last/explicit blocks, where a key
+    left at None takes the registered recipe's default (as the training code does)."""
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    default = get_recipe(recipe).layers
+    first = _int(precision, "bf16_first_blocks", None)
+    last = _int(precision, "bf16_last_blocks", None)
+    explicit = _get(precision, "bf16_blocks", None)
+    first = default.bf16_first_blocks if first is None else first
+    last = default.bf16_last_blocks if last is None else last
+    explicit = list(default.bf16_blocks if explicit is None else explicit)
+    if first < 0 or last < 0 or first + last > num_layers:
+        raise ValueError(
+            f"precision.bf16_first_blocks={first} + bf16_last_blocks={last} must be >= 0 and at "
+            f"most num_layers={num_layers}"
+        )
+    bad = [i for i in explicit if not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"precision.bf16_blocks has indices {bad} outside 0..{num_layers - 1}")
+    return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
+
+
+def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
+    """Validate and estimate one run. Raises LayoutError (a ValueError) for a layout that does not
+    fit, ValueError for bad config values."""
+    m = ModelShape.from_cfg(cfg.model)
+    par, train, prec = _get(cfg, "parallel"), _get(cfg, "train"), _get(cfg, "precision")
+    planner_cfg = _get(cfg, "planner")
+    recipe = str(_get(prec, "recipe", "bf16"))
+    rc = recipe_compute(recipe)
+    gbs = _int(train, "global_batch_size", None)
+    if gbs is None:
+        raise ValueError("train.global_batch_size is required by the planner")
+    layout = make_layout(
+        world_size=int(world_size),
+        tp=_int(par, "tensor_model_parallel_size", 1),
+        cp=_int(par, "context_parallel_size", 1),
+        pp=_int(par, "pipeline_model_parallel_size", 1),
+        ep=_int(par, "expert_model_parallel_size", 1),
+        etp=_int(par, "expert_tensor_parallel_size", None),
+        sequence_parallel=bool(_get(par, "sequence_parallel", False)),
+        micro_batch_size=_int(train, "micro_batch_size", 1),
+        global_batch_size=gbs,
+        model=ModelDims(
+            num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+            num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
+            mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
+        ),
+    )
+    notes: list[str] = []
+    params = param_count(m)
+    meta = meta_param_count(m) if meta_build else None
+    if meta is not None and meta != params["total"]:
+        raise RuntimeError(
+            f"parameter count mismatch: analytic {params['total']} vs meta-device build {meta}; "
+            f"nvfp4_megatron/parallel/model_stats.py does not model this configuration"
+        )
+    if meta is None:
+        notes.append("parameter count is analytic (no meta-device build for this model)")
+
+    quantized = rc.gemm_class != "bf16"
+    bf16_layers = _bf16_layers(prec, recipe, m.num_layers) if quantized else list(range(m.num_layers))
+    tokens_per_step = gbs * m.seq_length
+    flops = flops_per_step(m, tokens_per_step, bf16_layers=set(bf16_layers), quantized=quantized)
+    stages = memory_per_gpu(m, layout, act_bytes=rc.act_bytes, weight_bytes=rc.weight_bytes,
+                            bf16_layers=set(bf16_layers))
+
+    gpu = get_gpu(_get(planner_cfg, "gpu_type", DEFAULT_GPU))
+    mfu = float(_get(planner_cfg, "assumed_mfu", DEFAULT_ASSUMED_MFU))
+    if not 0 < mfu <= 1:
+        raise ValueError(f"planner.assumed_mfu={mfu} must be in (0, 1]")
+    native = runs_native(gpu, rc)
+    q_peak = gpu.peak(rc.gemm_class) if native else gpu.bf16_tflops
+    if not native:
+        notes.append(
+            f"{gpu.name} has no tensor cores for {recipe}: its GEMMs run emulated; the time "
+            f"estimate counts them at the BF16 peak, an optimistic bound"
+        )
+    w = layout.world_size
+    compute_s = (flops.quantized / w) / (q_peak * 1e12 * mfu) + (flops.bf16 / w) / (gpu.bf16_tflops * 1e12 * mfu)
+    bubble = 1.0 + (layout.pp - 1) / layout.num_microbatches
+    step_time = compute_s * bubble
+    bound_s = bubble * (flops.total / w) / (gpu.bf16_tflops * 1e12 * mfu)
+
+    train_tokens = _get(train, "train_tokens")
+    train_iters = _get(train, "train_iters")
+    if train_tokens is not None:
+        train_tokens = int(float(train_tokens))
+        steps = math.ceil(train_tokens / tokens_per_step)
+    elif train_iters is not None:
+        steps = int(train_iters)
+        train_tokens = steps * tokens_per_step
+    else:
+        steps = None
+    worst = max(stages, key=lambda s: s.total_gib)
+    if worst.total_gib > gpu.memory_gib:
+        notes.append(
+            f"stage {worst.stage} needs ~{worst.total_gib:.1f} GiB per GPU, more than the "
+            f"{gpu.name}'s {gpu.memory_gib:g} GiB: raise TP/PP/CP or use activation recomputation"
+        )
+    return Plan(recipe=recipe, layout=layout, params=params, meta_params=meta, stages=stages,
+                tokens_per_step=tokens_per_step, train_tokens=train_tokens, steps=steps,
+                flops=flops, gpu=gpu, assumed_mfu=mfu, native=native, step_time_s=step_time,
+                step_time_bf16_bound_s=bound_s,
+                bubble_factor=bubble, bf16_layers=bf16_layers, notes=notes)
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _fmt_ranges(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    out, start, prev = [], idx[0], idx[0]
+    for i in idx[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def format_plan(p: Plan) -> str:
+    lay = p.layout
+    lines = [
+        f"== dry run: recipe precision={p.recipe}, world_size={lay.world_size} ==",
+        f"layout      : {lay.describe()}",
+        f"              micro-batch {lay.micro_batch_size}, global batch {lay.global_batch_size}, "
+        f"{lay.num_microbatches} micro-batches per step per DP rank",
+        f"parameters  : {p.params['total']:,} ({_fmt_count(p.params['total'])}); active per token "
+        f"{_fmt_count(p.params['active'])}; embedding {_fmt_count(p.params['embedding'])}, "
+        f"LM head {_fmt_count(p.params['output_layer'])}, experts {_fmt_count(p.params['experts'])}",
+        f"              meta-device build: "
+        + (f"{p.meta_params:,} (matches)" if p.meta_params is not None else "not built (analytic count)"),
+        f"BF16 blocks : {_fmt_ranges(p.bf16_layers)}",
+        "memory/GPU  : stage  params    weights  grads  optim  q-wts  activ (mb in flight)  total GiB",
+    ]
+    for s in p.stages:
+        lines.append(
+            f"              {s.stage:5d}  {_fmt_count(s.params):>8s}  {s.weights_gib:7.1f}  "
+            f"{s.grads_gib:5.1f}  {s.optimizer_gib:5.1f}  {s.quantized_weights_gib:5.1f}  "
+            f"{s.activations_gib:5.1f} ({s.inflight_microbatches:d})            {s.total_gib:6.1f}"
+        )
+    lines += [
+        f"tokens/step : {p.tokens_per_step:,}",
+        f"budget      : {('%s tokens -> %s steps' % (f'{p.train_tokens:,}', f'{p.steps:,}')) if p.steps is not None else 'no train_tokens/train_iters set'}",
+        f"model FLOPs : {p.flops.total:.4g} per step "
+        + (f"({p.flops.quantized:.4g} at {p.recipe}, {p.flops.bf16:.4g} BF16)" if p.flops.quantized
+           else "(all BF16)"),
+        f"GPU         : {p.gpu.name} dense TFLOP/s BF16 {p.gpu.bf16_tflops:g} / FP8 {p.gpu.fp8_tflops:g}"
+        f" / FP4 {'n/a' if p.gpu.fp4_tflops is None else f'{p.gpu.fp4_tflops:g}'} ({p.gpu.source})",
+        f"estimate    : assumed {p.assumed_mfu:.0%} of each GEMM class's peak, pipeline bubble "
+        f"x{p.bubble_factor:.3f} -> step {p.step_time_s:.4g} s, {p.tokens_per_s:,.0f} tokens/s, "
+        f"MFU vs BF16 peak {p.mfu_vs_bf16_peak:.1%}",
+    ]
+    if p.wall_time_s is not None:
+        lines.append(f"wall time   : {p.wall_time_s / 86400:.1f} days ({p.wall_time_s / 3600:,.0f} h) "
+                     f"for {p.steps:,} steps")
+    if p.flops.quantized:
+        lines.append(
+            f"bound       : if {p.recipe} GEMMs ran no faster than BF16: step "
+            f"{p.step_time_bf16_bound_s:.4g} s, {p.tokens_per_step / p.step_time_bf16_bound_s:,.0f} "
+            f"tokens/s" + ("" if p.steps is None else
+                           f", {p.steps * p.step_time_bf16_bound_s / 86400:.1f} days")
+        )
+    for n in p.notes:
+        lines.append(f"note        : {n}")
+    if lay.world_size <= RANK_TABLE_MAX_WORLD:
+        lines.append(format_rank_table(lay))
+    return "\n".join(lines)
+
+
+def format_rank_table(lay: ParallelLayout) -> str:
+    groups = rank_groups(lay)
+    lines = ["rank table (Megatron order tp-cp-ep-dp-pp: coordinates of each rank, then the groups):",
+             "  rank  pp | tp cp dp | etp ep edp"]
+    for r in range(lay.world_size):
+        c = rank_coordinates(lay, r)
+        lines.append(f"  {r:4d}  {c['pp']:2d} | {c['tp']:2d} {c['cp']:2d} {c['dp']:2d} | "
+                     f"{c['etp']:3d} {c['ep']:2d} {c['edp']:3d}")
+    for name in ("tp", "cp", "dp", "pp", "dp_cp", "etp", "ep", "edp"):
+        lines.append(f"  {name:5s} groups: {groups[name]}")
+    return "\n".join(lines)
+
+
+def run_dry_run(cfg: Any) -> Plan:
+    """Entry point for ``pretrain.py dry_run=true world_size=N``: print the plan, write plan.json.
+
+    A layout that does not fit is printed to stderr and the process exits with status 2.
+    """
+    world = _get(cfg, "world_size")
+    if world is None:
+        raise ValueError("dry_run=true needs world_size=N (the number of GPUs to plan for)")
+    try:
+        p = plan(cfg, int(world))
+    except LayoutError as err:
+        print(f"dry run refused: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from err
+    print(format_plan(p), flush=True)
+    run_dir = _get(cfg, "run_dir") or os.getcwd()
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(str(run_dir), "plan.json")
+    with open(path, "w") as f:
+        json.dump(p.to_dict(), f, indent=2)
+    print(f"wrote {path}", flush=True)
+    return p

@@ -1,0 +1,171 @@
+"""The dry-run planner on the project's recipes (nvfp4_megatron.parallel.planner).
+
+Recipes are read with OmegaConf directly (they are plain YAML under ``# @package _global_``), so
+these tests do not depend on the Hydra root config; test_pretrain_dry_run.py covers the CLI.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from nvfp4_megatron.parallel.layout import LayoutError
+from nvfp4_megatron.parallel.planner import plan, run_dry_run
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+# recipe -> the world size its layout is written for (documented in docs/planner.md)
+REFERENCE_WORLD = {
+    "nvfp4_12b": 1024, "fp8_12b": 1024, "bf16_12b": 1024,
+    "nvfp4_8b_hybrid": 256, "mxfp4_8b_hybrid": 256,
+    "nvfp4_1p2b": 64, "bf16_1p2b": 64,
+    "bf16_llama3_8b": 64, "fp8cs_llama3_8b": 64, "mxfp8_llama3_8b": 64, "nvfp4_llama3_8b": 64,
+    "mixtral_8x22b_folding": 128, "mixtral_8x22b_baseline": 128,
+    "qwen2_57b_a14b_folding": 64, "qwen2_57b_a14b_baseline": 64,
+    "mixtral_tiny_folding": 8, "mixtral_tiny_baseline": 8,
+}
+
+
+def load(name: str):
+    return OmegaConf.load(RECIPES / f"{name}.yaml")
+
+
+def test_nvfp4_12b_at_1024():
+    p = plan(load("nvfp4_12b"), 1024)
+    assert abs(p.params["total"] - 12.31e9) / 12.31e9 < 0.005
+    lay = p.layout
+    assert lay.tp * lay.cp * lay.dp * lay.pp == 1024
+    assert p.recipe == "nvfp4"
+    assert p.bf16_layers == [0, 1, 54, 55, 56, 57, 58, 59, 60, 61]
+    assert p.tokens_per_step == 736 * 8192
+    assert p.steps == -(-10**13 // (736 * 8192))
+    assert p.native and p.gpu.name == "B200"
+    # BF16 work (embeddings/LM head, attention cores, SSD, BF16 blocks) is a minority
+    assert 0 < p.flops.bf16 < p.flops.quantized
+    assert p.max_memory_gib < p.gpu.memory_gib
+
+
+def test_mixtral_folding_at_128():
+    p = plan(load("mixtral_8x22b_folding"), 128)
+    lay = p.layout
+    assert (lay.tp, lay.ep, lay.etp, lay.pp, lay.cp) == (2, 8, 1, 8, 1)
+    assert lay.dp == 8 and lay.edp == 2
+    assert p.meta_params == p.params["total"]
+
+
+def test_mixtral_baseline_differs_only_in_expert_mapping():
+    f, b = plan(load("mixtral_8x22b_folding"), 128), plan(load("mixtral_8x22b_baseline"), 128)
+    assert (b.layout.tp, b.layout.dp, b.layout.pp) == (f.layout.tp, f.layout.dp, f.layout.pp)
+    assert (b.layout.etp, b.layout.ep, b.layout.edp) == (2, 4, 2)
+    # the folded layout holds 8/8 = 1 expert per GPU, the baseline 8/4 = 2 experts split in two
+    assert f.stages[0].breakdown["expert_params"] == b.stages[0].breakdown["expert_params"]
+
+
+@pytest.mark.parametrize("world", [100, 96])
+def test_world_that_does_not_fit_is_refused(world):
+    with pytest.raises(LayoutError) as exc:
+        plan(load("mixtral_8x22b_folding"), world)
+    msg = str(exc.value)
+    assert f"world_size={world}" in msg and "TP=2" in msg and "PP=8" in msg and "EP=8" in msg
+
+
+def test_run_dry_run_refusal_exits_2(tmp_path, capsys):
+    cfg = load("nvfp4_12b")
+    cfg.world_size = 1000
+    cfg.run_dir = str(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_dry_run(cfg)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "TP=8 x CP=2 x PP=2 = 32 does not divide world_size=1000" in err
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_run_dry_run_writes_plan_json(tmp_path, capsys):
+    cfg = load("mixtral_tiny_folding")
+    cfg.world_size = 8
+    cfg.run_dir = str(tmp_path / "run")
+    p = run_dry_run(cfg)
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert data["params"]["total"] == p.params["total"] == data["meta_device_params"]
+    assert data["layout"]["expert_model_parallel_size"] == 4
+    assert data["layout"]["data_parallel_size"] == 2
+    assert data["rank_groups"]["ep"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert data["rank_groups"]["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert data["tokens_per_s"] == pytest.approx(p.tokens_per_s)
+    assert "rank table" in out and "ep    groups: [[0, 1, 2, 3], [4, 5, 6, 7]]" in out
+    assert f"{p.params['total']:,}" in out
+
+
+def test_no_rank_table_for_large_worlds(tmp_path, capsys):
+    cfg = load("mixtral_8x22b_folding")
+    cfg.world_size = 128
+    cfg.run_dir = str(tmp_path)
+    run_dry_run(cfg)
+    assert "rank table" not in capsys.readouterr().out
+    assert "rank_groups" not in json.loads((tmp_path / "plan.json").read_text())
+
+
+def test_gpu_type_and_emulation_note():
+    cfg = load("nvfp4_llama3_8b")
+    cfg.planner = {"gpu_type": "H100", "assumed_mfu": 0.5}
+    p = plan(cfg, 64)
+    assert not p.native and p.gpu.name == "H100" and p.assumed_mfu == 0.5
+    assert any("emulated" in n for n in p.notes)
+    assert p.step_time_s == pytest.approx(p.step_time_bf16_bound_s, rel=1e-12)
+    cfg.planner = {"gpu_type": "MI300"}
+    with pytest.raises(ValueError, match="planner.gpu_type='MI300' unknown; known: "):
+        plan(cfg, 64)
+
+
+def test_lower_precision_is_faster_on_blackwell():
+    t = {n: plan(load(n), 64).step_time_s for n in
+         ("bf16_llama3_8b", "fp8cs_llama3_8b", "mxfp8_llama3_8b", "nvfp4_llama3_8b")}
+    assert t["nvfp4_llama3_8b"] < t["mxfp8_llama3_8b"] < t["fp8cs_llama3_8b"] < t["bf16_llama3_8b"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_WORLD))
+def test_every_recipe_plans_at_its_reference_world(name):
+    text = (RECIPES / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert "arXiv" in text or "Megatron-Bridge" in text or "_tiny_" in name  # source cited
+    p = plan(load(name), REFERENCE_WORLD[name])
+    assert p.params["total"] > 0 and p.step_time_s > 0
+
+
+def test_all_paper_recipes_are_covered():
+    present = {p.stem for p in RECIPES.glob("*.yaml") if "_tiny" not in p.stem}
+    ours = {n for n in REFERENCE_WORLD if "_tiny" not in n}
+    assert ours <= present
+
+
+def test_unset_bf16_blocks_take_the_registered_recipe_default():
+    cfg = load("nvfp4_1p2b")
+    cfg.precision = {"recipe": "nvfp4"}  # no bf16_* keys: the registry's nvfp4 keeps 2 + 8 BF16
+    p = plan(cfg, 64)
+    assert p.bf16_layers == [0, 1] + list(range(12, 20))
+    cfg.precision = {"recipe": "nvfp4", "bf16_first_blocks": 0, "bf16_last_blocks": 0,
+                     "bf16_blocks": [5]}
+    assert plan(cfg, 64).bf16_layers == [5]
+    cfg.precision = {"recipe": "nvfp4", "bf16_first_blocks": 15, "bf16_last_blocks": 8}
+    with pytest.raises(ValueError, match="bf16_first_blocks=15 \\+ bf16_last_blocks=8 must be"):
+        plan(cfg, 64)
+    cfg.precision = {"recipe": "fp7"}
+    with pytest.raises(ValueError, match="precision.recipe='fp7' has no compute class"):
+        plan(cfg, 64)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_WORLD))
+def test_every_recipe_composes_against_the_schema_and_plans(name):
+    """Through the project's Hydra composition (typed schemas, enums), as pretrain.py sees it."""
+    from nvfp4_megatron.cli.compose import compose_config
+
+    world = REFERENCE_WORLD[name]
+    cfg = compose_config([f"+recipe={name}", "dry_run=true", f"world_size={world}"])
+    direct = plan(load(name), world, meta_build=False)
+    composed = plan(cfg, world, meta_build=False)
+    assert composed.params == direct.params
+    assert composed.layout == direct.layout
+    assert composed.steps == direct.steps and composed.bf16_layers == direct.bf16_layers
