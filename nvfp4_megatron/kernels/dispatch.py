@@ -54,12 +54,11 @@ def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
     ``amax=`` to several quantizers of the same tensor.
     """
     if uses_kernel(x):
+        from nvfp4_megatron.kernels._common import rht_signs_on
         from nvfp4_megatron.kernels.amax import amax_2d
         from nvfp4_megatron.kernels.nvfp4 import as_2d
 
-        from nvfp4_megatron.formats.rht import hadamard_signs
-
-        s = torch.tensor(hadamard_signs(rht_signs), dtype=torch.float32, device=x.device) if rht else None
+        s = rht_signs_on(x.device, rht_signs) if rht else None
         return amax_2d(as_2d(x), signs_fp32=s)
     x_fp32 = formats.apply_rht(x, rht_signs) if rht else x.float()
     if x_fp32.numel() == 0:

@@ -35,6 +35,7 @@ from nvfp4_megatron.kernels._common import (
     e2m1_rne_code,
     e2m1_sr_code,
     load_tile_3d,
+    rht_signs_on,
     round_fp8,
 )
 from nvfp4_megatron.kernels.amax import amax_2d
@@ -137,7 +138,7 @@ def quantize_nvfp4_2d(
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     rows, cols = x2d.shape
     dev = x2d.device
-    h = torch.tensor(hadamard_signs(rht_signs), dtype=torch.float32, device=dev) if rht else None
+    h = rht_signs_on(dev, rht_signs) if rht else None
     amax_fp32 = amax_2d(x2d, signs_fp32=h, config=cfg.get("amax_config")) if amax is None else amax
     data = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
     scale = torch.empty(rows, cols // 16, dtype=torch.uint8, device=dev)

@@ -21,6 +21,20 @@ significant bits, so they are exact in BF16 and TF32 too: a TF32 matmul gives th
 only the FP32 accumulation order may differ. Outputs go back to the activation
 dtype; weight gradients stay FP32 when accumulated into Megatron's ``main_grad``.
 
+Where the GEMM runs (``quant.gemm``): FP8 per-tensor copies on CUDA with compute capability >= 8.9
+use a real FP8 tensor-core GEMM (``torch._scaled_mm``, the two ``scale_inv`` as its scales);
+NVFP4 / MX (and FP8 on older GPUs) on CUDA dequantize to exact BF16 ``q * s_b`` in one Triton pass
+and multiply on the BF16 tensor cores with FP32 accumulation, alpha on the FP32 output; on CPU the
+FP32 reference above. All three compute the same contract up to FP32 accumulation order.
+
+Saved activations: by default the forward pass quantizes the Wgrad (columnwise) copy of X and
+saves only it (packed E2M1 codes + E4M3 scales, FP8 + scale, ...), never X in BF16; the Dgrad copy
+of a 2D-tiled weight is the saved Fprop copy. Per-tensor FP8 copies with the same settings are
+transposes of each other bit for bit (one scale, elementwise), so with FP8-CS X, W and dY are each
+quantized once and the Wgrad/Dgrad copies are their transposes (the saved X is then the Fprop
+FP8 copy). ``set_saved_input_mode("bf16")`` saves X instead and quantizes its Wgrad copy in
+backward (same numbers), to measure the saving.
+
 Distributed rules: with sequence parallelism the input is all-gathered *before* quantization
 (so the Wgrad copy is quantized along the full token dimension) and dX is reduce-scattered; without
 it dX is all-reduced when Megatron asks. For formats with a per-tensor scale (NVFP4, FP8) the amax
@@ -60,6 +74,7 @@ import torch.nn.functional as F
 
 from nvfp4_megatron.formats.msfp4 import dge_derivative_e2m1, outlier_clamp
 from nvfp4_megatron.kernels import dispatch
+from nvfp4_megatron.quant import gemm
 from nvfp4_megatron.quant import state as qstate
 from nvfp4_megatron.quant.recipe import GLOBAL_SCALE_FORMATS, LinearRecipe, TensorQuant
 
@@ -69,7 +84,10 @@ ROLES = ("fprop.input", "fprop.weight", "dgrad.grad_output", "dgrad.weight",
 _FP8_TORCH = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 # Observers see every quantizer call: fn(layer_key, role, tensor_quant). Used by tests (count
-# calls per layer and role) and telemetry; an empty list costs nothing.
+# calls per layer and role) and telemetry; an empty list costs nothing. A per-tensor FP8 copy made
+# by transposing another role's copy (the same codes quantizing the transposed tensor gives) is
+# reported under its own role too; the Dgrad weight copy of a 2D-tiled weight, which *is* the
+# Fprop copy, is not.
 _observers: list[Callable[[str, str, TensorQuant], None]] = []
 
 
@@ -113,8 +131,26 @@ class QuantizedOperand:
             return self.q.scale_inv
         return None
 
+    def bf16_values(self, finite: torch.Tensor) -> torch.Tensor:
+        """BF16 exact ``q * s_b`` (CUDA, one Triton pass), NaN everywhere unless ``finite``."""
+        v = gemm.dequant_bf16(self.q, self.tq.format, finite)
+        return v.t() if self.transposed else v
+
+    def fp8_data(self) -> torch.Tensor:
+        """The FP8 elements of a per-tensor FP8 copy as a contiguous 2-D ``[rows, K]`` tensor
+        (a transposed copy is materialised here, through uint8)."""
+        d = self.q.data.reshape(-1, self.q.data.shape[-1])
+        if not self.transposed:
+            return d.contiguous()
+        return d.view(torch.uint8).t().contiguous().view(d.dtype)
+
     def t(self) -> "QuantizedOperand":
         return dataclasses.replace(self, transposed=not self.transposed)
+
+
+def _notify(layer_key: str, role: str, tq: TensorQuant) -> None:
+    for fn in _observers:
+        fn(layer_key, role, tq)
 
 
 def _token_multiple(tq: TensorQuant) -> int:
@@ -174,21 +210,79 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     return QuantizedOperand(q=q, tq=tq, finite=finite)
 
 
-def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
-    """FP32 ``A · Bᵀ`` on exact block-scaled values, times alpha = S_dec(A)·S_dec(B) once."""
+def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``A · Bᵀ`` on exact block-scaled values, times alpha = S_dec(A)·S_dec(B) once, in FP32.
+
+    The backend (``quant.gemm``: real FP8 ``_scaled_mm``, BF16-dequant emulation on CUDA, FP32
+    reference on CPU) depends only on the formats and the device; the result is rounded to
+    ``out_dtype`` once, after alpha.
+    """
+    fp8_dtypes = (a.tq.fp8_dtype, b.tq.fp8_dtype)
+    backend = gemm.select_backend(a.tq.format, b.tq.format, a.finite.device,
+                                  fp8_dtypes=fp8_dtypes)
+    finite = a.finite & b.finite
+    if backend == "fp8_scaled_mm":
+        # Fresh 0-d scales: cuBLASLt rejects scale pointers that are not 16-byte aligned (a
+        # quantizer's scale_inv may be a view into a small buffer); NaN scale = NaN output.
+        nan = torch.full((), float("nan"), dtype=torch.float32, device=a.finite.device)
+        scale_a = torch.where(finite, a.q.scale_inv.float(), nan)
+        scale_b = torch.where(finite, b.q.scale_inv.float(), nan)
+        return gemm.scaled_mm_fp8(a.fp8_data(), b.fp8_data(), scale_a, scale_b, out_dtype)
+    alpha = _alpha(a, b)
+    if backend == "bf16_dequant":
+        return gemm.bf16_mm(a.bf16_values(finite), b.bf16_values(finite).t(), alpha, out_dtype)
     out = torch.matmul(a.values(), b.values().t())
+    if alpha is not None:
+        out = out * alpha
+    return torch.where(finite, out, torch.full_like(out, float("nan"))).to(out_dtype)
+
+
+def _alpha(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor | None:
     alpha_a, alpha_b = a.alpha(), b.alpha()
     if alpha_a is not None and alpha_b is not None:
-        out = out * (alpha_a.float() * alpha_b.float())
-    elif alpha_a is not None or alpha_b is not None:
-        out = out * (alpha_a if alpha_a is not None else alpha_b).float()
-    return torch.where(a.finite & b.finite, out, torch.full_like(out, float("nan")))
+        return alpha_a.float() * alpha_b.float()
+    if alpha_a is not None or alpha_b is not None:
+        return (alpha_a if alpha_a is not None else alpha_b).float()
+    return None
+
+
+SAVED_INPUT_MODES = ("quantized", "bf16")
+_saved_input_mode = "quantized"
+
+
+def set_saved_input_mode(mode: str) -> str:
+    """What the forward pass keeps of X for Wgrad; returns the previous mode.
+
+    ``"quantized"`` (default): the Wgrad (columnwise) copy of X is quantized in the forward pass
+    and only it is saved (packed FP4 + E4M3 scales, FP8 + scale, ...): no BF16 activation is kept
+    for the backward pass. ``"bf16"``: X is saved in its own dtype and the Wgrad copy is quantized
+    in the backward pass (same numbers; more memory). Exists to measure the saving
+    (``scripts/bench_step.py --saved-input``).
+    """
+    global _saved_input_mode
+    if mode not in SAVED_INPUT_MODES:
+        raise ValueError(f"set_saved_input_mode({mode!r}): use one of {SAVED_INPUT_MODES}")
+    prev, _saved_input_mode = _saved_input_mode, mode
+    return prev
 
 
 def _same_weight_copy(recipe: LinearRecipe) -> bool:
-    """Dgrad may reuse the transposed Fprop weight copy: same settings and a square 2D tile."""
+    """Dgrad may reuse the transposed Fprop weight copy: same settings and a square 2D tile, or
+    per-tensor FP8 (elementwise with one scale from the same amax)."""
     w_f, w_d = recipe.fprop.weight, recipe.dgrad.weight
-    return w_f.is_quantized and w_f == w_d and w_f.tile is not None and w_f.tile[0] == w_f.tile[1]
+    return w_f.is_quantized and w_f == w_d and (
+        w_f.format == "fp8" or (w_f.tile is not None and w_f.tile[0] == w_f.tile[1]))
+
+
+def _fp8_transpose_reuse(a: TensorQuant, b: TensorQuant) -> bool:
+    """Copy ``b`` is the transpose of copy ``a`` bit for bit: both per-tensor FP8, same settings.
+
+    Per-tensor FP8 quantization is elementwise with one scale from the tensor's amax, and
+    ``amax(X) == amax(Xᵀ)`` (no token padding: the format has no block), so quantizing Xᵀ gives
+    the transposed codes and the same ``scale_inv``; the copy is reused, not requantized.
+    """
+    return a.format == "fp8" and a == b
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,7 +326,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         k = total.shape[-1]
         x2d = total.reshape(-1, k)
 
-        w_fprop = None
+        w_fprop = xq = residual = None
         ms = recipe.msfp4
         if recipe.fprop.input.is_quantized:
             x_fprop, residual = x2d, None
@@ -242,7 +336,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
                                   amax_group=group)
             w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
                                        role="fprop.weight", amax_group=group)
-            out = quantized_gemm(xq, w_fprop)
+            out = quantized_gemm(xq, w_fprop,
+                                 out_dtype=torch.float32 if residual is not None else input.dtype)
             if residual is not None:  # OCC compensation, high precision (sparse in the paper)
                 out = out + residual @ weight.detach().float().t()
             out = out.to(input.dtype).reshape(*total.shape[:-1], weight.shape[0])
@@ -256,7 +351,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
         save_input = None
         if need_wgrad:
             tq = recipe.wgrad.input
-            if tq.is_quantized:
+            if (tq.is_quantized and _saved_input_mode == "quantized" and residual is None
+                    and recipe.fprop.input.is_quantized
+                    and _fp8_transpose_reuse(recipe.fprop.input, tq)):
+                x_col = xq.t()  # saved as FP8 [tokens, in]; transposed when Wgrad needs it
+                _notify(key, "wgrad.input", tq)
+            elif tq.is_quantized and _saved_input_mode == "quantized":
                 x_col = quantize_operand(pad_rows(x2d, _token_multiple(tq)).t(), tq,
                                          layer_key=key, role="wgrad.input", amax_group=group)
             else:
@@ -280,14 +380,17 @@ class QuantizedLinearFunction(torch.autograd.Function):
         dy2d = grad_output.reshape(-1, n)
 
         # Dgrad: dX = dY · W
+        dyq = None
         if recipe.dgrad.grad_output.is_quantized:
             dyq = quantize_operand(dy2d, recipe.dgrad.grad_output, layer_key=key,
                                    role="dgrad.grad_output", amax_group=group)
             wq = ctx.w_dgrad
+            if wq is not None and wq.tq.format == "fp8":
+                _notify(key, "dgrad.weight", recipe.dgrad.weight)
             if wq is None:
                 wq = quantize_operand(weight.t(), recipe.dgrad.weight, layer_key=key,
                                       role="dgrad.weight", amax_group=group)
-            grad_input = quantized_gemm(dyq, wq).to(grad_output.dtype)
+            grad_input = quantized_gemm(dyq, wq, out_dtype=grad_output.dtype)
             grad_input = grad_input.reshape(ctx.total_shape)
         else:
             grad_input = grad_output.matmul(weight)
@@ -301,10 +404,25 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if ctx.need_wgrad:
             tq = recipe.wgrad.grad_output
             if tq.is_quantized:
-                dy_col = quantize_operand(pad_rows(dy2d, _token_multiple(tq)).t(), tq,
-                                          layer_key=key, role="wgrad.grad_output",
-                                          amax_group=group)
-                dw = quantized_gemm(dy_col, ctx.x_col)
+                if dyq is not None and _fp8_transpose_reuse(recipe.dgrad.grad_output, tq):
+                    dy_col = dyq.t()
+                    _notify(key, "wgrad.grad_output", tq)
+                else:
+                    dy_col = quantize_operand(pad_rows(dy2d, _token_multiple(tq)).t(), tq,
+                                              layer_key=key, role="wgrad.grad_output",
+                                              amax_group=group)
+                x_col = ctx.x_col
+                if x_col is None:  # saved-input mode "bf16": quantize the Wgrad copy now
+                    total = (_gather_sp(saved_input, call.tp_group) if call.sequence_parallel
+                             else saved_input)
+                    x_col = quantize_operand(
+                        pad_rows(total.reshape(-1, total.shape[-1]),
+                                 _token_multiple(recipe.wgrad.input)).t(),
+                        recipe.wgrad.input, layer_key=key, role="wgrad.input", amax_group=group)
+                direct = ctx.w_dge is None and not (call.gradient_accumulation_fusion
+                                                    and ctx.main_grad is not None)
+                dw = quantized_gemm(dy_col, x_col,
+                                    out_dtype=weight.dtype if direct else torch.float32)
             else:
                 total = (_gather_sp(saved_input, call.tp_group) if call.sequence_parallel
                          else saved_input)

@@ -1,0 +1,128 @@
+"""GEMM backends on the GPU (``quant.gemm``): run on the lent H200 (marker ``gpu``).
+
+* The dequantize kernel is bit-exact with the reference ``q * s_b`` (BF16) on random inputs,
+  token counts that are not powers of two included.
+* Each backend's GEMM against the exact product (FP64 matmul of the same exact operand values,
+  times alpha). Tolerance, per output element, relative to ``alpha * (|A| · |B|ᵀ)`` (the sum of
+  the absolute products, which bounds any accumulation-order error):
+  - FP32 reference and BF16-dequant (FP32 accumulation): ``K * 2^-23`` (a sum of K FP32 terms in
+    any order has error <= (K - 1) * 2^-24 of that sum, plus the alpha rounding).
+  - FP8 ``_scaled_mm``: ``2^-10`` flat. Hopper's FP8 tensor cores add inside one MMA with fewer
+    than FP32's bits (DeepSeek-V3 report, §3.3.2: ~14 bits), and cuBLAS promotes to FP32 only
+    between MMAs, so the FP32 bound does not hold; the measured maximum is printed.
+* The quantized linear (forward, Dgrad, Wgrad) on the GPU against the same call on the CPU (same
+  inputs, same fixed output gradient; quantizers are bit-exact, so only the GEMM differs).
+* Non-finite input gives NaN everywhere on every backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+import gemm_cases as gc  # noqa: E402  (tests/quant on sys.path through conftest)
+
+from nvfp4_megatron.quant import gemm  # noqa: E402
+from nvfp4_megatron.quant import linear as qlinear  # noqa: E402
+from nvfp4_megatron.quant import state as qstate  # noqa: E402
+from nvfp4_megatron.quant.recipe import TensorQuant  # noqa: E402
+from nvfp4_megatron.quant.registry import get_recipe  # noqa: E402
+
+
+def test_dequant_kernel_bit_exact_gpu():
+    n = gc.run_all("cuda", [((1000, 4096), False), ((4104, 512), True), ((1040, 256), True),
+                            ((256, 2048), False)])
+    assert n > 20
+
+
+def _operands(fmt_a: TensorQuant, fmt_b: TensorQuant, m: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+    b = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16).cuda()
+    qa = qlinear.quantize_operand(a, fmt_a)
+    qb = qlinear.quantize_operand(b, fmt_b)
+    return qa, qb
+
+
+def _exact(qa, qb):
+    va, vb = qa.values().double(), qb.values().double()
+    alpha = qlinear._alpha(qa, qb)
+    alpha = 1.0 if alpha is None else alpha.double()
+    return (va @ vb.t()) * alpha, (va.abs() @ vb.abs().t()) * alpha
+
+
+E4M3 = TensorQuant(format="fp8", fp8_dtype="e4m3")
+E5M2 = TensorQuant(format="fp8", fp8_dtype="e5m2")
+NV = TensorQuant(format="nvfp4", tile=(1, 16))
+NV2D = TensorQuant(format="nvfp4", tile=(16, 16))
+MX8 = TensorQuant(format="mxfp8", fp8_dtype="e4m3")
+
+
+@pytest.mark.parametrize("shape", [(1024, 512, 2048), (1000, 200, 200), (8192, 2048, 6144)])
+@pytest.mark.parametrize("pair,backend", [((E4M3, E4M3), "fp8_scaled_mm"),
+                                          ((E5M2, E4M3), "fp8_scaled_mm"),
+                                          ((NV, NV2D), "bf16_dequant"),
+                                          ((MX8, MX8), "bf16_dequant")])
+def test_gemm_backend_vs_exact(pair, backend, shape):
+    m, n, k = shape
+    if pair[0].format in ("nvfp4", "mxfp8") and k % 32:
+        pytest.skip("block formats need K divisible by the block")
+    qa, qb = _operands(pair[0], pair[1], m, n, k, seed=m + n + k)
+    dev = torch.device("cuda")
+    assert gemm.select_backend(qa.tq.format, qb.tq.format, dev,
+                               fp8_dtypes=(qa.tq.fp8_dtype, qb.tq.fp8_dtype)) == backend
+    got = qlinear.quantized_gemm(qa, qb, out_dtype=torch.float32).double()
+    exact, absum = _exact(qa, qb)
+    ratio = ((got - exact).abs() / absum.clamp_min(1e-30)).max().item()
+    tol = 2.0 ** -10 if backend == "fp8_scaled_mm" else k * 2.0 ** -23
+    print(f"{backend} {pair[0].describe()} x {pair[1].describe()} {shape}: max |err|/sum|ab| "
+          f"= {ratio:.3e} (tolerance {tol:.3e})")
+    assert ratio <= tol
+    # BF16 output: the backend rounds once after alpha, within one BF16 ulp of the exact value
+    # plus the accumulation error above
+    got16 = qlinear.quantized_gemm(qa, qb, out_dtype=torch.bfloat16).double()
+    err16 = (got16 - exact).abs() - exact.abs() * 2.0 ** -8 - absum * tol
+    assert err16.max().item() <= 0
+
+
+def _linear(recipe_name: str, device: str, x, w, gy):
+    qstate.reset_state()
+    recipe = get_recipe(recipe_name).linear
+    xi = x.detach().clone().to(device).requires_grad_(True)
+    wi = w.detach().clone().to(device).requires_grad_(True)
+    y = qlinear.quantized_linear(xi, wi, None, qlinear.LinearCall(recipe=recipe, layer_key="l"))
+    y.backward(gy.to(device))
+    return [t.detach().cpu().float() for t in (y, xi.grad, wi.grad)]
+
+
+@pytest.mark.parametrize("recipe", ["fp8_cs", "mxfp8", "nvfp4_no_sr", "mxfp4"])
+@pytest.mark.parametrize("tokens", [1008, 4096])
+def test_linear_gpu_vs_cpu(recipe, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 1, 512, generator=g).to(torch.bfloat16)
+    w = (torch.randn(768, 512, generator=g) * 0.05).to(torch.bfloat16)
+    gy = (torch.randn(tokens, 1, 768, generator=g) * 1e-3).to(torch.bfloat16)
+    cpu = _linear(recipe, "cpu", x, w, gy)
+    gpu = _linear(recipe, "cuda", x, w, gy)
+    for name, c, d in zip(("y", "dx", "dw"), cpu, gpu):
+        scale = c.abs().max().item()
+        err = (d - c).abs().max().item()
+        print(f"{recipe} tokens={tokens} {name}: max |gpu-cpu| = {err:.3e} (max |cpu| {scale:.3e})")
+        torch.testing.assert_close(d, c, rtol=2.0 ** -7, atol=scale * 2.0 ** -9)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_cs", "mxfp8", "nvfp4_no_sr"])
+def test_nonfinite_input_gives_nan_everywhere_gpu(recipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 256, generator=g).to(torch.bfloat16)
+    x[3, 0, 7] = float("inf")
+    w = (torch.randn(128, 256, generator=g) * 0.05).to(torch.bfloat16)
+    gy = torch.randn(64, 1, 128, generator=g).to(torch.bfloat16)
+    y, dx, dw = _linear(recipe, "cuda", x, w, gy)
+    assert torch.isnan(y).all()
+    assert torch.isnan(dw).all()  # Wgrad's X copy is non-finite
