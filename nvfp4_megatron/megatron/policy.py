@@ -27,6 +27,7 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nvfp4_megatron.megatron.layers import QUANTIZED_LINEAR_TYPES, LinearPrecision
+from nvfp4_megatron.quant import gemm as gemm_backends
 from nvfp4_megatron.quant.recipe import BF16_LINEAR, PrecisionRecipe, bf16_block_set
 
 _log = logging.getLogger(__name__)
@@ -85,14 +86,25 @@ def _schedule_text(recipe: PrecisionRecipe) -> str:
     return f"bf16 switch ({s.scope}) at {when}"
 
 
-def _rows_for(block: int, name: str, recipe, backend: str) -> list[PrecisionRow]:
+def _gemm_backend(tq_a, tq_b, device: torch.device) -> str:
+    """What multiplies this GEMM on ``device``: a real FP8 GEMM or which emulation (quant.gemm)."""
+    if not tq_a.is_quantized:
+        return "bf16"
+    chosen = gemm_backends.select_backend(tq_a.format, tq_b.format, device,
+                                          fp8_dtypes=(tq_a.fp8_dtype, tq_b.fp8_dtype))
+    return "native:fp8_scaled_mm" if chosen == "fp8_scaled_mm" else f"emulated:{chosen}"
+
+
+def _rows_for(block: int, name: str, recipe, device: torch.device) -> list[PrecisionRow]:
     rows = []
     for gemm, a, b in _GEMM_OPERANDS:
         g = getattr(recipe, gemm)
+        tq_a, tq_b = getattr(g, a), getattr(g, b)
         rows.append(PrecisionRow(block=block, layer=name, gemm=gemm,
-                                 operand_a=f"{a}: {getattr(g, a).describe()}",
-                                 operand_b=f"{b}: {getattr(g, b).describe()}", backend=backend,
-                                 quantized=getattr(g, a).is_quantized))
+                                 operand_a=f"{a}: {tq_a.describe()}",
+                                 operand_b=f"{b}: {tq_b.describe()}",
+                                 backend=_gemm_backend(tq_a, tq_b, device),
+                                 quantized=tq_a.is_quantized))
     return rows
 
 
@@ -123,8 +135,8 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                                                   block=block, backend=backend))
                 seen.add(id(mod))
                 n_quant += 1
-                rows.extend(_rows_for(block, name, lin_recipe,
-                                      backend if lin_recipe.is_quantized else "megatron-bf16"))
+                device = next(mod.parameters()).device
+                rows.extend(_rows_for(block, name, lin_recipe, device))
     stray = [n for c in chunks for n, m in c.named_modules()
              if isinstance(m, QUANTIZED_LINEAR_TYPES) and id(m) not in seen]
     if stray:
@@ -135,6 +147,9 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                          "linear layers; build it with nvfp4_megatron.megatron.spec_provider."
                          "quantized_gpt_layer_spec")
     rows = _gather_rows(rows)
+    used = sorted({r.backend for r in rows if r.quantized})
+    if used:  # name what runs: e.g. "emulated:fp32_reference" on CPU, "native:fp8_scaled_mm" on H100
+        backend = ",".join(used)
     table = PrecisionTable(recipe=recipe.name, backend=backend, num_blocks=num_blocks,
                            bf16_blocks=tuple(sorted(bf16)), schedule=_schedule_text(recipe),
                            rows=tuple(rows))
