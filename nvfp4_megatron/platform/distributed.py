@@ -1,0 +1,174 @@
+"""Process-group start-up: NCCL on GPUs, gloo plus the CPU adapter elsewhere.
+
+``init_distributed()`` reads the ``torchrun`` environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). Started without ``torchrun`` it forms a world of one process on a free
+local port, so ``python pretrain.py`` works too. ``initialize_model_parallel()`` checks the layout
+against the world size *before* Megatron builds any group, so a layout that cannot fit fails with
+every size named instead of an assertion deep inside ``parallel_state``.
+
+Parallel folding (MoE paper; DESIGN.md §4): attention groups are TP x CP x DP x PP and MoE groups
+ETP x EP x EDP x PP over the same world; both products without the data-parallel factor must
+divide the world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
+
+__all__ = ["DistInfo", "init_distributed", "initialize_model_parallel", "validate_layout"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
+    """Start (or reuse) the default process group and return this process's place in it.
+
+    GPU present -> NCCL, ``torch.cuda.set_device(LOCAL_RANK)``. No GPU -> gloo, and the CPU adapter
+    for Megatron-Core is installed (``platform/cpu_adapter.py``).
+    """
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                "use --nproc_per_node <= the number of GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        install_cpu_adapter()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            if world_size != 1:
+                raise ValueError(
+                    f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with "
+                    "torchrun (e.g. `torchrun --nproc_per_node=2 pretrain.py ...`)"
+                )
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        backend=dist.get_backend(),
+        device=device,
+    )
+
+
+def validate_layout(
+    *,
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+) -> int:
+    """Check that the layout fits ``world_size``; return the (attention) data-parallel size.
+
+    Raises ValueError naming every size when it does not fit.
+    """
+    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    sizes = {
+        "tensor_model_parallel_size": tensor_model_parallel_size,
+        "pipeline_model_parallel_size": pipeline_model_parallel_size,
+        "context_parallel_size": context_parallel_size,
+        "expert_model_parallel_size": expert_model_parallel_size,
+        "expert_tensor_parallel_size": etp,
+    }
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
+    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    dense = tensor_model_parallel_size * context_parallel_size * pipeline_model_parallel_size
+    if world_size % dense != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"context_parallel_size x pipeline_model_parallel_size = {dense} ({described}); "
+            f"change the layout or launch a multiple of {dense} processes"
+        )
+    moe = etp * expert_model_parallel_size * pipeline_model_parallel_size
+    if world_size % moe != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel_size x "
+            f"expert_model_parallel_size x pipeline_model_parallel_size = {moe} ({described}); "
+            f"change the layout or launch a multiple of {moe} processes"
+        )
+    return world_size // dense
+
+
+def initialize_model_parallel(
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+    virtual_pipeline_model_parallel_size: int | None = None,
+) -> int:
+    """Validate the layout, then build Megatron's groups; returns the data-parallel size."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_model_parallel() needs init_distributed() first")
+    dp = validate_layout(
+        world_size=dist.get_world_size(),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+    return dp

@@ -1,0 +1,379 @@
+"""The training loop, assembled from Megatron-Core pieces.
+
+One step: ``quant.state.set_step`` (and the BF16 switch when the precision schedule says so, paper
+arXiv 2509.25149 App. D) -> this DP rank's micro-batches of the global batch -> Megatron's
+``get_forward_backward_func()`` schedule (pipeline parallelism included) -> the loss is reduced over
+the data-parallel replicas and checked (NaN/Inf stops the run, names the step and leaves the last
+checkpoint as it was) -> the distributed optimizer steps (gradient clipping inside) -> the LR
+scheduler steps. Validation runs every ``eval_interval`` steps on a fixed set of validation
+batches; checkpoints every ``save_interval`` and at the end; SIGTERM/SIGUSR1 (Slurm preemption)
+finish the current step, save, and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from nvfp4_megatron.cli.compose import to_plain
+from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+from nvfp4_megatron.training import checkpoint as ckpt_lib
+from nvfp4_megatron.training import data as data_lib
+from nvfp4_megatron.training.logger import RunLogger
+from nvfp4_megatron.training.model import build_gpt, model_shape, wrap_model
+from nvfp4_megatron.training.optim import build_optimizer, build_scheduler, total_iters
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without saving."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the test knob ``train.exit_after_step``: stop now, as if killed (no final save)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResult:
+    run_dir: str
+    iteration: int
+    final_valid_loss: float | None
+    unigram_entropy_nats: float
+    stopped_by_signal: str | None
+
+
+def _resolve_run_dir(run_dir: str | None) -> Path:
+    obj = [None]
+    if dist.get_rank() == 0:
+        if run_dir is None:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+            run_dir = os.path.join("runs", stamp)
+        path = Path(run_dir).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        obj = [str(path)]
+    dist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
+
+
+def _quant_modules():
+    """(registry, state) if the quant package provides them, else (None, None)."""
+    have = (importlib.util.find_spec("nvfp4_megatron.quant.registry") is not None
+            and importlib.util.find_spec("nvfp4_megatron.quant.state") is not None)
+    if not have:
+        return None, None
+    from nvfp4_megatron.quant import registry, state
+
+    return registry, state
+
+
+def _build_recipe(registry, precision: dict):
+    sw = dict(precision["switch_to_bf16"])
+    if sw.get("at_tokens") is not None:
+        tok = sw["at_tokens"]
+        if float(tok) != int(tok):
+            raise ValueError(f"precision.switch_to_bf16.at_tokens={tok} must be a whole number")
+        sw["at_tokens"] = int(tok)
+    if registry is None:
+        if precision["recipe"] != "bf16":
+            raise RuntimeError(f"precision.recipe={precision['recipe']!r} needs nvfp4_megatron.quant")
+        return None
+    return registry.build_recipe(
+        precision["recipe"],
+        bf16_first_blocks=precision["bf16_first_blocks"],
+        bf16_last_blocks=precision["bf16_last_blocks"],
+        bf16_blocks=precision["bf16_blocks"],
+        switch_to_bf16=sw,
+        backend=precision["backend"],
+    )
+
+
+def _switch_step(precision: dict, tokens_per_step: int) -> int | None:
+    sw = precision["switch_to_bf16"]
+    if sw["at_step"] is not None and sw["at_tokens"] is not None:
+        raise ValueError("precision.switch_to_bf16: set at_step or at_tokens, not both")
+    if sw["at_step"] is not None:
+        return int(sw["at_step"])
+    if sw["at_tokens"] is not None:
+        return int(math.ceil(float(sw["at_tokens"]) / tokens_per_step))
+    return None
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self) -> str | None:
+        flag = torch.tensor([0 if self.received is None else
+                             (1 if self.received == "SIGTERM" else 2)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return {0: None, 1: "SIGTERM", 2: "SIGUSR1"}[int(flag.item())]
+
+
+def _reduce_loss(losses: list[dict]) -> float:
+    """Mean loss over micro-batches and data-parallel replicas, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    val, cnt = 0.0, 0.0
+    if ps.is_pipeline_last_stage() and losses and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0:
+        val = float(torch.stack([d["lm loss"].float() for d in losses]).mean())
+        cnt = 1.0
+    t = torch.tensor([val, cnt], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def _forward_step_factory(inject_nan: dict):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens, labels = batch["tokens"], batch["labels"]
+        loss_mask, position_ids = batch["loss_mask"].float(), batch["position_ids"]
+        if torch.cuda.is_available():
+            tokens, labels = tokens.cuda(non_blocking=True), labels.cuda(non_blocking=True)
+            loss_mask, position_ids = loss_mask.cuda(), position_ids.cuda()
+        output = model(tokens, position_ids, None, labels=labels)
+
+        def loss_func(output_tensor):
+            per_token = output_tensor.float()
+            loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+            if inject_nan["now"]:
+                loss = loss * float("nan")
+            # clone: the schedule divides the returned loss by num_microbatches *in place*, and a
+            # detached view would share that storage.
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def run(cfg) -> RunResult:
+    """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
+    c = to_plain(cfg)
+    m, p, t, d = c["model"], c["parallel"], c["train"], c["data"]
+    info = init_distributed()
+    dp = initialize_model_parallel(
+        tensor_model_parallel_size=p["tensor_model_parallel_size"],
+        pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
+        context_parallel_size=p["context_parallel_size"],
+        expert_model_parallel_size=p["expert_model_parallel_size"],
+        expert_tensor_parallel_size=p["expert_tensor_parallel_size"],
+    )
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    run_dir = _resolve_run_dir(c["run_dir"])
+    rank0 = info.rank == 0
+    log = RunLogger(run_dir, enabled=rank0, tensorboard=c["logging"]["tensorboard"],
+                    plot=c["logging"]["plot"])
+    if rank0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    log.info(f"[run] {run_dir} | world {info.world_size} ({info.backend}) | "
+             f"TP{p['tensor_model_parallel_size']} PP{p['pipeline_model_parallel_size']} "
+             f"CP{p['context_parallel_size']} DP{dp}")
+
+    nmb = data_lib.num_microbatches(t["global_batch_size"], t["micro_batch_size"], dp)
+    seq = m["seq_length"]
+    tokens_per_step = t["global_batch_size"] * seq
+    iters = total_iters(t, seq_length=seq)
+
+    tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+    registry, qstate = _quant_modules()
+    recipe = _build_recipe(registry, c["precision"])
+    if qstate is not None:
+        qstate.reset_state()
+        qstate.set_run_seed(t["seed"])
+
+    # ---- data
+    if d["data_path"] is None:
+        prefix, tokenizer = None, None
+        if rank0:
+            prefix, tokenizer = data_lib.ensure_default_corpus(
+                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
+                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=log.info)
+        dist.barrier()
+        if not rank0:
+            prefix, tokenizer = data_lib.ensure_default_corpus(
+                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
+                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=lambda s: None)
+        blend = ([prefix], None)
+    else:
+        blend = data_lib.parse_blend(d["data_path"])
+        from nvfp4_megatron.training.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(d["tokenizer_type"], d["tokenizer_model"])
+    if tokenizer.vocab_size > m["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{m['vocab_size']}; set model.vocab_size >= {tokenizer.vocab_size}")
+    num_evals = 1
+    train_ds, valid_ds = data_lib.build_datasets(
+        blend=blend, split=d["split"], tokenizer=tokenizer, seq_length=seq, seed=t["seed"],
+        num_train_samples=iters * t["global_batch_size"],
+        num_valid_samples=t["eval_iters"] * t["global_batch_size"] * num_evals,
+        cache_path=str(data_lib.default_cache_dir(d["cache_dir"]) / "index_cache"),
+    )
+    entropy = data_lib.unigram_entropy_nats(train_ds, m["vocab_size"])
+    log.info(f"[data] unigram entropy of the training tokens: {entropy:.4f} nats/token "
+             f"({entropy / math.log(2):.4f} bits); the loss is in nats too")
+
+    # ---- model, optimizer, schedule
+    model, config, table = build_gpt(c, recipe, log=log.info)
+    if table is not None and rank0:
+        (run_dir / "precision_table.txt").write_text(table.format() + "\n")
+        if c["logging"]["print_precision_table"]:
+            log.info(table.format())
+    ddp = wrap_model(model, config, bf16=t["bf16"])
+    optimizer = build_optimizer(ddp, t, bf16=t["bf16"])
+    scheduler = build_scheduler(optimizer, t, iters)
+    n_params = sum(pp.numel() for pp in model.parameters())
+    log.info(f"[model] {n_params:,} parameters on rank 0's stage; {iters} steps of "
+             f"{t['global_batch_size']} x {seq} tokens ({nmb} micro-batches per rank)")
+
+    meta = {"model": model_shape(c), "world_size": info.world_size,
+            "parallel": {k: p[k] for k in ("tensor_model_parallel_size",
+                                           "pipeline_model_parallel_size")}}
+    iteration, bf16_switch = 0, None
+    load_from = Path(t["load"]) if t["load"] else (
+        ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir)) if t["resume"] else None)
+    if load_from is not None:
+        state = ckpt_lib.load_checkpoint(load_from, ddp_model=ddp, optimizer=optimizer, meta=meta)
+        iteration = int(state["iteration"])
+        scheduler.load_state_dict(state["scheduler"])
+        bf16_switch = state.get("bf16_switch")
+        log.info(f"[checkpoint] resumed from {load_from} at step {iteration}"
+                 + (f" (BF16 switch active: {bf16_switch})" if bf16_switch else ""))
+
+    switch_at = _switch_step(c["precision"], tokens_per_step)
+    scope = c["precision"]["switch_to_bf16"]["scope"]
+    if qstate is not None:
+        qstate.set_bf16_switch(bf16_switch)
+    signals = _Signals()
+    inject = {"now": False}
+    forward_step = _forward_step_factory(inject)
+    fb = get_forward_backward_func()
+    dp_rank = ps.get_data_parallel_rank()
+
+    def train_state() -> dict:
+        return {"iteration": iteration, "scheduler": scheduler.state_dict(),
+                "bf16_switch": bf16_switch, "consumed_samples": iteration * t["global_batch_size"]}
+
+    def save() -> Path:
+        path = ckpt_lib.save_checkpoint(run_dir=run_dir, step=iteration, ddp_model=ddp,
+                                        optimizer=optimizer, train_state=train_state(), meta=meta,
+                                        keep_last=t["keep_last"])
+        log.info(f"[checkpoint] saved {path}")
+        return path
+
+    def evaluate() -> float:
+        ddp.eval()
+        losses_all = []
+        for e in range(t["eval_iters"]):
+            mbs = data_lib.step_microbatches(valid_ds, step=e, global_batch_size=t["global_batch_size"],
+                                             micro_batch_size=t["micro_batch_size"],
+                                             dp_rank=dp_rank, dp_size=dp)
+            out = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                     num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
+                     forward_only=True)
+            losses_all.append(_reduce_loss(out))
+        ddp.train()
+        return sum(losses_all) / len(losses_all)
+
+    t0 = time.time()
+    steps_done, last_saved, valid_loss, stopped = 0, None, None, None
+    while iteration < iters:
+        if switch_at is not None and iteration >= switch_at and bf16_switch is None:
+            bf16_switch = scope
+            if qstate is not None:
+                qstate.set_bf16_switch(scope)
+            log.info(f"[precision] step {iteration}: switching {scope} GEMMs to BF16")
+            log.record("precision", iteration, bf16_switch=scope)
+        if qstate is not None:
+            qstate.set_step(iteration)
+        inject["now"] = t["inject_nan_at_step"] is not None and iteration == t["inject_nan_at_step"]
+        step_start = time.time()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        mbs = data_lib.step_microbatches(train_ds, step=iteration,
+                                         global_batch_size=t["global_batch_size"],
+                                         micro_batch_size=t["micro_batch_size"],
+                                         dp_rank=dp_rank, dp_size=dp)
+        losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                    num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
+                    forward_only=False)
+        loss = _reduce_loss(losses)
+        if not math.isfinite(loss):
+            log.record("train", iteration, loss=loss, diverged=True)
+            last = ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir))
+            log.close()
+            raise TrainingDiverged(
+                f"loss is {loss} at step {iteration}; stopped without saving. The last good "
+                f"checkpoint is {last if last else '(none)'}"
+            )
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        steps_done += 1
+        lr = optimizer.param_groups[0]["lr"]
+        dt = time.time() - step_start
+        gn = float(grad_norm) if grad_norm is not None else float("nan")
+        log.record("train", iteration, loss=loss, lr=lr, grad_norm=gn,
+                   tokens=iteration * tokens_per_step, step_time_s=dt)
+        if iteration % t["log_interval"] == 0 or iteration == iters or iteration == 1:
+            elapsed = time.time() - t0
+            log.progress(step=iteration, total=iters, tokens=iteration * tokens_per_step, loss=loss,
+                         lr=lr, grad_norm=gn, tokens_per_s=steps_done * tokens_per_step / elapsed,
+                         elapsed=elapsed, steps_done=steps_done)
+        if t["eval_interval"] and iteration % t["eval_interval"] == 0 and iteration != iters:
+            valid_loss = evaluate()
+            log.record("valid", iteration, loss=valid_loss)
+            log.info(f"[valid] step {iteration}: loss {valid_loss:.4f} nats "
+                     f"(unigram entropy {entropy:.4f})")
+        if t["save_interval"] and iteration % t["save_interval"] == 0:
+            save()
+            last_saved = iteration
+        stopped = signals.any_rank()
+        if stopped:
+            if last_saved != iteration:
+                save()
+            log.info(f"[signal] {stopped} received: saved step {iteration}, exiting cleanly")
+            break
+        if t["exit_after_step"] is not None and iteration == t["exit_after_step"]:
+            log.close()
+            raise SimulatedCrash(f"train.exit_after_step={iteration}: stopping without a final save")
+
+    if not stopped:
+        valid_loss = evaluate()
+        log.record("valid", iteration, loss=valid_loss)
+        if last_saved != iteration:
+            save()
+        log.info(f"[done] {iteration} steps in {time.time() - t0:.1f}s | final validation loss "
+                 f"{valid_loss:.4f} nats/token | unigram entropy of the training tokens "
+                 f"{entropy:.4f} nats/token")
+        plot = log.plot_losses(entropy_nats=entropy)
+        if plot:
+            log.info(f"[done] loss plot: {plot}")
+    log.close()
+    if rank0:
+        (run_dir / "result.json").write_text(json.dumps({
+            "iteration": iteration, "final_valid_loss": valid_loss,
+            "unigram_entropy_nats": entropy, "stopped_by_signal": stopped}, indent=2))
+    return RunResult(run_dir=str(run_dir), iteration=iteration, final_valid_loss=valid_loss,
+                     unigram_entropy_nats=entropy, stopped_by_signal=stopped)

@@ -1,0 +1,167 @@
+"""Model provider: config -> Megatron-Core ``GPTModel`` with this project's quantized layers.
+
+When the quantized spec provider exists (``nvfp4_megatron.megatron.spec_provider``), every linear
+layer of the transformer blocks is our quantized ``Column/RowParallelLinear`` and
+``nvfp4_megatron.megatron.policy.apply_precision`` configures each one from the recipe (the
+precision table it returns is what actually runs: layer -> GEMM -> format, block, RHT, SR). If the
+provider is missing the model is Megatron's own local spec and only a ``bf16`` recipe is accepted —
+a quantized recipe on an unquantized model would be a silent fallback to higher precision.
+
+BF16 runs wrap the model in ``Float16Module`` (BF16 parameters and activations; the distributed
+optimizer keeps FP32 master weights) and then in Megatron's ``DistributedDataParallel``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MODEL_SHAPE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "seq_length", "activation", "normalization",
+    "position_embedding_type", "untie_embeddings_and_output_weights", "add_bias_linear",
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "hybrid_override_pattern",
+)
+
+
+def quantized_spec_available() -> bool:
+    return (importlib.util.find_spec("nvfp4_megatron.megatron.spec_provider") is not None
+            and importlib.util.find_spec("nvfp4_megatron.megatron.policy") is not None)
+
+
+def transformer_config(m: dict, p: dict, *, bf16: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if m["hybrid_override_pattern"]:
+        raise NotImplementedError(
+            "model.hybrid_override_pattern is set (a Mamba hybrid); the training loop builds "
+            "GPTModel only (hybrid models need mamba_ssm, which has no CPU build). Plan it with "
+            "dry_run=true world_size=N instead"
+        )
+    if m["num_attention_heads"] % p["tensor_model_parallel_size"]:
+        raise ValueError(
+            f"model.num_attention_heads={m['num_attention_heads']} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p['tensor_model_parallel_size']}"
+        )
+    extra: dict[str, Any] = {}
+    act = m["activation"]
+    if act == "swiglu":
+        extra.update(gated_linear_unit=True, activation_func=F.silu)
+    elif act == "squared_relu":
+        from megatron.core.activations import squared_relu
+
+        extra.update(activation_func=squared_relu)
+    else:
+        extra.update(activation_func=F.gelu)
+    if m["num_moe_experts"]:
+        extra.update(
+            num_moe_experts=m["num_moe_experts"], moe_router_topk=m["moe_router_topk"],
+            moe_ffn_hidden_size=m["moe_ffn_hidden_size"] or m["ffn_hidden_size"],
+            moe_shared_expert_intermediate_size=m["moe_shared_expert_intermediate_size"],
+            moe_token_dispatcher_type=p["moe_token_dispatcher_type"], moe_aux_loss_coeff=1e-2,
+        )
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden_size"],
+        ffn_hidden_size=m["ffn_hidden_size"] or 4 * m["hidden_size"],
+        num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"],
+        kv_channels=m["kv_channels"],
+        normalization=m["normalization"],
+        add_bias_linear=m["add_bias_linear"],
+        hidden_dropout=m["hidden_dropout"],
+        attention_dropout=m["attention_dropout"],
+        init_method_std=m["init_method_std"],
+        tensor_model_parallel_size=p["tensor_model_parallel_size"],
+        pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
+        context_parallel_size=p["context_parallel_size"],
+        expert_model_parallel_size=p["expert_model_parallel_size"],
+        expert_tensor_parallel_size=p["expert_tensor_parallel_size"],
+        sequence_parallel=p["sequence_parallel"],
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        **extra,
+    )
+
+
+def build_gpt(cfg: dict, recipe, *, log=print):
+    """Build this pipeline stage's GPTModel; returns (model, precision_table or None)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
+    config = transformer_config(m, p, bf16=t["bf16"])
+    pre = parallel_state.is_pipeline_first_stage()
+    post = parallel_state.is_pipeline_last_stage()
+    if quantized_spec_available():
+        from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
+
+        spec = quantized_gpt_block_spec(config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    else:
+        if recipe.is_quantized:
+            raise RuntimeError(
+                f"precision.recipe={recipe.name!r} quantizes GEMMs but "
+                "nvfp4_megatron.megatron.spec_provider is not available; refusing to train it in BF16"
+            )
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        log("[model] quantized spec provider not found: Megatron's local spec (BF16 only)")
+        spec = get_gpt_layer_local_spec(num_experts=m["num_moe_experts"],
+                                        normalization=m["normalization"])
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=m["vocab_size"],
+        max_sequence_length=m["seq_length"],
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
+        position_embedding_type=m["position_embedding_type"],
+        rotary_base=m["rotary_base"],
+    )
+    table = None
+    if quantized_spec_available():
+        from nvfp4_megatron.megatron.policy import apply_precision
+
+        table = apply_precision([model], recipe, log=False)
+    return model, config, table
+
+
+def wrap_model(model, config, *, bf16: bool):
+    """Float16Module (BF16) + DDP, and the schedule hooks that make DDP reduce gradients.
+
+    Megatron's pipeline schedules only synchronise gradients through hooks on the config:
+    ``no_sync_func`` (accumulate locally across micro-batches) and ``finalize_model_grads_func``
+    (data-parallel reduce-scatter into the distributed optimizer's shards, plus the all-reduce of
+    sequence-parallel norm grads and of embedding grads shared across pipeline stages). Without
+    them every data-parallel rank would step on its own local gradient.
+    """
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.transformer.module import Float16Module
+
+    if bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def model_shape(cfg: dict) -> dict:
+    return {k: cfg["model"][k] for k in MODEL_SHAPE_KEYS}

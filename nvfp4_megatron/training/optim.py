@@ -1,0 +1,71 @@
+"""Optimizer and learning-rate schedule: Megatron's distributed Adam and OptimizerParamScheduler.
+
+Schedules (``train.lr_schedule``):
+* ``wsd`` — warmup-stable-decay as in the NVFP4 paper (arXiv 2509.25149 §4 / App. A): linear warmup
+  over ``warmup_iters``, constant ``lr`` until the last ``lr_decay_fraction`` of training, then a
+  linear decay to ``min_lr`` (the 12B run: 4.5e-4 for 80%, decayed to 4.5e-6 over the last 20%).
+* ``cosine`` — linear warmup, cosine decay from ``lr`` to ``min_lr`` at the last step.
+* ``constant`` — linear warmup, then ``lr``.
+The scheduler's state is its step count, saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+
+def total_iters(train: dict, *, seq_length: int) -> int:
+    if train["train_iters"] is not None:
+        if train["train_iters"] < 1:
+            raise ValueError(f"train.train_iters={train['train_iters']} must be >= 1")
+        return int(train["train_iters"])
+    if train["train_tokens"] is not None:
+        per_step = train["global_batch_size"] * seq_length
+        return max(1, int(-(-int(train["train_tokens"]) // per_step)))
+    raise ValueError("set train.train_iters or train.train_tokens")
+
+
+def build_optimizer(ddp_model, train: dict, *, bf16: bool):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train["lr"],
+        min_lr=train["min_lr"],
+        weight_decay=train["weight_decay"],
+        adam_beta1=train["adam_beta1"],
+        adam_beta2=train["adam_beta2"],
+        clip_grad=train["clip_grad"],
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_scheduler(optimizer, train: dict, iters: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    sched = train["lr_schedule"]
+    warmup = train["warmup_iters"]
+    if warmup >= iters and sched != "constant":
+        raise ValueError(f"train.warmup_iters={warmup} must be < the number of steps {iters}")
+    if not 0.0 < train["lr_decay_fraction"] <= 1.0 and sched == "wsd":
+        raise ValueError(f"train.lr_decay_fraction={train['lr_decay_fraction']} must be in (0, 1]")
+    style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[sched]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup > 0 else train["lr"],
+        max_lr=train["lr"],
+        min_lr=train["min_lr"],
+        lr_warmup_steps=warmup,
+        lr_decay_steps=iters,
+        lr_decay_style=style,
+        start_wd=train["weight_decay"],
+        end_wd=train["weight_decay"],
+        wd_incr_steps=iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=max(1, round(train["lr_decay_fraction"] * iters)) if sched == "wsd" else None,
+        lr_wsd_decay_style="linear" if sched == "wsd" else None,
+    )
