@@ -173,6 +173,14 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class PlannerConfig:
+    """Dry-run estimates (nvfp4_megatron/parallel/planner.py, docs/planner.md)."""
+
+    gpu_type: str = "B200"  # B200 | GB200 | H100 | H200 (peak table in parallel/hardware.py)
+    assumed_mfu: float = 0.4  # fraction of each GEMM class's datasheet peak assumed reachable
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -180,6 +188,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     dry_run: bool = False
     world_size: Optional[int] = None
     run_dir: Optional[str] = None  # None -> runs/<UTC timestamp>, chosen on rank 0

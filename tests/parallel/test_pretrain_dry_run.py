@@ -31,7 +31,7 @@ def test_nvfp4_12b_at_1024(tmp_path):
 
 def test_mixtral_folding_at_128_on_h100(tmp_path):
     r = _run("+recipe=mixtral_8x22b_folding", "dry_run=true", "world_size=128",
-             "+planner.gpu_type=H100", f"run_dir={tmp_path}", cwd=tmp_path)
+             "planner.gpu_type=H100", f"run_dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     lay = json.loads((tmp_path / "plan.json").read_text())["layout"]
     assert (lay["tensor_model_parallel_size"], lay["expert_model_parallel_size"],
