@@ -469,4 +469,9 @@ def dge_factor(w_op: QuantizedOperand, weight: torch.Tensor, *, k: float, cap: f
 def quantized_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      call: LinearCall) -> torch.Tensor:
     """``Y = X Wᵀ (+ b)`` with the GEMMs quantized as ``call.recipe`` says."""
+    if input.numel() == 0 and not call.sequence_parallel:
+        # An MoE expert that received no tokens (Megatron's SequentialMLP calls every local
+        # expert): Y is empty and dW is exactly zero, so there is nothing to quantize. Exact, not
+        # a higher-precision fallback.
+        return F.linear(input, weight, bias)
     return QuantizedLinearFunction.apply(input, weight, bias, call)

@@ -228,3 +228,21 @@ def test_msfp4_occ_compensates_clamped_outliers():
     exact = x @ w.t()
     err = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
     assert err(y) < err(_run(base, x, w, dy)[0])
+
+
+def test_empty_expert_input_gives_empty_output_and_zero_weight_grad():
+    """Megatron's SequentialMLP calls every local expert, also one that received no tokens."""
+    import torch
+
+    from nvfp4_megatron.quant.linear import LinearCall, quantized_linear
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    for name in ("nvfp4", "mxfp8", "fp8_cs", "fp8_block"):
+        recipe = get_recipe(name).linear
+        w = torch.randn(32, 64, requires_grad=True)
+        x = torch.zeros(0, 64, requires_grad=True)
+        call = LinearCall(recipe=recipe, layer_key="0.mlp.experts.local_experts.3.linear_fc1")
+        y = quantized_linear(x, w, None, call)
+        assert y.shape == (0, 32)
+        y.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == (0, 64)
