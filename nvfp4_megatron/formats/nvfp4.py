@@ -120,6 +120,42 @@ def _block_amax(x_fp32: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     return tiles.repeat_interleave(tile[0], dim=0)
 
 
+def check_nvfp4_args(
+    x: torch.Tensor,
+    *,
+    tile,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None,
+    rand: torch.Tensor | None,
+) -> tuple[tuple[int, int], int, int]:
+    """Validate ``quantize_nvfp4``'s arguments (shared with the Triton kernel); ``(tile, rows, K)``.
+
+    ValueError naming the shape and the rule: non-float dtype, last dim not divisible by 16,
+    unknown tile, 16x16 tiles on rows not divisible by 16, SR inputs without SR, a bad ``rand``.
+    """
+    what = "quantize_nvfp4"
+    check_float_input(x, min_ndim=1)
+    tile = tuple(tile)
+    if tile not in NVFP4_TILES:
+        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
+    check_last_dim_divisible(x, NVFP4_BLOCK_SIZE, what=what)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if tile[0] != 1:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
+            )
+        check_rows_divisible(x, rows, tile[0], what=what)
+    if (rand is not None or generator is not None) and not stochastic_rounding:
+        raise ValueError(
+            f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
+        )
+    if rand is not None:
+        _check_rand(rand, x.shape)
+    return tile, rows, k  # type: ignore[return-value]
+
+
 def quantize_nvfp4(
     x: torch.Tensor,
     *,
@@ -140,24 +176,8 @@ def quantize_nvfp4(
     amax: a pre-reduced global amax (e.g. max over the TP group); default ``amax(|x|)``
         (post-RHT when ``rht``).
     """
-    what = "quantize_nvfp4"
-    check_float_input(x, min_ndim=1)
-    tile = tuple(tile)  # type: ignore[assignment]
-    if tile not in NVFP4_TILES:
-        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
-    check_last_dim_divisible(x, NVFP4_BLOCK_SIZE, what=what)
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if tile[0] != 1:
-        if x.dim() < 2:
-            raise ValueError(
-                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
-            )
-        check_rows_divisible(x, rows, tile[0], what=what)
-    if (rand is not None or generator is not None) and not stochastic_rounding:
-        raise ValueError(
-            f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
-        )
+    tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
+                                     generator=generator, rand=rand)
 
     x_fp32 = x.float().reshape(rows, k)
     signs = None

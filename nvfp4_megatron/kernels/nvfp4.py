@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_megatron.formats.nvfp4 import NVFP4_TILES, NVFP4Tensor
+from nvfp4_megatron.formats.nvfp4 import NVFP4Tensor
 from nvfp4_megatron.formats.rht import hadamard_signs
 from nvfp4_megatron.kernels._common import (
     FP32_MAX,
@@ -194,36 +194,11 @@ def quantize_nvfp4(
     config: dict | None = None,
 ) -> NVFP4Tensor:
     """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Tensor``, same bits for RNE)."""
-    from nvfp4_megatron.formats._checks import (
-        amax_tensor,
-        check_float_input,
-        check_last_dim_divisible,
-        check_rows_divisible,
-    )
+    from nvfp4_megatron.formats._checks import amax_tensor
+    from nvfp4_megatron.formats.nvfp4 import check_nvfp4_args
 
-    what = "quantize_nvfp4"
-    check_float_input(x, min_ndim=1)
-    tile = tuple(tile)  # type: ignore[assignment]
-    if tile not in NVFP4_TILES:
-        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
-    check_last_dim_divisible(x, 16, what=what)
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if tile[0] != 1:
-        if x.dim() < 2:
-            raise ValueError(
-                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
-            )
-        check_rows_divisible(x, rows, tile[0], what=what)
-    if (rand is not None or generator is not None) and not stochastic_rounding:
-        raise ValueError(
-            f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
-        )
-    if rand is not None and (not isinstance(rand, torch.Tensor) or rand.shape != x.shape):
-        raise ValueError(
-            f"{what}: rand must be a tensor of the input's shape {tuple(x.shape)} with uniforms in "
-            f"[0, 1), got {getattr(rand, 'shape', type(rand).__name__)}"
-        )
+    tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
+                                     generator=generator, rand=rand)
     amax_fp32 = None if amax is None else amax_tensor(amax, device=x.device)
     signs = tuple(int(v) for v in hadamard_signs(rht_signs)) if rht else None
     data, scale, amax_fp32, s_enc, s_dec = quantize_nvfp4_2d(
