@@ -8,8 +8,13 @@ materialising the full score matrix. Attention BMMs and softmax stay high precis
 Mask rules follow Megatron's local path: an explicit boolean ``attention_mask`` (True = masked
 out) is used as given; with no mask and ``AttnMaskType.causal`` a causal mask is applied. Dropout
 runs inside Megatron's model-parallel RNG tracker fork, as in ``DotProductAttention``.
-Not supported (refused at construction): context parallelism, sliding windows, learnable/offset
-softmax, packed sequences, attention bias.
+Context parallelism (``context_parallel_size > 1``, which Megatron's local attention refuses):
+K/V are all-gathered over the CP group and each local query chunk attends to the global keys with
+the causal mask of the global positions (``megatron/context_parallel.py``; load-balanced chunks
+``r`` and ``2*CP-1-r``). Only the causal and no-mask types are supported under CP; an explicit
+``attention_mask`` is refused there (it would have to be split like the sequence).
+Not supported (refused at construction): sliding windows, learnable/offset softmax, packed
+sequences, attention bias.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from nvfp4_megatron.megatron.context_parallel import cp_attention
+
 
 class SDPAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
@@ -29,9 +36,6 @@ class SDPAttention(MegatronModule):
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(f"SDPAttention: context_parallel_size={config.context_parallel_size}"
-                             "; context parallelism needs Transformer Engine attention")
         if getattr(config, "window_size", None) is not None:
             raise ValueError("SDPAttention: sliding-window attention (window_size) is not "
                              "supported; use the local DotProductAttention")
@@ -43,8 +47,20 @@ class SDPAttention(MegatronModule):
         self.attention_type = attention_type
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "cp"] if config.context_parallel_size > 1 else ["tp"])
         tp = pg_collection.tp.size()
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None)
+            if self.cp_group is None or self.cp_group.size() != config.context_parallel_size:
+                raise ValueError(
+                    f"SDPAttention: context_parallel_size={config.context_parallel_size} but the "
+                    "process-group collection has no CP group of that size; initialise Megatron's "
+                    "parallel state with the same context_parallel_size")
+            if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+                raise ValueError(f"SDPAttention: attn_mask_type={attn_mask_type} is not supported "
+                                 "with context parallelism; use causal or no_mask")
         projection_size = config.kv_channels * config.num_attention_heads
         self.hidden_size_per_partition = divide(projection_size, tp)
         head_dim = divide(projection_size, config.num_attention_heads)
@@ -75,6 +91,13 @@ class SDPAttention(MegatronModule):
         gqa = self.num_heads != self.num_groups
 
         def attend():
+            if self.cp_group is not None:
+                if mask is not None:
+                    raise ValueError("SDPAttention: an explicit attention_mask is not supported "
+                                     "with context parallelism; pass None (causal)")
+                return cp_attention(q, k, v, cp_group=self.cp_group,
+                                    causal=mask_type == AttnMaskType.causal,
+                                    scale=self.softmax_scale, dropout_p=dropout, enable_gqa=gqa)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                   is_causal=causal, scale=self.softmax_scale,
                                                   enable_gqa=gqa)

@@ -83,3 +83,34 @@ def resolve_backend(recipe: PrecisionRecipe, *, num_layers: int,
         raise ValueError(f"precision.backend='te' for recipe {recipe.name!r} cannot run: "
                          + "; ".join(problems) + ". Use backend='auto' or 'emulated'.")
     return BackendChoice(backend="emulated", reason="; ".join(problems))
+
+
+def gpt_layer_spec_for(choice: BackendChoice, config, *, qk_layernorm: bool = False,
+                       pp_rank: int | None = None):
+    """The decoder spec for the resolved backend: Megatron's TE spec, or our quantized block."""
+    if choice.backend == "te":
+        from nvfp4_megatron.megatron.te_adapter import te_gpt_layer_spec
+
+        return te_gpt_layer_spec(config, qk_layernorm=qk_layernorm)
+    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
+
+    return quantized_gpt_block_spec(config, qk_layernorm=qk_layernorm, pp_rank=pp_rank)
+
+
+def apply_backend_precision(model_chunks, recipe: PrecisionRecipe, choice: BackendChoice, *,
+                            log: bool = True):
+    """Configure the built model for the resolved backend; returns the precision table.
+
+    ``te``: per-block TE autocast with our recipe (``te_adapter.apply_te_precision``);
+    ``emulated``: our quantized linears (``policy.apply_precision``; a recipe whose ``backend``
+    field says ``auto`` is passed through as ``emulated`` so the table names what runs).
+    """
+    import dataclasses
+
+    if choice.backend == "te":
+        from nvfp4_megatron.megatron.te_adapter import apply_te_precision
+
+        return apply_te_precision(model_chunks, recipe, log=log)
+    from nvfp4_megatron.megatron.policy import apply_precision
+
+    return apply_precision(model_chunks, dataclasses.replace(recipe, backend="emulated"), log=log)

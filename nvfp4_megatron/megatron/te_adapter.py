@@ -2,7 +2,8 @@
 
 The mapping is pure Python and returns a plain description, so it is tested on machines where TE
 cannot be installed (TE and Megatron-Core do not co-install on a GPU-less machine). Only
-:func:`build_te_recipe` imports TE.
+:func:`build_te_recipe` and the wiring at the end of this file (:func:`te_autocast`,
+:func:`apply_te_precision`) import TE; the wiring is tested with a fake TE module.
 
 What maps (DESIGN.md §2; TE ``transformer_engine.common.recipe``):
 
@@ -20,8 +21,9 @@ fp8_block          ``Float8BlockScaling(fp8_format=E4M3)``               ``fp8_r
 BF16 blocks map to Megatron's ``first_last_layers_bf16`` / ``num_layers_at_start_in_bf16`` /
 ``num_layers_at_end_in_bf16``. TE's RHT/SR/2D switches are only reachable through constructor
 arguments (Megatron itself builds ``NVFP4BlockScaling`` with none, i.e. TE's env-var defaults), so
-the TE recipe object must come from :func:`build_te_recipe`; the training code hands it to TE's
-autocast for the quantized blocks.
+the TE recipe object must come from :func:`build_te_recipe`; :func:`apply_te_precision` runs each
+quantized block's forward under TE's autocast with it (see the comment above the wiring for why
+not through Megatron's own ``fp4``/``fp8`` config fields).
 
 Refused (:class:`TEUnsupported`, naming what cannot be expressed): MXFP4 (no TE recipe); the MS-FP4
 options; per-operand settings TE does not have (RHT outside Wgrad, SR on only one gradient copy,
@@ -169,3 +171,128 @@ def build_te_recipe(description: dict[str, Any]):
     if "fp8_format" in kwargs:
         kwargs["fp8_format"] = getattr(te_recipe.Format, kwargs["fp8_format"])
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring for the Blackwell path (backend resolved to "te"). Not runnable on the machines this
+# project is developed on (TE cannot be installed next to Megatron-Core without a GPU); tested
+# with a fake ``transformer_engine`` in ``sys.modules`` (tests/megatron/test_te_wiring.py).
+#
+# Why per-layer autocast instead of Megatron's ``config.fp4``/``config.fp8`` fields: Megatron's
+# ``get_fp4_context`` builds ``NVFP4BlockScaling(fp8_dpa=...)`` itself, i.e. with TE's
+# env-var defaults for RHT/SR/2D, so the recipe's own switches would be lost. We leave those
+# config fields unset (Megatron's contexts are then ``nullcontext``) and run each quantized
+# ``TransformerLayer``'s forward under TE's autocast with the recipe object from
+# :func:`build_te_recipe`. BF16 blocks (global index, pipeline offset included) and the
+# precision schedule's BF16 switch run without autocast, i.e. TE's unquantized BF16 GEMMs.
+# --------------------------------------------------------------------------------------------
+
+
+_TE_EXTENSIONS = "megatron.core.extensions.transformer_engine"  # Megatron's TE module wrappers
+
+
+def te_gpt_layer_spec(config, *, qk_layernorm: bool = False):
+    """Megatron's own Transformer Engine GPT layer spec for ``config`` (dense or MoE)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=qk_layernorm)
+
+
+def te_autocast(te_recipe, amax_group=None):
+    """TE's autocast context for ``te_recipe`` (``te.autocast`` on TE >= 2.8, else
+    ``fp8_autocast``, which TE uses for FP8 and FP4 alike)."""
+    import transformer_engine.pytorch as te
+
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=te_recipe, amax_reduction_group=amax_group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe, fp8_group=amax_group)
+
+
+def _amax_group():
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    # the group Megatron's own fp8/fp4 contexts use
+    return parallel_state.get_amax_reduction_group(with_context_parallel=True)
+
+
+def _autocast_forward(orig_forward, te_recipe, block: int):
+    import functools
+
+    from nvfp4_megatron.quant import state as qstate
+
+    @functools.wraps(orig_forward)
+    def forward(*args, **kwargs):
+        if qstate.get_state().bf16_switch == "all":  # precision schedule: everything BF16 now
+            return orig_forward(*args, **kwargs)
+        with te_autocast(te_recipe, _amax_group()):
+            return orig_forward(*args, **kwargs)
+
+    forward.__nvfp4_te_block__ = block
+    return forward
+
+
+def apply_te_precision(model_chunks, recipe: PrecisionRecipe, *, log: bool = True):
+    """Run each quantized block of a TE-spec model under TE autocast with our recipe.
+
+    Returns the same ``PrecisionTable`` as ``policy.apply_precision`` with backend ``te``.
+    Refuses a model that has no TE linear layers (it was built with the local spec) and a model
+    that was already wired (double autocast).
+    """
+    import logging
+
+    import torch
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from nvfp4_megatron.megatron.policy import (
+        PrecisionRow, PrecisionTable, _gather_rows, _rank, _schedule_text)
+    from nvfp4_megatron.quant.recipe import bf16_block_set
+
+    chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+    layers = [m for c in chunks for m in c.modules() if isinstance(m, TransformerLayer)]
+    if not layers:
+        raise ValueError("apply_te_precision: the model has no TransformerLayer")
+    num_blocks = layers[0].config.num_layers
+    desc = describe_te_recipe(recipe, num_layers=num_blocks)
+    te_recipe = build_te_recipe(desc)
+    bf16 = bf16_block_set(recipe.layers, num_blocks) if recipe.is_quantized else set()
+    rows = []
+    for layer in layers:
+        block = layer.layer_number - 1
+        te_linears = [n for n, m in layer.named_modules()
+                      if type(m).__module__.startswith(_TE_EXTENSIONS)
+                      and "Linear" in type(m).__name__]
+        if not te_linears:
+            raise ValueError(f"apply_te_precision: block {block} has no Transformer Engine linear "
+                             "layers; build the model with te_gpt_layer_spec (backend 'te')")
+        graphs = getattr(layer.config, "cuda_graph_impl", "none")
+        if graphs not in (None, "none"):
+            raise ValueError(f"apply_te_precision: cuda_graph_impl={graphs!r} replays captured "
+                             "graphs around the per-block autocast; set cuda_graph_impl='none'")
+        if hasattr(layer.forward, "__nvfp4_te_block__"):
+            raise ValueError(f"apply_te_precision: block {block} is already wired")
+        quantized = te_recipe is not None and block not in bf16
+        if quantized:
+            layer.forward = _autocast_forward(layer.forward, te_recipe, block)
+        ops = recipe.linear.operands()
+        for name in te_linears:
+            for gemm, a, b in (("fprop", "input", "weight"), ("dgrad", "grad_output", "weight"),
+                               ("wgrad", "grad_output", "input")):
+                rows.append(PrecisionRow(
+                    block=block, layer=name, gemm=gemm,
+                    operand_a=f"{a}: {ops[f'{gemm}.{a}'].describe() if quantized else 'bf16'}",
+                    operand_b=f"{b}: {ops[f'{gemm}.{b}'].describe() if quantized else 'bf16'}",
+                    backend=f"te:{desc['te_class']}" if quantized else "te-bf16",
+                    quantized=quantized))
+    table = PrecisionTable(recipe=recipe.name, backend="te", num_blocks=num_blocks,
+                           bf16_blocks=tuple(sorted(bf16)), schedule=_schedule_text(recipe),
+                           rows=tuple(_gather_rows(rows)))
+    if log and _rank() == 0:
+        logging.getLogger(__name__).info("\n%s\nTE recipe: %s(%s)", table.format(),
+                                         desc["te_class"], desc["te_kwargs"])
+    return table

@@ -34,6 +34,10 @@ What it replaces, and why (see ``../shared/notes/megatron-core-facts.md``):
    converts CUDA tensors; on CPU the split sizes would stay tensors, which gloo's
    ``all_to_all_single`` refuses. The replacement converts CPU tensors too.
 
+5. RoPE's context-parallel slice (``rope_utils.get_pos_emb_on_this_cp_rank``) uses
+   ``pin_memory=True`` and ``.cuda()``; it is routed to the identical selection in
+   ``nvfp4_megatron.megatron.context_parallel.pos_emb_on_this_cp_rank``.
+
 Nothing here changes numerics: every replaced call either allocates memory, orders work on a
 device, or manages RNG state.
 """
@@ -373,5 +377,10 @@ def install_cpu_adapter() -> None:
     _patch_rng()
     _patch_type_checks()
     _patch_moe_splits()
+    # 5. RoPE's context-parallel slice builds its index with pin_memory=True and .cuda();
+    #    megatron/context_parallel.py has the same selection without the device round trip.
+    from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe
+
+    route_megatron_rope_slice_to_cpu_safe()
     _INSTALLED = True
     _log.info("CPU adapter for Megatron-Core installed (%d modules patched)", len(PATCHED_MODULES))

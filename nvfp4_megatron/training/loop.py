@@ -141,8 +141,17 @@ def _reduce_loss(losses: list[dict]) -> float:
 
 
 def _forward_step_factory(inject_nan: dict):
+    from megatron.core import parallel_state as ps
+
+    from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        cp = ps.get_context_parallel_world_size()
+        cp_group = ps.get_context_parallel_group() if cp > 1 else None
+        if cp > 1:  # this rank's load-balanced chunks r and 2*CP-1-r (megatron/context_parallel.py)
+            batch = get_batch_on_this_cp_rank(batch, cp_size=cp,
+                                              cp_rank=ps.get_context_parallel_rank())
         tokens, labels = batch["tokens"], batch["labels"]
         loss_mask, position_ids = batch["loss_mask"].float(), batch["position_ids"]
         if torch.cuda.is_available():
@@ -152,12 +161,25 @@ def _forward_step_factory(inject_nan: dict):
 
         def loss_func(output_tensor):
             per_token = output_tensor.float()
-            loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+            loss_sum, count = (per_token * loss_mask).sum(), loss_mask.sum()
+            if cp > 1:
+                # This rank's token sum over the CP group's token count: Megatron's schedule
+                # multiplies a two-output loss by the CP size and DDP averages over DP x CP, so
+                # the gradient is the one of the CP=1 mean loss.
+                total = count.detach().clone()
+                torch.distributed.all_reduce(total, group=cp_group)
+                loss = loss_sum / total.clamp(min=1)
+            else:
+                loss = loss_sum / count.clamp(min=1)
             if inject_nan["now"]:
                 loss = loss * float("nan")
             # clone: the schedule divides the returned loss by num_microbatches *in place*, and a
             # detached view would share that storage.
-            return loss, {"lm loss": loss.detach().clone()}
+            report = (cp_reduce_loss(loss_sum, count, cp_group) if cp > 1
+                      else loss.detach().clone())
+            if inject_nan["now"]:
+                report = report * float("nan")
+            return loss, {"lm loss": report}
 
         return output, loss_func
 

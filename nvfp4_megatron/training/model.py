@@ -105,10 +105,15 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     config = transformer_config(m, p, bf16=t["bf16"])
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
+    choice = None
     if quantized_spec_available():
-        from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
+        from nvfp4_megatron.megatron.backend import gpt_layer_spec_for, resolve_backend
 
-        spec = quantized_gpt_block_spec(config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+        # backend auto|te|emulated -> Megatron's TE layer spec (Blackwell) or our quantized spec
+        choice = resolve_backend(recipe, num_layers=m["num_layers"])
+        log(f"[precision] backend {choice.backend}: {choice.reason}")
+        spec = gpt_layer_spec_for(choice, config,
+                                  pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     else:
         if recipe.is_quantized:
             raise RuntimeError(
@@ -133,9 +138,9 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     )
     table = None
     if quantized_spec_available():
-        from nvfp4_megatron.megatron.policy import apply_precision
+        from nvfp4_megatron.megatron.backend import apply_backend_precision
 
-        table = apply_precision([model], recipe, log=False)
+        table = apply_backend_precision([model], recipe, choice, log=False)
     return model, config, table
 
 
