@@ -39,6 +39,29 @@ def check_rows_divisible(x: torch.Tensor, rows: int, tile_rows: int, *, what: st
         )
 
 
+def check_tile(x: torch.Tensor, tile: object, allowed: tuple[tuple[int, int], ...], *,
+               what: str) -> tuple[tuple[int, int], int, int]:
+    """Validate a block/tile shape for quantizing ``x`` along its last dim; ``(tile, rows, K)``.
+
+    ``tile[1]`` must divide the last dim; a 2D tile (``tile[0] > 1``) needs a tensor of at least 2
+    dimensions whose rows (product of the leading dims) divide by ``tile[0]``.
+    """
+    tile = tuple(tile)  # type: ignore[arg-type]
+    if tile not in allowed:
+        choices = " or ".join(str(t) for t in allowed)
+        raise ValueError(f"{what}: tile={tile!r} is not supported; use {choices}")
+    check_last_dim_divisible(x, tile[1], what=what)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if tile[0] != 1:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{what}: tile={tile} needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
+            )
+        check_rows_divisible(x, rows, tile[0], what=what)
+    return tile, rows, k  # type: ignore[return-value]
+
+
 def check_fp8_dtype(fp8_dtype: object) -> torch.dtype:
     if fp8_dtype not in FP8_DTYPES:
         raise ValueError(

@@ -27,9 +27,8 @@ import torch
 from nvfp4_megatron.formats._checks import (
     amax_tensor,
     check_float_input,
+    check_tile,
     check_fp8_dtype,
-    check_last_dim_divisible,
-    check_rows_divisible,
 )
 from nvfp4_megatron.formats.constants import FP8_BLOCK_SIZE, FP8_MAX, FP32_MAX
 from nvfp4_megatron.formats.rounding import floor_log2_exact, fp8_rne_satfinite, pow2_fp32
@@ -127,18 +126,7 @@ def quantize_fp8_block(
     what = "quantize_fp8_block"
     check_float_input(x, min_ndim=1)
     check_fp8_dtype(fp8_dtype)
-    tile = tuple(tile)  # type: ignore[assignment]
-    if tile not in FP8_BLOCK_TILES:
-        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 128) or (128, 128)")
-    check_last_dim_divisible(x, tile[1], what=what)
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if tile[0] != 1:
-        if x.dim() < 2:
-            raise ValueError(
-                f"{what}: tile=(128, 128) needs at least 2 dimensions, got shape {tuple(x.shape)}"
-            )
-        check_rows_divisible(x, rows, tile[0], what=what)
+    tile, rows, k = check_tile(x, tile, FP8_BLOCK_TILES, what=what)
     nb = k // tile[1]
     x_fp32 = x.float().reshape(rows, k)
     a = x_fp32.abs()

@@ -36,8 +36,7 @@ import torch
 from nvfp4_megatron.formats._checks import (
     amax_tensor,
     check_float_input,
-    check_last_dim_divisible,
-    check_rows_divisible,
+    check_tile,
 )
 from nvfp4_megatron.formats.constants import (
     F4_E2M1_MAX,
@@ -135,18 +134,7 @@ def check_nvfp4_args(
     """
     what = "quantize_nvfp4"
     check_float_input(x, min_ndim=1)
-    tile = tuple(tile)
-    if tile not in NVFP4_TILES:
-        raise ValueError(f"{what}: tile={tile!r} is not supported; use (1, 16) or (16, 16)")
-    check_last_dim_divisible(x, NVFP4_BLOCK_SIZE, what=what)
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if tile[0] != 1:
-        if x.dim() < 2:
-            raise ValueError(
-                f"{what}: tile=(16, 16) needs a tensor with at least 2 dimensions, got shape {tuple(x.shape)}"
-            )
-        check_rows_divisible(x, rows, tile[0], what=what)
+    tile, rows, k = check_tile(x, tile, NVFP4_TILES, what=what)
     if (rand is not None or generator is not None) and not stochastic_rounding:
         raise ValueError(
             f"{what}: generator/rand are only used with stochastic_rounding=True; set it or drop them"
