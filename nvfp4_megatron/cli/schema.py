@@ -42,6 +42,12 @@ class LRSchedule(enum.Enum):
     constant = "constant"
 
 
+class CkptOptimFormat(enum.Enum):
+    """Distributed-optimizer checkpoint format (training/checkpoint.py)."""
+    dp_reshardable = "dp_reshardable"  # fast; loads only into the same TP/PP/EP/expert-TP
+    fully_reshardable = "fully_reshardable"  # loads into any layout (e.g. saved TP2, loaded TP1)
+
+
 class SwitchScope(enum.Enum):
     all = "all"
     fprop = "fprop"
@@ -158,6 +164,7 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: Optional[int] = None  # None -> only at the end
     keep_last: int = 2
+    ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)
     # Test-only knobs (tests/training): make step N's loss NaN; exit (as if killed) after step N.

@@ -46,6 +46,27 @@ def effective_recipe(recipe: LinearRecipe, bf16_switch: str | None) -> LinearRec
     raise ValueError(f"bf16_switch={bf16_switch!r}; use None, 'all' or 'fprop'")
 
 
+def _cp_amax_group(layer):
+    """The TP x CP group when context parallelism splits this layer's tokens, else None (TP).
+
+    A non-expert layer's activation / gradient tensor is one sequence split over the CP ranks,
+    so its per-tensor amax must span them (quant/linear.py, "Distributed rules"). Expert layers
+    keep their expert-TP group: their tokens arrive through the MoE dispatcher, not by CP chunks.
+    """
+    from megatron.core import parallel_state as ps
+
+    if getattr(layer, "is_expert", False) or ps.get_context_parallel_world_size() == 1:
+        return None
+    group = ps.get_tensor_and_context_parallel_group()
+    tp = layer.tp_group.size() if layer.tp_group is not None else 1
+    if group.size() != tp * ps.get_context_parallel_world_size():
+        raise RuntimeError(
+            f"the TP x CP group has {group.size()} ranks but this layer's TP group has {tp} and "
+            f"CP is {ps.get_context_parallel_world_size()}: a layer built with its own process "
+            "groups (pg_collection) needs its amax group passed explicitly")
+    return group
+
+
 class _QuantizedForwardMixin:
     """Shared ``_forward_impl`` for the two subclasses."""
 
@@ -79,7 +100,8 @@ class _QuantizedForwardMixin:
                              "quantized layers; disable it")
         call = LinearCall(recipe=recipe, layer_key=prec.layer_key, tp_group=self.tp_group,
                           sequence_parallel=sequence_parallel, allreduce_dgrad=allreduce_dgrad,
-                          gradient_accumulation_fusion=gradient_accumulation_fusion)
+                          gradient_accumulation_fusion=gradient_accumulation_fusion,
+                          amax_reduce_group=_cp_amax_group(self))
         return quantized_linear(input, weight, bias, call)
 
 

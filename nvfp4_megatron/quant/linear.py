@@ -40,7 +40,11 @@ Distributed rules: with sequence parallelism the input is all-gathered *before* 
 it dX is all-reduced when Megatron asks. For formats with a per-tensor scale (NVFP4, FP8) the amax
 of every operand is all-reduced (MAX) over the layer's tensor-parallel group, so every rank uses
 the scale of the logical (unsharded) tensor and TP=N computes what TP=1 computes, up to summation
-order.
+order. With context parallelism one activation / gradient tensor of a non-expert layer also spans
+the CP ranks (each holds two chunks of the sequence), so those layers reduce over TP x CP
+(``LinearCall.amax_reduce_group``, set by ``megatron/layers.py``; Megatron-Core's FP8 amax group
+includes CP likewise): CP=2 then uses CP=1's scales (CPU: tests/megatron/test_context_parallel.py).
+Weights are the same on every CP rank, so the wider group changes nothing for them.
 
 Token padding: the columnwise copies need the token count to be a multiple of the block (16 for
 NVFP4, 32 for MX, 128 for block FP8); MoE experts see arbitrary counts. Zero rows are appended
@@ -295,10 +299,11 @@ class LinearCall:
     sequence_parallel: bool = False
     allreduce_dgrad: bool = False
     gradient_accumulation_fusion: bool = False
+    amax_reduce_group: Any = None   # overrides tp_group for the amax (TP x CP; see module doc)
 
     @property
     def amax_group(self):
-        g = self.tp_group
+        g = self.amax_reduce_group if self.amax_reduce_group is not None else self.tp_group
         return g if g is not None and g.size() > 1 else None
 
 

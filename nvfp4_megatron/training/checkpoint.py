@@ -1,10 +1,19 @@
 """Checkpoints with ``megatron.core.dist_checkpointing``: atomic, rotated, exactly resumable.
 
 Layout: ``RUN_DIR/checkpoints/step_0000100/`` holds the dist_checkpointing files (model and
-distributed-optimizer shards, ``dp_reshardable`` optimizer format; the common part carries the
-training state: step, scheduler, precision switch), ``rank_XXXXX.pt`` per process (CPU RNG state and
-Megatron's RNG-tracker states, which differ per rank), and ``meta.json`` (model shape, layout,
-step) that is checked before anything is loaded.
+distributed-optimizer shards; the common part carries the training state: step, scheduler,
+precision switch), ``rank_XXXXX.pt`` per process (CPU RNG state and Megatron's RNG-tracker states,
+which differ per rank), and ``meta.json`` (model shape, layout, optimizer format, step) that is
+checked before anything is loaded.
+
+Optimizer formats (``train.ckpt_optim_format``), Megatron-Core's distributed-optimizer sharding
+types: ``dp_reshardable`` (the default, Megatron-LM's too) writes each rank's flat slice of the
+optimizer buffers as it is: fast, but it loads only into the same TP / PP / EP / expert-TP layout
+(a different layout is refused before loading, naming the fix). ``fully_reshardable`` writes every
+Adam moment sharded like its parameter, so a checkpoint saved at TP2 loads at TP1 (or any other
+layout); it gathers the state over the DP group through Megatron's gloo path (its NCCL path needs
+CUDA and holds the whole DP-gathered state on every rank). Loading always uses the format the
+checkpoint was written in (``meta.json``), whatever the run's setting.
 
 Atomicity: every rank writes into ``checkpoints/.tmp-step_0000100``; after a barrier rank 0 fsyncs
 all files and renames the directory to ``step_0000100`` (a single ``rename``), then deletes all but
@@ -17,6 +26,7 @@ switch state, and the data position (a pure function of the step, see ``training
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +37,20 @@ import torch
 import torch.distributed as dist
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
-_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIM_FORMATS = ("dp_reshardable", "fully_reshardable")
+# layout keys a dp_reshardable checkpoint must match (they shape each rank's optimizer buffers)
+_FIXED_LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def optimizer_metadata(fmt: str) -> dict:
+    """Megatron's ``sharded_state_dict`` metadata for optimizer format ``fmt``."""
+    if fmt not in OPTIM_FORMATS:
+        raise ValueError(f"train.ckpt_optim_format={fmt!r}: expected one of {OPTIM_FORMATS}")
+    md = {"distrib_optim_sharding_type": fmt}
+    if fmt == "fully_reshardable":
+        md["distrib_optim_fully_reshardable_mem_efficient"] = True  # gloo gather to DP rank 0
+    return md
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -80,12 +103,13 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _sharded_state(ddp_model, optimizer, *, is_loading: bool):
+def _sharded_state(ddp_model, optimizer, *, is_loading: bool, optim_format: str):
     from megatron.core.utils import unwrap_model
 
     gpt = unwrap_model(ddp_model)
     model_sd = gpt.sharded_state_dict()
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_METADATA)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                          metadata=optimizer_metadata(optim_format))
     return {"model": model_sd, "optimizer": opt_sd}
 
 
@@ -107,9 +131,12 @@ def _in_process_results_queue() -> None:
 
 
 def save_checkpoint(*, run_dir: str | Path, step: int, ddp_model, optimizer, train_state: dict,
-                    meta: dict, keep_last: int, fail_after_shards: bool = False) -> Path:
+                    meta: dict, keep_last: int, optim_format: str = "dp_reshardable",
+                    fail_after_shards: bool = False) -> Path:
     """Save on all ranks; returns the final directory. ``fail_after_shards`` is for tests."""
     from megatron.core import dist_checkpointing
+
+    optimizer_metadata(optim_format)  # a bad format fails before anything is written
 
     root = checkpoint_root(run_dir)
     name = f"step_{step:07d}"
@@ -122,7 +149,7 @@ def save_checkpoint(*, run_dir: str | Path, step: int, ddp_model, optimizer, tra
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(ddp_model, optimizer, is_loading=False)
+    state = _sharded_state(ddp_model, optimizer, is_loading=False, optim_format=optim_format)
     state["train_state"] = train_state
     _in_process_results_queue()
     dist_checkpointing.save(state, str(tmp))
@@ -131,7 +158,8 @@ def save_checkpoint(*, run_dir: str | Path, step: int, ddp_model, optimizer, tra
         raise RuntimeError(f"injected failure while saving {name}")
     dist.barrier()
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        (tmp / "meta.json").write_text(json.dumps(
+            {**meta, "step": step, "optim_format": optim_format}, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
             shutil.rmtree(final)
@@ -159,6 +187,18 @@ def check_compatible(ckpt: Path, meta: dict) -> dict:
             f"checkpoint {ckpt} was saved from a different model shape ({lines}); use the "
             "checkpoint's model config, or start a fresh run (train.resume=false or a new run_dir)"
         )
+    fmt = saved.get("optim_format", "dp_reshardable")  # older checkpoints: the only format then
+    if fmt == "dp_reshardable" and "parallel" in saved and "parallel" in meta:
+        moved = {k: (saved["parallel"].get(k, 1), meta["parallel"].get(k, 1))
+                 for k in _FIXED_LAYOUT if k in saved["parallel"] or k in meta["parallel"]}
+        moved = {k: ab for k, ab in moved.items() if ab[0] != ab[1]}
+        if moved:
+            lines = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in moved.items())
+            raise ValueError(
+                f"checkpoint {ckpt} holds its optimizer state in the dp_reshardable format, which "
+                f"loads only into the layout it was saved from ({lines}). Resume it with the "
+                "saved layout and train.ckpt_optim_format=fully_reshardable to write a "
+                "checkpoint that loads into any layout, then change the layout")
     return saved
 
 
@@ -205,6 +245,36 @@ def _restore_adam_steps(optimizer, loaded_opt) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _tolerate_missing_adam_step(optimizer):
+    """Let Megatron's ``fully_reshardable`` load run with torch's Adam (no Apex/TE).
+
+    ``DistributedOptimizer.load_state_dict`` first gives every torch-Adam state a ``step``
+    tensor, then ``load_parameter_state_from_fully_reshardable`` skips ``step`` in the saved
+    per-parameter state while ``_set_main_param_and_optimizer_states`` copies every tensor of the
+    live state, so it looks ``step`` up in the saved tensors and raises ``KeyError: 'step'``
+    (megatron-core 0.19.2, seen on CPU). Within this block each call gets ``step: None``, which
+    that method skips; ``_restore_adam_steps`` then sets the steps.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        orig = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if orig is None:
+            continue
+
+        def fill(model_param, tensors, _orig=orig):
+            return _orig(model_param, {"step": None, **tensors})  # only "step": a missing
+            # moment must still fail loudly
+
+        opt._set_main_param_and_optimizer_states = fill
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+
+
 def load_checkpoint(ckpt: str | Path, *, ddp_model, optimizer, meta: dict) -> dict:
     """Load model, optimizer, RNG and training state; returns the training state."""
     from megatron.core import dist_checkpointing
@@ -214,13 +284,15 @@ def load_checkpoint(ckpt: str | Path, *, ddp_model, optimizer, meta: dict) -> di
     if not (ckpt / "meta.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no meta.json)")
     saved = check_compatible(ckpt, meta)
+    fmt = saved.get("optim_format", "dp_reshardable")
     with torch.no_grad():
         _init_adam_state(optimizer)
-        state = _sharded_state(ddp_model, optimizer, is_loading=True)
+        state = _sharded_state(ddp_model, optimizer, is_loading=True, optim_format=fmt)
         state["train_state"] = None
         loaded = dist_checkpointing.load(state, str(ckpt))
         unwrap_model(ddp_model).load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _tolerate_missing_adam_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
     rank_file = ckpt / f"rank_{dist.get_rank():05d}.pt"
     if saved.get("world_size") == dist.get_world_size() and rank_file.is_file():

@@ -271,7 +271,10 @@ def run(cfg) -> RunResult:
 
     meta = {"model": model_shape(c), "world_size": info.world_size,
             "parallel": {k: p[k] for k in ("tensor_model_parallel_size",
-                                           "pipeline_model_parallel_size")}}
+                                           "pipeline_model_parallel_size",
+                                           "expert_model_parallel_size",
+                                           "expert_tensor_parallel_size",
+                                           "context_parallel_size")}}
     iteration, bf16_switch = 0, None
     load_from = Path(t["load"]) if t["load"] else (
         ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir)) if t["resume"] else None)
@@ -300,7 +303,8 @@ def run(cfg) -> RunResult:
     def save() -> Path:
         path = ckpt_lib.save_checkpoint(run_dir=run_dir, step=iteration, ddp_model=ddp,
                                         optimizer=optimizer, train_state=train_state(), meta=meta,
-                                        keep_last=t["keep_last"])
+                                        keep_last=t["keep_last"],
+                                        optim_format=t["ckpt_optim_format"])
         log.info(f"[checkpoint] saved {path}")
         return path
 

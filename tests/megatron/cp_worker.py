@@ -32,14 +32,14 @@ def run_one(run, out):
     from nvfp4_megatron.quant.registry import build_recipe
 
     cp = run["cp"]
-    if run.get("amax_over_cp"):
-        # Proposal under test: reduce the per-tensor amax over TP x CP (one logical activation /
-        # gradient tensor spans the CP ranks), so CP ranks use the CP=1 global scales.
+    if run.get("amax_tp_only"):
+        # Negative control: the rule before CP existed (amax over TP only), so each CP rank
+        # scales its chunks of an activation / gradient by its own amax.
         from nvfp4_megatron.quant import linear as qlinear
 
         def amax_group(self):
-            g = ps.get_tensor_and_context_parallel_group()
-            return g if g.size() > 1 else None
+            g = self.tp_group
+            return g if g is not None and g.size() > 1 else None
 
         qlinear.LinearCall.amax_group = property(amax_group)
     seq = run.get("seq", 64)
