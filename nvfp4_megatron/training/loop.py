@@ -270,11 +270,13 @@ def run(cfg) -> RunResult:
              f"{t['global_batch_size']} x {seq} tokens ({nmb} micro-batches per rank)")
 
     meta = {"model": model_shape(c), "world_size": info.world_size,
-            "parallel": {k: p[k] for k in ("tensor_model_parallel_size",
-                                           "pipeline_model_parallel_size",
-                                           "expert_model_parallel_size",
-                                           "expert_tensor_parallel_size",
-                                           "context_parallel_size")}}
+            "parallel": {**{k: p[k] for k in ("tensor_model_parallel_size",
+                                              "pipeline_model_parallel_size",
+                                              "expert_model_parallel_size",
+                                              "context_parallel_size")},
+                         # None means "= TP": stored resolved, so the layout check compares sizes
+                         "expert_tensor_parallel_size": p["expert_tensor_parallel_size"]
+                         or p["tensor_model_parallel_size"]}}
     iteration, bf16_switch = 0, None
     load_from = Path(t["load"]) if t["load"] else (
         ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir)) if t["resume"] else None)

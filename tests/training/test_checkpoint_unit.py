@@ -27,6 +27,47 @@ def test_other_model_shape_is_a_clear_error(tmp_path):
     C.check_compatible(tmp_path, {"model": {"hidden_size": 64, "num_layers": 2}})
 
 
+def _layout(tp=1, pp=1, ep=1, etp=1, cp=1):
+    return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
+            "context_parallel_size": cp}
+
+
+def test_dp_reshardable_checkpoint_refuses_another_layout(tmp_path):
+    model = {"hidden_size": 64}
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"model": model, "parallel": _layout(tp=2, etp=2), "optim_format": "dp_reshardable"}))
+    with pytest.raises(ValueError) as e:
+        C.check_compatible(tmp_path, {"model": model, "parallel": _layout()})
+    msg = str(e.value)
+    assert "tensor_model_parallel_size: checkpoint 2 vs run 1" in msg
+    assert "expert_tensor_parallel_size: checkpoint 2 vs run 1" in msg
+    assert "train.ckpt_optim_format=fully_reshardable" in msg
+    # DP / CP changes are what dp_reshardable reshards: accepted
+    C.check_compatible(tmp_path, {"model": model, "parallel": _layout(tp=2, etp=2, cp=2)})
+
+
+def test_fully_reshardable_and_old_checkpoints(tmp_path):
+    model = {"hidden_size": 64}
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"model": model, "parallel": _layout(tp=2, pp=2), "optim_format": "fully_reshardable"}))
+    C.check_compatible(tmp_path, {"model": model, "parallel": _layout()})  # any layout
+    # written before the format was recorded (TP/PP only): dp_reshardable, missing sizes are 1
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"model": model, "parallel": {"tensor_model_parallel_size": 1,
+                                      "pipeline_model_parallel_size": 2}}))
+    C.check_compatible(tmp_path, {"model": model, "parallel": _layout(pp=2)})
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size: checkpoint 2 vs run 1"):
+        C.check_compatible(tmp_path, {"model": model, "parallel": _layout()})
+
+
+def test_unknown_optimizer_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.ckpt_optim_format='fully'"):
+        C.optimizer_metadata("fully")
+    assert C.optimizer_metadata("fully_reshardable")["distrib_optim_sharding_type"] == (
+        "fully_reshardable")
+
+
 def test_save_failing_half_way_keeps_the_previous_checkpoint(tmp_path):
     import subprocess
     import sys
