@@ -186,11 +186,34 @@ def _forward_step_factory(inject_nan: dict):
     return forward_step
 
 
+def check_layout(m: dict, p: dict, t: dict, *, world_size: int):
+    """The run's layout as :func:`nvfp4_megatron.parallel.layout.make_layout` validates it."""
+    from nvfp4_megatron.parallel.layout import ModelDims, make_layout
+
+    return make_layout(
+        world_size=world_size, tp=p["tensor_model_parallel_size"],
+        cp=p["context_parallel_size"], pp=p["pipeline_model_parallel_size"],
+        ep=p["expert_model_parallel_size"], etp=p["expert_tensor_parallel_size"],
+        sequence_parallel=p["sequence_parallel"], micro_batch_size=t["micro_batch_size"],
+        global_batch_size=t["global_batch_size"],
+        model=ModelDims(
+            num_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+            num_query_groups=m["num_query_groups"] or m["num_attention_heads"],
+            ffn_hidden_size=m["ffn_hidden_size"], num_moe_experts=m["num_moe_experts"],
+            moe_ffn_hidden_size=m["moe_ffn_hidden_size"], seq_length=m["seq_length"],
+            hybrid_override_pattern=m["hybrid_override_pattern"],
+            mamba_num_heads=m["mamba_num_heads"], mamba_num_groups=m["mamba_num_groups"]))
+
+
 def run(cfg) -> RunResult:
     """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
     c = to_plain(cfg)
     m, p, t, d = c["model"], c["parallel"], c["train"], c["data"]
     info = init_distributed()
+    # Every layout rule (sizes vs world size, heads / groups / FFN / layers / experts vs
+    # TP / PP / EP / ETP, sequence and batch divisibility) checked at once, before Megatron's own
+    # asserts: a LayoutError (ValueError) lists each violated rule; pretrain.py exits 2.
+    check_layout(m, p, t, world_size=info.world_size)
     dp = initialize_model_parallel(
         tensor_model_parallel_size=p["tensor_model_parallel_size"],
         pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
