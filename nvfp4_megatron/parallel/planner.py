@@ -148,18 +148,16 @@ def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
     return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
 
 
-def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
-    """Validate and estimate one run. Raises LayoutError (a ValueError) for a layout that does not
-    fit, ValueError for bad config values."""
-    m = ModelShape.from_cfg(cfg.model)
-    par, train, prec = _get(cfg, "parallel"), _get(cfg, "train"), _get(cfg, "precision")
-    planner_cfg = _get(cfg, "planner")
-    recipe = str(_get(prec, "recipe", "bf16"))
-    rc = recipe_compute(recipe)
+def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) -> ParallelLayout:
+    """The layout of ``cfg`` (``parallel``, ``train`` batch sizes, ``model``) over ``world_size``,
+    validated by :func:`make_layout` (LayoutError listing every violated rule). Used by the dry
+    run and, before Megatron starts, by the training loop."""
+    m = ModelShape.from_cfg(_get(cfg, "model")) if model is None else model
+    par, train = _get(cfg, "parallel"), _get(cfg, "train")
     gbs = _int(train, "global_batch_size", None)
     if gbs is None:
-        raise ValueError("train.global_batch_size is required by the planner")
-    layout = make_layout(
+        raise ValueError("train.global_batch_size is required")
+    return make_layout(
         world_size=int(world_size),
         tp=_int(par, "tensor_model_parallel_size", 1),
         cp=_int(par, "context_parallel_size", 1),
@@ -177,6 +175,18 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
             mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
         ),
     )
+
+
+def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
+    """Validate and estimate one run. Raises LayoutError (a ValueError) for a layout that does not
+    fit, ValueError for bad config values."""
+    m = ModelShape.from_cfg(cfg.model)
+    train, prec = _get(cfg, "train"), _get(cfg, "precision")
+    planner_cfg = _get(cfg, "planner")
+    recipe = str(_get(prec, "recipe", "bf16"))
+    rc = recipe_compute(recipe)
+    layout = run_layout(cfg, world_size, model=m)
+    gbs = layout.global_batch_size
     notes: list[str] = []
     params = param_count(m)
     meta = meta_param_count(m) if meta_build else None

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nvfp4_megatron.cli.compose import to_plain
+from nvfp4_megatron.parallel.planner import run_layout
 from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
 from nvfp4_megatron.training import checkpoint as ckpt_lib
 from nvfp4_megatron.training import data as data_lib
@@ -186,25 +187,6 @@ def _forward_step_factory(inject_nan: dict):
     return forward_step
 
 
-def check_layout(m: dict, p: dict, t: dict, *, world_size: int):
-    """The run's layout as :func:`nvfp4_megatron.parallel.layout.make_layout` validates it."""
-    from nvfp4_megatron.parallel.layout import ModelDims, make_layout
-
-    return make_layout(
-        world_size=world_size, tp=p["tensor_model_parallel_size"],
-        cp=p["context_parallel_size"], pp=p["pipeline_model_parallel_size"],
-        ep=p["expert_model_parallel_size"], etp=p["expert_tensor_parallel_size"],
-        sequence_parallel=p["sequence_parallel"], micro_batch_size=t["micro_batch_size"],
-        global_batch_size=t["global_batch_size"],
-        model=ModelDims(
-            num_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
-            num_query_groups=m["num_query_groups"] or m["num_attention_heads"],
-            ffn_hidden_size=m["ffn_hidden_size"], num_moe_experts=m["num_moe_experts"],
-            moe_ffn_hidden_size=m["moe_ffn_hidden_size"], seq_length=m["seq_length"],
-            hybrid_override_pattern=m["hybrid_override_pattern"],
-            mamba_num_heads=m["mamba_num_heads"], mamba_num_groups=m["mamba_num_groups"]))
-
-
 def run(cfg) -> RunResult:
     """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
     c = to_plain(cfg)
@@ -212,8 +194,9 @@ def run(cfg) -> RunResult:
     info = init_distributed()
     # Every layout rule (sizes vs world size, heads / groups / FFN / layers / experts vs
     # TP / PP / EP / ETP, sequence and batch divisibility) checked at once, before Megatron's own
-    # asserts: a LayoutError (ValueError) lists each violated rule; pretrain.py exits 2.
-    check_layout(m, p, t, world_size=info.world_size)
+    # asserts, by the same code as the dry run: a LayoutError (ValueError) lists each violated
+    # rule and pretrain.py exits 2.
+    layout = run_layout(c, info.world_size)
     dp = initialize_model_parallel(
         tensor_model_parallel_size=p["tensor_model_parallel_size"],
         pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
@@ -293,13 +276,11 @@ def run(cfg) -> RunResult:
              f"{t['global_batch_size']} x {seq} tokens ({nmb} micro-batches per rank)")
 
     meta = {"model": model_shape(c), "world_size": info.world_size,
-            "parallel": {**{k: p[k] for k in ("tensor_model_parallel_size",
-                                              "pipeline_model_parallel_size",
-                                              "expert_model_parallel_size",
-                                              "context_parallel_size")},
-                         # None means "= TP": stored resolved, so the layout check compares sizes
-                         "expert_tensor_parallel_size": p["expert_tensor_parallel_size"]
-                         or p["tensor_model_parallel_size"]}}
+            "parallel": {"tensor_model_parallel_size": layout.tp,
+                         "pipeline_model_parallel_size": layout.pp,
+                         "expert_model_parallel_size": layout.ep,
+                         "expert_tensor_parallel_size": layout.etp,  # resolved (None -> TP)
+                         "context_parallel_size": layout.cp}}
     iteration, bf16_switch = 0, None
     load_from = Path(t["load"]) if t["load"] else (
         ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir)) if t["resume"] else None)
