@@ -164,6 +164,9 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: Optional[int] = None  # None -> only at the end
     keep_last: int = 2
+    save: bool = True  # false: write no checkpoint at all (benchmarks, throw-away runs)
+    # DDP reduce-scatters gradient buckets during the backward; null -> on with GPUs (NCCL), off on CPU
+    overlap_grad_reduce: Optional[bool] = None
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
+from nvfp4_megatron.platform.gpu_fastpaths import install_gpu_fastpaths
 
 __all__ = ["DistInfo", "init_distributed", "initialize_model_parallel", "validate_layout"]
 
@@ -70,6 +71,7 @@ def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
             )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        install_gpu_fastpaths()  # foreach grad norm / scale instead of Megatron's per-tensor loop
     else:
         install_cpu_adapter()
         device = torch.device("cpu")

@@ -202,6 +202,14 @@ def check_compatible(ckpt: Path, meta: dict) -> dict:
     return saved
 
 
+def _step_tensor(group: dict, param, value: float) -> torch.Tensor:
+    """An Adam ``step`` counter where torch's Adam keeps it: on the parameter's device for the
+    fused / capturable kernels, a CPU float32 scalar otherwise."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(value, dtype=torch.float32, device=param.device)
+    return torch.tensor(value, dtype=torch.float32)
+
+
 def _init_adam_state(optimizer) -> None:
     """Give a fresh optimizer Adam state to load into.
 
@@ -215,7 +223,7 @@ def _init_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for param in group["params"]:
                 if len(inner.state[param]) == 0:
-                    inner.state[param]["step"] = torch.tensor(0.0)
+                    inner.state[param]["step"] = _step_tensor(group, param, 0.0)
                     inner.state[param]["exp_avg"] = torch.zeros_like(param.data)
                     inner.state[param]["exp_avg_sq"] = torch.zeros_like(param.data)
 
@@ -228,7 +236,8 @@ def _restore_adam_steps(optimizer, loaded_opt) -> None:
     states, and the parameter-state copy that follows then overwrites it with the placeholder step
     of the freshly initialised state (0). Torch Adam increments each state's step in place, so
     either effect changes the bias correction after a resume (seen here as losses drifting from
-    the second step after resume). Each state gets a private tensor holding the saved step.
+    the second step after resume). Each state gets a private tensor holding the saved step, on
+    the device the optimizer keeps it (``_step_tensor``).
     """
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     saved = loaded_opt if isinstance(loaded_opt, list) else [loaded_opt]
@@ -240,9 +249,11 @@ def _restore_adam_steps(optimizer, loaded_opt) -> None:
             raise ValueError(f"checkpoint optimizer param_groups carry steps {sorted(steps)}; "
                              "expected exactly one common Adam step")
         step = float(steps.pop())
-        for st in opt.optimizer.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(step, dtype=torch.float32)
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                st = opt.optimizer.state.get(param)
+                if st and "step" in st:
+                    st["step"] = _step_tensor(group, param, step)
 
 
 @contextlib.contextmanager

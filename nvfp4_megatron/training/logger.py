@@ -44,15 +44,18 @@ class RunLogger:
         self._metrics.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
 
     def progress(self, *, step: int, total: int, tokens: int, loss: float, lr: float,
-                 grad_norm: float, tokens_per_s: float, elapsed: float, steps_done: int) -> None:
+                 grad_norm: float, tokens_per_s: float, elapsed: float, steps_done: int,
+                 mfu: float | None = None, peak_mem_gib: float | None = None) -> None:
         left = (total - step) * elapsed / max(steps_done, 1)
+        gpu = (f" | MFU {mfu:.1%}" if mfu is not None else "") + (
+            f" | peak mem {peak_mem_gib:.2f} GiB" if peak_mem_gib is not None else "")
         self.info(
             f"step {step:>6d}/{total} | tokens {tokens:,} | loss {loss:.4f} | lr {lr:.3e} | "
-            f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | left {_fmt_time(left)}"
+            f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s{gpu} | left {_fmt_time(left)}"
         )
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -32,8 +31,9 @@ from nvfp4_megatron.platform.distributed import init_distributed, initialize_mod
 from nvfp4_megatron.training import checkpoint as ckpt_lib
 from nvfp4_megatron.training import data as data_lib
 from nvfp4_megatron.training.logger import RunLogger
-from nvfp4_megatron.training.model import build_gpt, model_shape, wrap_model
-from nvfp4_megatron.training.optim import build_optimizer, build_scheduler, total_iters
+from nvfp4_megatron.training.model import build_training_stack, model_shape, recipe_from_config
+from nvfp4_megatron.training.optim import build_scheduler, total_iters
+from nvfp4_megatron.training.throughput import StepMeter
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,38 +66,6 @@ def _resolve_run_dir(run_dir: str | None) -> Path:
     return Path(obj[0])
 
 
-def _quant_modules():
-    """(registry, state) if the quant package provides them, else (None, None)."""
-    have = (importlib.util.find_spec("nvfp4_megatron.quant.registry") is not None
-            and importlib.util.find_spec("nvfp4_megatron.quant.state") is not None)
-    if not have:
-        return None, None
-    from nvfp4_megatron.quant import registry, state
-
-    return registry, state
-
-
-def _build_recipe(registry, precision: dict):
-    sw = dict(precision["switch_to_bf16"])
-    if sw.get("at_tokens") is not None:
-        tok = sw["at_tokens"]
-        if float(tok) != int(tok):
-            raise ValueError(f"precision.switch_to_bf16.at_tokens={tok} must be a whole number")
-        sw["at_tokens"] = int(tok)
-    if registry is None:
-        if precision["recipe"] != "bf16":
-            raise RuntimeError(f"precision.recipe={precision['recipe']!r} needs nvfp4_megatron.quant")
-        return None
-    return registry.build_recipe(
-        precision["recipe"],
-        bf16_first_blocks=precision["bf16_first_blocks"],
-        bf16_last_blocks=precision["bf16_last_blocks"],
-        bf16_blocks=precision["bf16_blocks"],
-        switch_to_bf16=sw,
-        backend=precision["backend"],
-    )
-
-
 def _switch_step(precision: dict, tokens_per_step: int) -> int | None:
     sw = precision["switch_to_bf16"]
     if sw["at_step"] is not None and sw["at_tokens"] is not None:
@@ -112,6 +80,8 @@ def _switch_step(precision: dict, tokens_per_step: int) -> int | None:
 class _Signals:
     """SIGTERM / SIGUSR1 set a flag; the loop saves and exits at the end of the current step."""
 
+    CODES = {None: 0, "SIGTERM": 1, "SIGUSR1": 2}
+
     def __init__(self) -> None:
         self.received: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -120,25 +90,33 @@ class _Signals:
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def any_rank(self) -> str | None:
-        flag = torch.tensor([0 if self.received is None else
-                             (1 if self.received == "SIGTERM" else 2)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return {0: None, 1: "SIGTERM", 2: "SIGUSR1"}[int(flag.item())]
+    def code(self) -> int:
+        return self.CODES[self.received]
 
 
-def _reduce_loss(losses: list[dict]) -> float:
-    """Mean loss over micro-batches and data-parallel replicas, known on every rank."""
+def _reduce_step(losses: list[dict], device: torch.device, signal_code: int = 0
+                 ) -> tuple[float, str | None]:
+    """(mean loss over micro-batches and data-parallel replicas, the signal any rank received),
+    known on every rank, with one all-reduce and one host synchronisation per step.
+
+    The tensor lives on the process group's device (CUDA for NCCL, CPU for gloo). Only the
+    pipeline's last stage holds losses, and only TP rank 0 / CP rank 0 of it counts them (their
+    TP and CP peers hold the same reduced value). The signal code rides in the same all-reduce as
+    a per-code count: [loss sum, count, #SIGTERM, #SIGUSR1]; SIGTERM wins over SIGUSR1.
+    """
     from megatron.core import parallel_state as ps
 
-    val, cnt = 0.0, 0.0
+    t = torch.zeros(4, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage() and losses and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_context_parallel_rank() == 0:
-        val = float(torch.stack([d["lm loss"].float() for d in losses]).mean())
-        cnt = 1.0
-    t = torch.tensor([val, cnt], dtype=torch.float64)
+        t[0] = torch.stack([d["lm loss"].float() for d in losses]).mean().to(torch.float64)
+        t[1] = 1.0
+    if signal_code:
+        t[1 + signal_code] = 1.0
     dist.all_reduce(t)
-    return float(t[0] / t[1])
+    loss_sum, count, n_term, n_usr1 = t.tolist()
+    sig = "SIGTERM" if n_term else ("SIGUSR1" if n_usr1 else None)
+    return loss_sum / count, sig
 
 
 def _forward_step_factory(inject_nan: dict):
@@ -224,11 +202,11 @@ def run(cfg) -> RunResult:
     iters = total_iters(t, seq_length=seq)
 
     tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
-    registry, qstate = _quant_modules()
-    recipe = _build_recipe(registry, c["precision"])
-    if qstate is not None:
-        qstate.reset_state()
-        qstate.set_run_seed(t["seed"])
+    from nvfp4_megatron.quant import state as qstate
+
+    recipe = recipe_from_config(c["precision"])
+    qstate.reset_state()
+    qstate.set_run_seed(t["seed"])
 
     # ---- data
     if d["data_path"] is None:
@@ -263,13 +241,12 @@ def run(cfg) -> RunResult:
              f"({entropy / math.log(2):.4f} bits); the loss is in nats too")
 
     # ---- model, optimizer, schedule
-    model, config, table = build_gpt(c, recipe, log=log.info)
+    stack = build_training_stack(c, recipe, log=log.info)
+    model, ddp, optimizer, table = stack.model, stack.ddp, stack.optimizer, stack.table
     if table is not None and rank0:
         (run_dir / "precision_table.txt").write_text(table.format() + "\n")
         if c["logging"]["print_precision_table"]:
             log.info(table.format())
-    ddp = wrap_model(model, config, bf16=t["bf16"])
-    optimizer = build_optimizer(ddp, t, bf16=t["bf16"])
     scheduler = build_scheduler(optimizer, t, iters)
     n_params = sum(pp.numel() for pp in model.parameters())
     log.info(f"[model] {n_params:,} parameters on rank 0's stage; {iters} steps of "
@@ -294,9 +271,11 @@ def run(cfg) -> RunResult:
 
     switch_at = _switch_step(c["precision"], tokens_per_step)
     scope = c["precision"]["switch_to_bf16"]["scope"]
-    if qstate is not None:
-        qstate.set_bf16_switch(bf16_switch)
+    qstate.set_bf16_switch(bf16_switch)
     signals = _Signals()
+    meter = StepMeter.for_run(c, info.world_size)
+    log.info(f"[throughput] {meter.describe()}; "
+             f"overlap_grad_reduce={stack.ddp.ddp_config.overlap_grad_reduce}")
     inject = {"now": False}
     forward_step = _forward_step_factory(inject)
     fb = get_forward_backward_func()
@@ -324,21 +303,20 @@ def run(cfg) -> RunResult:
             out = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
                      num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
                      forward_only=True)
-            losses_all.append(_reduce_loss(out))
+            losses_all.append(_reduce_step(out, info.device)[0])
         ddp.train()
         return sum(losses_all) / len(losses_all)
 
     t0 = time.time()
     steps_done, last_saved, valid_loss, stopped = 0, None, None, None
+    window_time, window_steps = 0.0, 0  # train-step time since the last progress line
     while iteration < iters:
         if switch_at is not None and iteration >= switch_at and bf16_switch is None:
             bf16_switch = scope
-            if qstate is not None:
-                qstate.set_bf16_switch(scope)
+            qstate.set_bf16_switch(scope)
             log.info(f"[precision] step {iteration}: switching {scope} GEMMs to BF16")
             log.record("precision", iteration, bf16_switch=scope)
-        if qstate is not None:
-            qstate.set_step(iteration)
+        qstate.set_step(iteration)
         inject["now"] = t["inject_nan_at_step"] is not None and iteration == t["inject_nan_at_step"]
         step_start = time.time()
         ddp.zero_grad_buffer()
@@ -350,7 +328,7 @@ def run(cfg) -> RunResult:
         losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
                     num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
                     forward_only=False)
-        loss = _reduce_loss(losses)
+        loss, stopped = _reduce_step(losses, info.device, signals.code())
         if not math.isfinite(loss):
             log.record("train", iteration, loss=loss, diverged=True)
             last = ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir))
@@ -366,26 +344,36 @@ def run(cfg) -> RunResult:
         lr = optimizer.param_groups[0]["lr"]
         dt = time.time() - step_start
         gn = float(grad_norm) if grad_norm is not None else float("nan")
+        gpu = {}
+        if torch.cuda.is_available():
+            gpu = {"mfu": meter.mfu(dt), "peak_mem_gib": meter.peak_memory_gib()}
         log.record("train", iteration, loss=loss, lr=lr, grad_norm=gn,
-                   tokens=iteration * tokens_per_step, step_time_s=dt)
+                   tokens=iteration * tokens_per_step, step_time_s=dt,
+                   tflops_per_gpu=meter.tflops_per_gpu(dt), **gpu)
+        window_time += dt
+        window_steps += 1
         if iteration % t["log_interval"] == 0 or iteration == iters or iteration == 1:
             elapsed = time.time() - t0
             log.progress(step=iteration, total=iters, tokens=iteration * tokens_per_step, loss=loss,
-                         lr=lr, grad_norm=gn, tokens_per_s=steps_done * tokens_per_step / elapsed,
-                         elapsed=elapsed, steps_done=steps_done)
+                         lr=lr, grad_norm=gn, tokens_per_s=window_steps * tokens_per_step / window_time,
+                         elapsed=elapsed, steps_done=steps_done,
+                         mfu=meter.mfu(window_time / window_steps),
+                         peak_mem_gib=meter.peak_memory_gib())
+            window_time, window_steps = 0.0, 0
         if t["eval_interval"] and iteration % t["eval_interval"] == 0 and iteration != iters:
             valid_loss = evaluate()
             log.record("valid", iteration, loss=valid_loss)
             log.info(f"[valid] step {iteration}: loss {valid_loss:.4f} nats "
                      f"(unigram entropy {entropy:.4f})")
-        if t["save_interval"] and iteration % t["save_interval"] == 0:
+        if t["save"] and t["save_interval"] and iteration % t["save_interval"] == 0:
             save()
             last_saved = iteration
-        stopped = signals.any_rank()
         if stopped:
-            if last_saved != iteration:
+            if t["save"] and last_saved != iteration:
                 save()
-            log.info(f"[signal] {stopped} received: saved step {iteration}, exiting cleanly")
+            log.info(f"[signal] {stopped} received: "
+                     + (f"saved step {iteration}, " if t["save"] else "train.save=false, nothing saved; ")
+                     + "exiting cleanly")
             break
         if t["exit_after_step"] is not None and iteration == t["exit_after_step"]:
             log.close()
@@ -394,7 +382,7 @@ def run(cfg) -> RunResult:
     if not stopped:
         valid_loss = evaluate()
         log.record("valid", iteration, loss=valid_loss)
-        if last_saved != iteration:
+        if t["save"] and last_saved != iteration:
             save()
         log.info(f"[done] {iteration} steps in {time.time() - t0:.1f}s | final validation loss "
                  f"{valid_loss:.4f} nats/token | unigram entropy of the training tokens "

@@ -13,6 +13,7 @@ optimizer keeps FP32 master weights) and then in Megatron's ``DistributedDataPar
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -144,14 +145,17 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     return model, config, table
 
 
-def wrap_model(model, config, *, bf16: bool):
+def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False):
     """Float16Module (BF16) + DDP, and the schedule hooks that make DDP reduce gradients.
 
     Megatron's pipeline schedules only synchronise gradients through hooks on the config:
     ``no_sync_func`` (accumulate locally across micro-batches) and ``finalize_model_grads_func``
     (data-parallel reduce-scatter into the distributed optimizer's shards, plus the all-reduce of
     sequence-parallel norm grads and of embedding grads shared across pipeline stages). Without
-    them every data-parallel rank would step on its own local gradient.
+    them every data-parallel rank would step on its own local gradient. With
+    ``overlap_grad_reduce`` DDP starts each bucket's reduce-scatter as soon as its gradients are
+    ready (during the backward of the last micro-batch); the schedule's ``grad_sync_func`` hook
+    is what lets the pipeline schedules launch them, and ``finalize_model_grads`` waits for them.
     """
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
@@ -160,12 +164,72 @@ def wrap_model(model, config, *, bf16: bool):
     if bf16:
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        config.grad_sync_func = ddp.start_grad_sync
     return ddp
+
+
+def recipe_from_config(precision: dict):
+    """The precision recipe named by the ``precision`` group (BF16 blocks, switch, backend)."""
+    from nvfp4_megatron.quant import registry
+
+    sw = dict(precision["switch_to_bf16"])
+    if sw.get("at_tokens") is not None:
+        tok = sw["at_tokens"]
+        if float(tok) != int(tok):
+            raise ValueError(f"precision.switch_to_bf16.at_tokens={tok} must be a whole number")
+        sw["at_tokens"] = int(tok)
+    return registry.build_recipe(
+        precision["recipe"],
+        bf16_first_blocks=precision["bf16_first_blocks"],
+        bf16_last_blocks=precision["bf16_last_blocks"],
+        bf16_blocks=precision["bf16_blocks"],
+        switch_to_bf16=sw,
+        backend=precision["backend"],
+    )
+
+
+def resolve_overlap_grad_reduce(train: dict) -> bool:
+    """``train.overlap_grad_reduce``: null -> on when there is a GPU (NCCL), off on CPU (gloo)."""
+    v = train["overlap_grad_reduce"]
+    return torch.cuda.is_available() if v is None else bool(v)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingStack:
+    """What ``pretrain.py`` trains: this stage's model, its DDP wrapper, the optimizer."""
+
+    model: Any  # this pipeline stage's GPTModel (unwrapped)
+    ddp: Any  # Megatron DistributedDataParallel around Float16Module(model) (BF16) or model
+    optimizer: Any  # Megatron's distributed optimizer
+    config: Any  # the TransformerConfig
+    table: Any  # the precision table (what each GEMM runs), or None without the quant spec
+    recipe: Any
+
+
+def build_training_stack(cfg: dict, recipe=None, *, log=print) -> TrainingStack:
+    """Model -> precision policy -> Float16Module -> DDP -> distributed optimizer, as the training
+    loop builds them. ``cfg`` is the composed config as plain Python (``cli.compose.to_plain``);
+    ``recipe`` defaults to the one ``cfg.precision`` names. Benchmarks and multi-GPU comparisons
+    build through this function so that they measure what ``pretrain.py`` runs; Megatron's model
+    parallel state must be initialised first (``platform.distributed``)."""
+    from nvfp4_megatron.training.optim import build_optimizer
+
+    t = cfg["train"]
+    if recipe is None:
+        recipe = recipe_from_config(cfg["precision"])
+    model, config, table = build_gpt(cfg, recipe, log=log)
+    ddp = wrap_model(model, config, bf16=t["bf16"],
+                     overlap_grad_reduce=resolve_overlap_grad_reduce(t))
+    optimizer = build_optimizer(ddp, t, bf16=t["bf16"])
+    return TrainingStack(model=model, ddp=ddp, optimizer=optimizer, config=config, table=table,
+                         recipe=recipe)
 
 
 def model_shape(cfg: dict) -> dict:

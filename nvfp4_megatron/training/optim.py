@@ -39,7 +39,37 @@ def build_optimizer(ddp_model, train: dict, *, bf16: bool):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=True,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+    optimizer = get_megatron_optimizer(config, [ddp_model])
+    if torch.cuda.is_available():
+        use_fused_adam(optimizer)
+    return optimizer
+
+
+def inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside Megatron's (possibly chained) distributed optimizer."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def use_fused_adam(optimizer) -> None:
+    """Run torch's Adam as its fused CUDA kernel (one launch per dtype/device group).
+
+    Without Apex or Transformer Engine, Megatron-Core builds ``torch.optim.AdamW`` with neither
+    ``fused`` nor ``foreach`` (torch then picks the multi-launch foreach path); the fused kernel
+    computes the same update in one pass over the FP32 master weights. The flag is read from the
+    param group at each ``step()``; ``fused`` Adam keeps its ``step`` counters on the parameter's
+    device (``training/checkpoint.py`` creates them there when it restores them).
+    """
+    import torch
+
+    for inner in inner_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"use_fused_adam: expected torch Adam/AdamW inside Megatron's "
+                            f"optimizer, found {type(inner).__name__}")
+        for group in inner.param_groups:
+            if any(not (p.is_cuda and p.dtype.is_floating_point) for p in group["params"]):
+                raise ValueError("fused Adam needs floating-point CUDA parameters")
+            group["fused"], group["foreach"] = True, False
+        inner.defaults["fused"], inner.defaults["foreach"] = True, False
 
 
 def build_scheduler(optimizer, train: dict, iters: int):

@@ -136,6 +136,7 @@ def _record_and_run(record_dir: str, argv: list[str]) -> None:
 
     from nvfp4_megatron.cli.compose import compose_config
     from nvfp4_megatron.training import loop
+    from nvfp4_megatron.training import model as model_lib
 
     if not torch.cuda.is_available():
         from nvfp4_megatron.megatron import context_parallel as cpm
@@ -143,7 +144,7 @@ def _record_and_run(record_dir: str, argv: list[str]) -> None:
         if hasattr(cpm, "route_megatron_rope_slice_to_cpu_safe"):
             cpm.route_megatron_rope_slice_to_cpu_safe()  # Megatron's RoPE CP slice calls .cuda()
 
-    build = loop.build_gpt
+    build = model_lib.build_gpt  # build_training_stack's model step
 
     def build_and_record(c, recipe, log):
         model, config, table = build(c, recipe, log=log)
@@ -173,7 +174,7 @@ def _record_and_run(record_dir: str, argv: list[str]) -> None:
         Path(record_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(rec))
         return model, config, table
 
-    loop.build_gpt = build_and_record
+    model_lib.build_gpt = build_and_record
     loop.run(compose_config(argv))
 
 
