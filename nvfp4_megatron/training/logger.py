@@ -18,6 +18,17 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _drop_torn_row(path: Path) -> None:
+    """A run killed mid-write (kill -9, node failure) can leave half a JSON row at the end of
+    ``metrics.jsonl``; cut it off before a resumed run appends, so every line stays one row."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, plot: bool) -> None:
         self.enabled = enabled
@@ -27,7 +38,9 @@ class RunLogger:
         self._metrics = None
         if not enabled:
             return
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        _drop_torn_row(path)
+        self._metrics = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
