@@ -1,26 +1,27 @@
 """Training-step benchmark: step time, tokens/s, MFU and peak memory per precision recipe.
 
-Model: the NVFP4 paper's 1.2B dense ablation shape (arXiv 2509.25149 App. / DESIGN.md §4): 20
-blocks, d=2048, FFN 6144 squared-ReLU, 16 Q / 8 KV heads of 128, RoPE, RMSNorm, no biases,
-untied embeddings, vocab 131072; Megatron-Core GPTModel with this project's layer spec (quantized
-linears, SDPA attention), BF16 parameters (Float16Module), Megatron DDP (FP32 grad buffer) and
-Megatron's distributed optimizer (Adam, FP32 master weights), one GPU, one micro-batch per step.
+Measures the product: the model, its DDP wrapper and the optimizer come from
+``training.model.build_training_stack`` (what ``pretrain.py`` trains) on a config composed like
+``pretrain.py``'s (``--recipe-yaml`` + ``precision.recipe=R`` + ``--set`` overrides), the step is
+the training loop's (``training.loop.make_forward_step`` under Megatron's schedule, then the
+distributed optimizer). Only the data differ: one fixed batch of random tokens, so no data loader
+or tokenizer is in the timing.
+
+Default model: the NVFP4 paper's 1.2B dense ablation shape (``recipes/bf16_1p2b.yaml``: 20 blocks,
+d=2048, FFN 6144 squared-ReLU, 16 Q / 8 KV heads of 128, RoPE, RMSNorm, vocab 131072) at seq 4096,
+micro-batch 2, one GPU. Each recipe keeps its own BF16-block policy (``nvfp4``: the paper's first 2
++ last 8 blocks BF16; ``nvfp4_all_layers``: none).
 
 Per recipe: build, ``--warmup`` steps, then ``--steps`` timed steps (CUDA-synchronised wall clock
 per step; the median is reported). Peak memory is ``torch.cuda.max_memory_allocated`` over the
 timed steps; ``static`` is what is allocated before the first step (weights, grads, optimizer).
+FLOPs per step and MFU: ``training/throughput.py`` (the same formula as the training loop's
+progress line; MFU against the GPU's dense BF16 peak).
 
-FLOPs per step (the MFU numerator), per token, forward; x3 for forward + backward:
-    linears  2 * L * d * (q + 2 kv + d + 2 * ffn)         (q = 16*128, kv = 8*128)
-    attention 2 * 2 * L * s * q * 1/2                     (QK^T and AV, causal: half the matrix)
-    LM head  2 * d * V
-MFU = FLOPs / step time / 989 TFLOP/s (H100/H200 dense BF16 peak). Quantized recipes do the same
-FLOPs (the NVFP4/MXFP8 emulation runs them on BF16 tensor cores; FP8-CS on FP8 ones).
-
-Usage (GPU): ``python scripts/bench_step.py --json out.json`` (no Hydra needed). The
-``--saved-input`` option measures the memory saved by keeping the Wgrad copy of X quantized
-(``quantized``) versus keeping X in BF16 (``bf16``); ``RECIPE:bf16`` in ``--recipes`` runs one
-recipe that way. ``--profile RECIPES`` adds one profiled step (kernel and host-call tables).
+Usage (GPU): ``python scripts/bench_step.py --json out.json``. ``--saved-input`` measures the
+memory saved by keeping the Wgrad copy of X quantized (``quantized``) versus in BF16 (``bf16``);
+``RECIPE:bf16`` in ``--recipes`` runs one recipe that way. ``--profile RECIPES`` adds one profiled
+step (kernel and host-call tables).
 """
 
 from __future__ import annotations
@@ -28,105 +29,55 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-PEAK_BF16_FLOPS = 989e12
 
-SHAPE = dict(num_layers=20, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16,
-             num_query_groups=8, kv_channels=128, vocab_size=131072)
+def compose(args, recipe_name: str) -> dict:
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
 
-
-def flops_per_step(tokens: int, seq: int, s=SHAPE) -> float:
-    d, L, V = s["hidden_size"], s["num_layers"], s["vocab_size"]
-    q = s["num_attention_heads"] * s["kv_channels"]
-    kv = s["num_query_groups"] * s["kv_channels"]
-    lin = 2 * L * d * (q + 2 * kv + d + 2 * s["ffn_hidden_size"])
-    attn = 2 * 2 * L * seq * q * 0.5
-    head = 2 * d * V
-    return 3.0 * tokens * (lin + attn + head)
-
-
-def build(recipe_name: str, seq: int, device: str = "cuda"):
-    from megatron.core.activations import squared_relu
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from nvfp4_megatron.megatron.policy import apply_precision
-    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
-    from nvfp4_megatron.quant.registry import get_recipe
-
-    tc = TransformerConfig(
-        num_layers=SHAPE["num_layers"], hidden_size=SHAPE["hidden_size"],
-        ffn_hidden_size=SHAPE["ffn_hidden_size"],
-        num_attention_heads=SHAPE["num_attention_heads"],
-        num_query_groups=SHAPE["num_query_groups"], kv_channels=SHAPE["kv_channels"],
-        normalization="RMSNorm", add_bias_linear=False, activation_func=squared_relu,
-        hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
-        pipeline_dtype=torch.bfloat16, gradient_accumulation_fusion=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, init_method_std=0.02,
-        use_cpu_initialization=(device == "cpu"),
-    )
-    model = GPTModel(config=tc, transformer_layer_spec=quantized_gpt_block_spec(tc),
-                     vocab_size=SHAPE["vocab_size"], max_sequence_length=seq,
-                     share_embeddings_and_output_weights=False,
-                     position_embedding_type="rope").to(device)
-    table = apply_precision([model], get_recipe(recipe_name), log=False)
-    model = Float16Module(tc, model)
-    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        model)
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, bf16=True,
-                        params_dtype=torch.bfloat16, use_distributed_optimizer=True,
-                        clip_grad=1.0), [ddp])
-    return tc, ddp, opt, table
+    overrides = [f"+recipe={args.recipe_yaml}", f"precision.recipe={recipe_name}",
+                 f"model.seq_length={args.seq}", f"train.micro_batch_size={args.micro_batch}",
+                 f"train.global_batch_size={args.micro_batch}", "train.train_iters=100",
+                 "train.train_tokens=null", *args.set]
+    return to_plain(compose_config(overrides))
 
 
 def run_recipe(spec: str, args, log) -> dict:
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
+    from nvfp4_megatron.training.loop import make_forward_step
+    from nvfp4_megatron.training.model import build_training_stack
+    from nvfp4_megatron.training.throughput import StepMeter
 
     recipe_name, _, saved = spec.partition(":")
     saved = saved or args.saved_input
     prev = qlinear.set_saved_input_mode(saved)
     qstate.reset_state()
     torch.manual_seed(1234)
-    tc, ddp, opt, table = build(recipe_name, args.seq)
-    tc.finalize_model_grads_func = finalize_model_grads
-    mb, seq = args.micro_batch, args.seq
+    cfg = compose(args, recipe_name)
+    stack = build_training_stack(cfg, log=lambda msg: None)
+    ddp, opt, table = stack.ddp, stack.optimizer, stack.table
+    meter = StepMeter.for_run(cfg, world_size=1)
+    mb, seq, vocab = args.micro_batch, args.seq, cfg["model"]["vocab_size"]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    data = torch.randint(0, SHAPE["vocab_size"], (mb, seq + 1), device="cuda", generator=gen)
-    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    pos = torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, seq)
-
-    def forward_step(data_iterator, model):
-        out = model(tokens, pos, None, labels=labels)
-
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss, {"lm loss": loss.detach()}
-
-        return out, loss_func
-
+    data = torch.randint(0, vocab, (mb, seq + 1), device="cuda", generator=gen)
+    batch = {"tokens": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous(),
+             "loss_mask": torch.ones(mb, seq, device="cuda"),
+             "position_ids": torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, seq)}
+    forward_step = make_forward_step()
     fb = get_forward_backward_func()
 
     def step(i: int) -> float:
         qstate.set_step(i)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        res = fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],
+        res = fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp],
                  num_microbatches=1, seq_length=seq, micro_batch_size=mb, forward_only=False)
         opt.step()
         return res[0]["lm loss"]
@@ -148,13 +99,13 @@ def run_recipe(spec: str, args, log) -> dict:
     peak = torch.cuda.max_memory_allocated()
     med = statistics.median(times)
     ntok = mb * seq
-    fl = flops_per_step(ntok, seq)
+    fl = meter.flops_per_step
     res = {
         "recipe": recipe_name, "saved_input": saved, "micro_batch": mb, "seq": seq,
         "quantized_blocks": list(table.quantized_blocks()), "bf16_blocks": list(table.bf16_blocks),
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
         "step_ms_all": [t * 1e3 for t in times], "tokens_per_s": ntok / med,
-        "tflops": fl / med / 1e12, "mfu": fl / med / PEAK_BF16_FLOPS,
+        "tflops": fl / med / 1e12, "mfu": meter.mfu(med),
         "peak_mem_gib": peak / 2**30, "static_mem_gib": static / 2**30,
         "losses": losses,
     }
@@ -168,7 +119,7 @@ def run_recipe(spec: str, args, log) -> dict:
             f"{prof['gpu_busy_ms']:.1f} ms, sync-like calls {prof['sync_like_calls']}")
         log(prof["gpu_table"])
         log(prof["cpu_table"])
-    del ddp, opt, table
+    del ddp, opt, table, stack
     qlinear.set_saved_input_mode(prev)
     gc.collect()
     torch.cuda.empty_cache()
@@ -204,6 +155,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipes", default="bf16,fp8_cs,nvfp4_all_layers,mxfp8,"
                     "nvfp4_all_layers:bf16,nvfp4,fp8_cs:bf16")
+    ap.add_argument("--recipe-yaml", default="bf16_1p2b",
+                    help="recipes/NAME.yaml giving the model (precision.recipe is set per run)")
+    ap.add_argument("--set", action="append", default=[],
+                    help="extra config override, as on pretrain.py's command line (repeatable)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
@@ -221,18 +176,20 @@ def main() -> int:
 
     from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
     from nvfp4_megatron.quant import gemm
+    from nvfp4_megatron.training.throughput import model_flops_per_step
 
     init_distributed()
     initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    cfg0 = compose(args, "bf16")
 
     def log(msg):
         print(msg, flush=True)
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "capability": list(torch.cuda.get_device_capability()),
-            "gemm_backends": gemm.describe_backends(), "shape": SHAPE,
-            "flops_per_step": flops_per_step(args.micro_batch * args.seq, args.seq)}
+            "gemm_backends": gemm.describe_backends(), "model": cfg0["model"],
+            "flops_per_step": model_flops_per_step(cfg0)}
     log(json.dumps(meta, indent=1))
     results = []
     for spec in [r for r in args.recipes.split(",") if r]:

@@ -148,8 +148,9 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                          "quantized_gpt_layer_spec")
     rows = _gather_rows(rows)
     used = sorted({r.backend for r in rows if r.quantized})
-    if used:  # name what runs: e.g. "emulated:fp32_reference" on CPU, "native:fp8_scaled_mm" on H100
-        backend = ",".join(used)
+    # name what runs: e.g. "emulated:fp32_reference" on CPU, "native:fp8_scaled_mm" on H100;
+    # "bf16" when no GEMM is quantized (the bf16 recipe: Megatron's own linears multiply)
+    backend = ",".join(used) if used else "bf16"
     table = PrecisionTable(recipe=recipe.name, backend=backend, num_blocks=num_blocks,
                            bf16_blocks=tuple(sorted(bf16)), schedule=_schedule_text(recipe),
                            rows=tuple(rows))

@@ -2,11 +2,12 @@
 
 One step: ``quant.state.set_step`` (and the BF16 switch when the precision schedule says so, paper
 arXiv 2509.25149 App. D) -> this DP rank's micro-batches of the global batch -> Megatron's
-``get_forward_backward_func()`` schedule (pipeline parallelism included) -> the loss is reduced over
-the data-parallel replicas and checked (NaN/Inf stops the run, names the step and leaves the last
-checkpoint as it was) -> the distributed optimizer steps (gradient clipping inside) -> the LR
-scheduler steps. Validation runs every ``eval_interval`` steps on a fixed set of validation
-batches; checkpoints every ``save_interval`` and at the end; SIGTERM/SIGUSR1 (Slurm preemption)
+``get_forward_backward_func()`` schedule (pipeline parallelism included) -> the loss reduction over
+the data-parallel replicas starts (asynchronously) -> the distributed optimizer steps (gradient
+clipping inside) -> the loss is read and checked (NaN/Inf stops the run before anything is saved,
+names the step and leaves the last checkpoint as it was) -> the LR scheduler steps. On GPUs a step
+synchronises the host twice: Megatron's gradient norm and the reduced loss. Validation runs every
+``eval_interval`` steps on a fixed set of validation batches; checkpoints every ``save_interval`` and at the end; SIGTERM/SIGUSR1 (Slurm preemption)
 finish the current step, save, and exit cleanly.
 """
 
@@ -94,35 +95,46 @@ class _Signals:
         return self.CODES[self.received]
 
 
-def _reduce_step(losses: list[dict], device: torch.device, signal_code: int = 0
-                 ) -> tuple[float, str | None]:
+class _StepReduce:
     """(mean loss over micro-batches and data-parallel replicas, the signal any rank received),
-    known on every rank, with one all-reduce and one host synchronisation per step.
+    known on every rank: one asynchronous all-reduce started before the optimizer step and read
+    after it, so the step has one host synchronisation for it (Megatron's gradient clipping takes
+    the other, for the norm).
 
     The tensor lives on the process group's device (CUDA for NCCL, CPU for gloo). Only the
     pipeline's last stage holds losses, and only TP rank 0 / CP rank 0 of it counts them (their
-    TP and CP peers hold the same reduced value). The signal code rides in the same all-reduce as
-    a per-code count: [loss sum, count, #SIGTERM, #SIGUSR1]; SIGTERM wins over SIGUSR1.
+    TP and CP peers hold the same reduced value). The signal rides in the same all-reduce as a
+    per-code count: [loss sum, count, #SIGTERM, #SIGUSR1]; SIGTERM wins over SIGUSR1.
     """
-    from megatron.core import parallel_state as ps
 
-    t = torch.zeros(4, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage() and losses and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_context_parallel_rank() == 0:
-        t[0] = torch.stack([d["lm loss"].float() for d in losses]).mean().to(torch.float64)
-        t[1] = 1.0
-    if signal_code:
-        t[1 + signal_code] = 1.0
-    dist.all_reduce(t)
-    loss_sum, count, n_term, n_usr1 = t.tolist()
-    sig = "SIGTERM" if n_term else ("SIGUSR1" if n_usr1 else None)
-    return loss_sum / count, sig
+    def __init__(self, losses: list[dict], device: torch.device, signal_code: int = 0) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.t = torch.zeros(4, dtype=torch.float64, device=device)
+        if ps.is_pipeline_last_stage() and losses and ps.get_tensor_model_parallel_rank() == 0 \
+                and ps.get_context_parallel_rank() == 0:
+            self.t[0] = torch.stack([d["lm loss"].float() for d in losses]).mean().double()
+            self.t[1] = 1.0
+        if signal_code:
+            self.t[1 + signal_code] = 1.0
+        self.work = dist.all_reduce(self.t, async_op=True)
+
+    def result(self) -> tuple[float, str | None]:
+        self.work.wait()
+        loss_sum, count, n_term, n_usr1 = self.t.tolist()
+        return loss_sum / count, ("SIGTERM" if n_term else ("SIGUSR1" if n_usr1 else None))
 
 
-def _forward_step_factory(inject_nan: dict):
+def make_forward_step(inject_nan: dict | None = None):
+    """The forward step Megatron's schedules call: one micro-batch (a dict of ``tokens``,
+    ``labels``, ``loss_mask``, ``position_ids`` from the data iterator) through the model, and the
+    masked mean token loss (CP-aware). ``inject_nan={"now": bool}`` is the NaN test knob.
+    Benchmarks use it too (``scripts/bench_step.py``)."""
     from megatron.core import parallel_state as ps
 
     from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
+
+    inject_nan = {"now": False} if inject_nan is None else inject_nan
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -277,7 +289,7 @@ def run(cfg) -> RunResult:
     log.info(f"[throughput] {meter.describe()}; "
              f"overlap_grad_reduce={stack.ddp.ddp_config.overlap_grad_reduce}")
     inject = {"now": False}
-    forward_step = _forward_step_factory(inject)
+    forward_step = make_forward_step(inject)
     fb = get_forward_backward_func()
     dp_rank = ps.get_data_parallel_rank()
 
@@ -303,7 +315,7 @@ def run(cfg) -> RunResult:
             out = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
                      num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
                      forward_only=True)
-            losses_all.append(_reduce_step(out, info.device)[0])
+            losses_all.append(_StepReduce(out, info.device).result()[0])
         ddp.train()
         return sum(losses_all) / len(losses_all)
 
@@ -328,8 +340,11 @@ def run(cfg) -> RunResult:
         losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
                     num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
                     forward_only=False)
-        loss, stopped = _reduce_step(losses, info.device, signals.code())
+        reduce = _StepReduce(losses, info.device, signals.code())
+        ok, grad_norm, _ = optimizer.step()
+        loss, stopped = reduce.result()
         if not math.isfinite(loss):
+            # the weights just stepped are discarded with the process: nothing is saved
             log.record("train", iteration, loss=loss, diverged=True)
             last = ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir))
             log.close()
@@ -337,7 +352,6 @@ def run(cfg) -> RunResult:
                 f"loss is {loss} at step {iteration}; stopped without saving. The last good "
                 f"checkpoint is {last if last else '(none)'}"
             )
-        ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         iteration += 1
         steps_done += 1
