@@ -174,7 +174,8 @@ def main() -> int:
 
     from megatron.core import tensor_parallel
 
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.platform.distributed import (configure_determinism, init_distributed,
+                                                      initialize_model_parallel)
     from nvfp4_megatron.quant import gemm
     from nvfp4_megatron.training.throughput import model_flops_per_step
 
@@ -182,6 +183,7 @@ def main() -> int:
     initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     cfg0 = compose(args, "bf16")
+    configure_determinism(cfg0["train"]["deterministic"], log=print)  # as pretrain.py does
 
     def log(msg):
         print(msg, flush=True)

@@ -53,6 +53,10 @@ recipe is 4e-2 to 2e-1 on this tiny model (RESULTS.md), so the default ``--lr`` 
 the floors sit below the bounds. A miss whose floor is at or
 above the bound is reported ``NOISY`` (inconclusive, not a pass).
 
+Every run builds its model, DDP wrapper and optimizer with ``training.model.build_training_stack``
+(what ``pretrain.py`` trains) on a config composed from the run's shape, layout and recipe; only
+the data, the loss bookkeeping and the checks are this script's.
+
 Every run reports the median step time (steps after the first) and tokens/s (distinct tokens per
 second of the job; the DP-duplicated references process each token twice, so their tokens/s is the
 one-GPU figure). Parameters, gradients and optimizer states are FP32 (as in the CPU tests), so
@@ -169,22 +173,66 @@ def _jitter(model, eps: float) -> None:
             p.mul_(1 + eps * sign)
 
 
+def _ov(key: str, value) -> str:
+    """One Hydra override, ``key=value`` with YAML spellings (true/false/null, [a,b])."""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif value is None:
+        value = "null"
+    elif isinstance(value, (list, tuple)):
+        value = "[" + ",".join(str(v) for v in value) + "]"
+    return f"{key}={value}"
+
+
+def _compose(run: dict, sz: dict) -> dict:
+    """The run's model, layout, recipe and optimizer as ``pretrain.py``'s composed config.
+
+    FP32 parameters (``train.bf16=false``), the project's emulated GEMMs (``precision.backend=
+    emulated``, also where Transformer Engine could run a recipe: the amax checks observe the
+    emulation's quantizers), constant-lr Adam without weight decay or clipping, no MoE auxiliary
+    loss, and CPU initialisation on every device: each weight is drawn whole on the CPU and then
+    sharded, so TP2 starts from TP1's weights and the data-parallel replicas from the same ones.
+    The optimizer is the training stack's distributed one except for the ``ckpt`` pair
+    (``dist_opt: False``: Megatron's non-distributed optimizer, saved with plain
+    dist_checkpointing)."""
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
+
+    lay, moe = run["layout"], run.get("moe", False)
+    ov = [_ov("model.num_layers", 2 if moe else sz["layers"]),
+          _ov("model.hidden_size", sz["hidden"]), _ov("model.num_attention_heads", sz["heads"]),
+          _ov("model.num_query_groups", sz["groups"]),
+          _ov("model.ffn_hidden_size", sz["ffn"]), "model.normalization=RMSNorm",
+          "model.activation=gelu", _ov("model.vocab_size", sz["vocab"]),
+          _ov("model.seq_length", sz["seq"]), "model.position_embedding_type=rope",
+          "model.add_bias_linear=false", "model.use_cpu_initialization=true",
+          _ov("parallel.tensor_model_parallel_size", lay.get("tp", 1)),
+          _ov("parallel.pipeline_model_parallel_size", lay.get("pp", 1)),
+          _ov("parallel.context_parallel_size", lay.get("cp", 1)),
+          _ov("parallel.expert_model_parallel_size", lay.get("ep", 1)),
+          _ov("parallel.expert_tensor_parallel_size", lay.get("etp")),
+          _ov("parallel.sequence_parallel", lay.get("sp", False)),
+          "parallel.moe_token_dispatcher_type=alltoall",
+          _ov("precision.recipe", run["recipe"]), "precision.backend=emulated",
+          *[_ov(f"precision.{k}", v) for k, v in run.get("overrides", {}).items()],
+          _ov("train.lr", run["lr"]), "train.weight_decay=0.0", "train.clip_grad=0.0",
+          "train.adam_beta1=0.9", "train.adam_beta2=0.999", "train.bf16=false",
+          _ov("train.use_distributed_optimizer", run.get("dist_opt", True)),
+          "train.save=false"]  # the training loop's own checkpointing is not used here
+    if moe:
+        ov += ["model.num_moe_experts=4", "model.moe_router_topk=2",
+               _ov("model.moe_ffn_hidden_size", sz["ffn"] // 2), "model.moe_aux_loss_coeff=0.0"]
+    return to_plain(compose_config(ov))
+
+
 def _train(run: dict, sz: dict, device: torch.device, out_dir: Path) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
-    from nvfp4_megatron.megatron.policy import apply_precision
-    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
-    from nvfp4_megatron.quant.registry import build_recipe
+    from nvfp4_megatron.training.model import build_training_stack
 
     lay = run["layout"]
     # use_cpu_initialization draws from the CPU default generator, which Megatron's seed call
@@ -192,39 +240,11 @@ def _train(run: dict, sz: dict, device: torch.device, out_dir: Path) -> dict:
     torch.manual_seed(1234)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     qstate.reset_state()
-    moe = run.get("moe", False)
-    tc = TransformerConfig(
-        num_layers=2 if moe else sz["layers"], hidden_size=sz["hidden"],
-        num_attention_heads=sz["heads"], num_query_groups=sz["groups"],
-        ffn_hidden_size=sz["ffn"], normalization="RMSNorm",
-        tensor_model_parallel_size=lay.get("tp", 1), pipeline_model_parallel_size=lay.get("pp", 1),
-        context_parallel_size=lay.get("cp", 1), expert_model_parallel_size=lay.get("ep", 1),
-        expert_tensor_parallel_size=lay.get("etp"), sequence_parallel=lay.get("sp", False),
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, add_bias_linear=False,
-        num_moe_experts=4 if moe else None, moe_router_topk=2,
-        moe_ffn_hidden_size=sz["ffn"] // 2 if moe else None,
-        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
-        gradient_accumulation_fusion=False, bias_activation_fusion=False,
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
-    model = GPTModel(config=tc, transformer_layer_spec=quantized_gpt_block_spec(tc),
-                     vocab_size=sz["vocab"], max_sequence_length=sz["seq"],
-                     position_embedding_type="rope",
-                     pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage())
-    if device.type == "cuda":
-        model.cuda(device)
-    recipe = build_recipe(run["recipe"], **run.get("overrides", {}))
-    table = apply_precision(model, recipe)
-    dist_opt = run.get("dist_opt", False)
-    ddp = DistributedDataParallel(
-        config=tc, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), module=model)
-    tc.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=run["lr"], weight_decay=0.0,
-                        params_dtype=torch.float32, clip_grad=0.0,
-                        use_distributed_optimizer=dist_opt), [ddp])
+    # model (moved to this rank's GPU after its CPU initialisation), precision policy, DDP and
+    # optimizer: what pretrain.py builds
+    stack = build_training_stack(_compose(run, sz), log=lambda msg: None)
+    model, ddp, opt, table = stack.model, stack.ddp, stack.optimizer, stack.table
+    dist_opt = run.get("dist_opt", True)
     meta = {"model": {"check": "multigpu_check", **sz}, "world_size":
             torch.distributed.get_world_size(),
             "parallel": {"tensor_model_parallel_size": lay.get("tp", 1),

@@ -51,6 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulatedCrash as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 17
+    except RuntimeError as err:
+        if "does not have a deterministic implementation" not in str(err):
+            raise
+        from nvfp4_megatron.platform.distributed import DETERMINISM_HINT
+
+        print(f"error: {err}\n{DETERMINISM_HINT}", file=sys.stderr, flush=True)
+        return 2
     finally:
         import torch.distributed as dist
 

@@ -90,6 +90,7 @@ class ModelConfig:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
     moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 1.0e-2  # load-balancing loss weight (0: none)
     hybrid_override_pattern: Optional[str] = None
     mamba_num_heads: Optional[int] = None
     mamba_head_dim: int = 64
@@ -100,6 +101,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Draw each weight whole on the CPU, then shard it: every TP/EP layout (and every data-parallel
+    # replica) starts from the same weights. null -> only without a GPU (on a GPU each TP rank
+    # draws its own shard on the device).
+    use_cpu_initialization: Optional[bool] = None
 
 
 @dataclass(kw_only=True)
@@ -159,12 +164,18 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = True  # BF16 params/activations (Float16Module) with FP32 master weights
+    # Megatron's distributed optimizer (Adam state sharded over data-parallel ranks); false: every
+    # rank keeps the whole optimizer state (gradients all-reduced instead of reduce-scattered);
+    # false needs save=false (training/checkpoint.py resumes the distributed optimizer only)
+    use_distributed_optimizer: bool = True
     log_interval: int = 10
     eval_interval: int = 50
     eval_iters: int = 4
     save_interval: Optional[int] = None  # None -> only at the end
     keep_last: int = 2
     save: bool = True  # false: write no checkpoint at all (benchmarks, throw-away runs)
+    # bit-identical reruns and resumes on the same GPU (platform/distributed.configure_determinism)
+    deterministic: bool = True
     # DDP reduce-scatters gradient buckets during the backward; null -> on with GPUs (NCCL), off on CPU
     overlap_grad_reduce: Optional[bool] = None
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
 from nvfp4_megatron.platform.gpu_fastpaths import install_gpu_fastpaths
 
-__all__ = ["DistInfo", "init_distributed", "initialize_model_parallel", "validate_layout"]
+__all__ = ["DistInfo", "configure_determinism", "init_distributed", "initialize_model_parallel",
+           "validate_layout"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +98,43 @@ def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
         backend=dist.get_backend(),
         device=device,
     )
+
+
+DETERMINISM_HINT = ("train.deterministic=true asks for deterministic CUDA kernels and this "
+                    "operation has none; set train.deterministic=false to allow it (a resumed run "
+                    "then no longer reproduces the uninterrupted loss curve bit for bit)")
+
+
+def configure_determinism(enabled: bool, *, log=print) -> None:
+    """``train.deterministic``: the same inputs give the same bits on the same GPU, so a resumed
+    run continues the uninterrupted run's loss curve exactly.
+
+    Found on the H200 (docs/RESULTS.md): PyTorch's SDPA backward is not deterministic by default
+    (cuDNN attention and flash attention accumulate dQ with atomics), and with
+    ``use_deterministic_algorithms(True, warn_only=True)`` it stays so (it only warns). Strict
+    mode, ``use_deterministic_algorithms(True)``, is what changes the kernels: cuDNN attention is
+    no longer selected and flash attention's backward runs its deterministic variant. The same
+    warn-only run listed no other nondeterministic operation on the training path. An operation
+    without a deterministic kernel raises in strict mode; ``cli/pretrain.py`` reports it with
+    :data:`DETERMINISM_HINT` (e.g. the Microsoft-FP4 OCC quantile uses ``kthvalue``).
+
+    Also: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's fixed-workspace mode, which PyTorch requires
+    for deterministic GEMMs; set before the first GEMM, so call this before building the model),
+    cuDNN deterministic, and no NaN-filling of uninitialised memory (a PyTorch default of this
+    mode that costs a kernel per allocation; the training path reads no uninitialised memory).
+    The project's own kernels are deterministic by construction (max reductions, stochastic
+    rounding from a counter-based RNG keyed by seed, step and layer). CPU runs are deterministic
+    already; nothing is changed there.
+    """
+    if not enabled or not torch.cuda.is_available():
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    log(f"[determinism] deterministic CUDA kernels (CUBLAS_WORKSPACE_CONFIG="
+        f"{os.environ['CUBLAS_WORKSPACE_CONFIG']}); train.deterministic=false to turn off")
 
 
 def validate_layout(

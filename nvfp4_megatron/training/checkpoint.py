@@ -249,11 +249,12 @@ def _restore_adam_steps(optimizer, loaded_opt) -> None:
             raise ValueError(f"checkpoint optimizer param_groups carry steps {sorted(steps)}; "
                              "expected exactly one common Adam step")
         step = float(steps.pop())
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                st = opt.optimizer.state.get(param)
-                if st and "step" in st:
-                    st["step"] = _step_tensor(group, param, step)
+        inner = opt.optimizer
+        on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
+        for st in inner.state.values():  # every state, keyed as the load left them
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32,
+                                          device=st["exp_avg"].device if on_device else "cpu")
 
 
 @contextlib.contextmanager

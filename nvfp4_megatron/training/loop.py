@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 
 from nvfp4_megatron.cli.compose import to_plain
 from nvfp4_megatron.parallel.planner import run_layout
-from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+from nvfp4_megatron.platform.distributed import (configure_determinism, init_distributed,
+                                                  initialize_model_parallel)
 from nvfp4_megatron.training import checkpoint as ckpt_lib
 from nvfp4_megatron.training import data as data_lib
 from nvfp4_megatron.training.logger import RunLogger
@@ -204,6 +205,7 @@ def run(cfg) -> RunResult:
                     plot=c["logging"]["plot"])
     if rank0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    configure_determinism(t["deterministic"], log=log.info)
     log.info(f"[run] {run_dir} | world {info.world_size} ({info.backend}) | "
              f"TP{p['tensor_model_parallel_size']} PP{p['pipeline_model_parallel_size']} "
              f"CP{p['context_parallel_size']} DP{dp}")

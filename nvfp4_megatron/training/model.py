@@ -63,7 +63,8 @@ def transformer_config(m: dict, p: dict, *, bf16: bool):
             num_moe_experts=m["num_moe_experts"], moe_router_topk=m["moe_router_topk"],
             moe_ffn_hidden_size=m["moe_ffn_hidden_size"] or m["ffn_hidden_size"],
             moe_shared_expert_intermediate_size=m["moe_shared_expert_intermediate_size"],
-            moe_token_dispatcher_type=p["moe_token_dispatcher_type"], moe_aux_loss_coeff=1e-2,
+            moe_token_dispatcher_type=p["moe_token_dispatcher_type"],
+            moe_aux_loss_coeff=m["moe_aux_loss_coeff"],
         )
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
@@ -87,7 +88,7 @@ def transformer_config(m: dict, p: dict, *, bf16: bool):
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=resolve_cpu_initialization(m),
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -95,6 +96,12 @@ def transformer_config(m: dict, p: dict, *, bf16: bool):
         apply_rope_fusion=False,
         **extra,
     )
+
+
+def resolve_cpu_initialization(m: dict) -> bool:
+    """``model.use_cpu_initialization``: null -> CPU initialization only without a GPU."""
+    v = m["use_cpu_initialization"]
+    return not torch.cuda.is_available() if v is None else bool(v)
 
 
 def build_gpt(cfg: dict, recipe, *, log=print):
@@ -137,6 +144,8 @@ def build_gpt(cfg: dict, recipe, *, log=print):
         position_embedding_type=m["position_embedding_type"],
         rotary_base=m["rotary_base"],
     )
+    if config.use_cpu_initialization and torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())  # drawn on the CPU, trained on this rank's GPU
     table = None
     if quantized_spec_available():
         from nvfp4_megatron.megatron.backend import apply_backend_precision
@@ -145,13 +154,15 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     return model, config, table
 
 
-def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False):
+def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False,
+               use_distributed_optimizer: bool = True):
     """Float16Module (BF16) + DDP, and the schedule hooks that make DDP reduce gradients.
 
     Megatron's pipeline schedules only synchronise gradients through hooks on the config:
     ``no_sync_func`` (accumulate locally across micro-batches) and ``finalize_model_grads_func``
     (data-parallel reduce-scatter into the distributed optimizer's shards, plus the all-reduce of
-    sequence-parallel norm grads and of embedding grads shared across pipeline stages). Without
+    sequence-parallel norm grads and of embedding grads shared across pipeline stages; an
+    all-reduce instead with ``use_distributed_optimizer=False``). Without
     them every data-parallel rank would step on its own local gradient. With
     ``overlap_grad_reduce`` DDP starts each bucket's reduce-scatter as soon as its gradients are
     ready (during the backward of the last micro-batch); the schedule's ``grad_sync_func`` hook
@@ -164,7 +175,7 @@ def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False):
     if bf16:
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+        use_distributed_optimizer=use_distributed_optimizer, grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
@@ -207,7 +218,7 @@ class TrainingStack:
 
     model: Any  # this pipeline stage's GPTModel (unwrapped)
     ddp: Any  # Megatron DistributedDataParallel around Float16Module(model) (BF16) or model
-    optimizer: Any  # Megatron's distributed optimizer
+    optimizer: Any  # Megatron's distributed optimizer (train.use_distributed_optimizer=false: not)
     config: Any  # the TransformerConfig
     table: Any  # the precision table (what each GEMM runs), or None without the quant spec
     recipe: Any
@@ -222,11 +233,18 @@ def build_training_stack(cfg: dict, recipe=None, *, log=print) -> TrainingStack:
     from nvfp4_megatron.training.optim import build_optimizer
 
     t = cfg["train"]
+    if not t["use_distributed_optimizer"] and (t["save"] or t["load"]):
+        # training/checkpoint.py saves and restores the distributed optimizer's state only (its
+        # Adam steps live in the param groups); a non-distributed one could not be resumed
+        raise ValueError("train.use_distributed_optimizer=false needs train.save=false and no "
+                         "train.load: the training loop's checkpoints hold the distributed "
+                         "optimizer's state only")
     if recipe is None:
         recipe = recipe_from_config(cfg["precision"])
     model, config, table = build_gpt(cfg, recipe, log=log)
     ddp = wrap_model(model, config, bf16=t["bf16"],
-                     overlap_grad_reduce=resolve_overlap_grad_reduce(t))
+                     overlap_grad_reduce=resolve_overlap_grad_reduce(t),
+                     use_distributed_optimizer=t["use_distributed_optimizer"])
     optimizer = build_optimizer(ddp, t, bf16=t["bf16"])
     return TrainingStack(model=model, ddp=ddp, optimizer=optimizer, config=config, table=table,
                          recipe=recipe)

@@ -37,7 +37,7 @@ def build_optimizer(ddp_model, train: dict, *, bf16: bool):
         clip_grad=train["clip_grad"],
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=train["use_distributed_optimizer"],
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
     if torch.cuda.is_available():

@@ -5,7 +5,8 @@ For each run the layout is CP=``cp`` x TP=``tp`` (SP on when TP > 1) and DP = th
 *same* batch on every DP rank, which gives exactly the single-process gradients (the DP average of
 equal gradients); so CP=1 on N processes is the single-device reference.
 Every rank writes ``OUT_DIR/<name>.rank<R>.json`` (CP-reduced losses per step) and rank 0 saves the
-step-0 ``main_grad`` of every parameter to ``OUT_DIR/<name>.grads.pt``.
+step-0 ``main_grad`` of every parameter to ``OUT_DIR/<name>.grads.pt``. The model, its DDP wrapper
+and the optimizer come from ``training.model.build_training_stack`` on a composed config.
 """
 
 import json
@@ -15,21 +16,39 @@ import sys
 import torch
 
 
+def _compose(run) -> dict:
+    """The tiny RoPE GPT as the product's config: FP32 params (``train.bf16=false``), our emulated
+    GEMMs without BF16 blocks, constant-lr Adam without weight decay or clipping, CPU
+    initialisation (every layout starts from the same weights). The optimizer is the
+    non-distributed one: its DDP all-reduces the gradients, so rank 0's ``main_grad`` (saved at
+    step 0) is the whole reduced gradient; the distributed optimizer's reduce-scatter leaves only
+    this rank's shard of it reduced."""
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
+
+    tp = run.get("tp", 1)
+    return to_plain(compose_config([
+        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.normalization=RMSNorm",
+        "model.activation=gelu", "model.vocab_size=256", f"model.seq_length={run.get('seq', 64)}",
+        f"model.position_embedding_type={run.get('pos', 'rope')}", "model.add_bias_linear=false",
+        "model.use_cpu_initialization=true",
+        f"parallel.context_parallel_size={run['cp']}", f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.sequence_parallel={str(tp > 1).lower()}",
+        f"precision.recipe={run['recipe']}", "precision.backend=emulated",
+        "precision.bf16_first_blocks=0", "precision.bf16_last_blocks=0",
+        "train.lr=3e-3", "train.weight_decay=0.0", "train.clip_grad=0.0", "train.adam_beta1=0.9",
+        "train.adam_beta2=0.999", "train.bf16=false", "train.use_distributed_optimizer=false",
+        "train.save=false"]))
+
+
 def run_one(run, out):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
-    from nvfp4_megatron.megatron.policy import apply_precision
-    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
     from nvfp4_megatron.quant import state as qstate
-    from nvfp4_megatron.quant.registry import build_recipe
+    from nvfp4_megatron.training.model import build_training_stack
 
     cp = run["cp"]
     if run.get("amax_tp_only"):
@@ -45,21 +64,8 @@ def run_one(run, out):
     seq = run.get("seq", 64)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     qstate.reset_state()
-    tc = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=128, normalization="RMSNorm", context_parallel_size=cp,
-        tensor_model_parallel_size=run.get("tp", 1), sequence_parallel=run.get("tp", 1) > 1,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, add_bias_linear=False)
-    model = GPTModel(config=tc, transformer_layer_spec=quantized_gpt_block_spec(tc),
-                     vocab_size=256, max_sequence_length=seq,
-                     position_embedding_type=run.get("pos", "rope"))
-    apply_precision(model, build_recipe(run["recipe"], bf16_first_blocks=0, bf16_last_blocks=0))
-    ddp = DistributedDataParallel(
-        config=tc, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
-    tc.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0,
-                                                 params_dtype=torch.float32, clip_grad=0.0), [ddp])
+    stack = build_training_stack(_compose(run), log=lambda msg: None)
+    ddp, opt = stack.ddp, stack.optimizer
     cp_group = ps.get_context_parallel_group()
 
     def forward_step(data_iterator, model):

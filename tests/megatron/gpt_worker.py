@@ -1,10 +1,15 @@
 """Worker for the tiny-GPT tests: train a few steps with Megatron's own DDP, optimizer and schedules.
 
+The model, its DDP wrapper and the optimizer come from ``training.model.build_training_stack`` on
+a config composed like ``pretrain.py``'s (the product's distributed Adam, FP32 parameters).
+
 Run as ``python -m torch.distributed.run --nproc_per_node=N gpt_worker.py CONFIG.json OUT_DIR``.
 Every rank writes ``OUT_DIR/rank<R>.json`` with its losses (last pipeline stage), the quantizer
 calls it saw in step 0 per (layer key, role), and the precision table's block lists.
 """
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -13,50 +18,78 @@ from collections import Counter
 import torch
 
 
-def _build(cfg, run):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def _ov(key, value) -> str:
+    """One Hydra override, ``key=value`` with YAML spellings (true/false/null, [a,b])."""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif value is None:
+        value = "null"
+    elif isinstance(value, (list, tuple)):
+        value = "[" + ",".join(str(v) for v in value) + "]"
+    return f"{key}={value}"
 
-    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
+
+def _compose(cfg, run) -> dict:
+    """The tiny GPT (or MoE) as the product's config: FP32 params (``train.bf16=false``), our
+    emulated GEMMs, constant-lr Adam without weight decay or clipping, CPU initialisation (every
+    layout starts from the same weights)."""
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
 
     moe = run.get("moe", False)
-    tc = TransformerConfig(
-        num_layers=run.get("num_layers", 4), hidden_size=64, num_attention_heads=4,
-        num_query_groups=2, ffn_hidden_size=128, normalization="RMSNorm",
-        tensor_model_parallel_size=cfg["tp"], pipeline_model_parallel_size=cfg["pp"],
-        expert_model_parallel_size=cfg.get("ep", 1),
-        expert_tensor_parallel_size=cfg.get("etp"),
-        sequence_parallel=cfg.get("sp", False), use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32, add_bias_linear=not moe,
-        num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else 2,
-        moe_ffn_hidden_size=64 if moe else None,
-        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
-    )
-    if run.get("spec", "quantized") == "quantized":
-        spec = quantized_gpt_block_spec(tc, sdpa_attention=run.get("sdpa", True))
-    else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", num_experts=tc.num_moe_experts)
-    model = GPTModel(config=tc, transformer_layer_spec=spec, vocab_size=256,
-                     max_sequence_length=32,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())
-    return tc, model
+    ov = [_ov("model.num_layers", run.get("num_layers", 4)), "model.hidden_size=64",
+          "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=128",
+          "model.normalization=RMSNorm", "model.activation=gelu", "model.vocab_size=256",
+          "model.seq_length=32", "model.position_embedding_type=learned_absolute",
+          _ov("model.add_bias_linear", not moe), "model.use_cpu_initialization=true",
+          _ov("parallel.tensor_model_parallel_size", cfg["tp"]),
+          _ov("parallel.pipeline_model_parallel_size", cfg["pp"]),
+          _ov("parallel.expert_model_parallel_size", cfg.get("ep", 1)),
+          _ov("parallel.expert_tensor_parallel_size", cfg.get("etp")),
+          _ov("parallel.sequence_parallel", cfg.get("sp", False)),
+          "parallel.moe_token_dispatcher_type=alltoall",
+          _ov("precision.recipe", run.get("recipe") or "bf16"), "precision.backend=emulated",
+          *[_ov(f"precision.{k}", v) for k, v in run.get("overrides", {}).items()],
+          _ov("train.lr", run.get("lr", 3e-3)), "train.weight_decay=0.0", "train.clip_grad=0.0",
+          "train.adam_beta1=0.9", "train.adam_beta2=0.999", "train.bf16=false"]
+    if moe:
+        ov += ["model.num_moe_experts=4", "model.moe_router_topk=2",
+               "model.moe_ffn_hidden_size=64", "model.moe_aux_loss_coeff=0.0"]
+    return to_plain(compose_config(ov))
+
+
+@contextlib.contextmanager
+def _spec_hooks(run):
+    """Test-only layer specs, set for one build: ``spec='local'`` builds Megatron's own local
+    spec (the builder's path when the quantized spec provider is missing: no precision table);
+    ``sdpa=False`` our quantized spec with Megatron's local attention instead of SDPA."""
+    from nvfp4_megatron.megatron import spec_provider
+    from nvfp4_megatron.training import model as model_lib
+
+    saved = model_lib.quantized_spec_available, spec_provider.quantized_gpt_block_spec
+    if run.get("spec", "quantized") == "local":
+        model_lib.quantized_spec_available = lambda: False
+    if not run.get("sdpa", True):
+        spec_provider.quantized_gpt_block_spec = functools.partial(saved[1], sdpa_attention=False)
+    try:
+        yield
+    finally:
+        model_lib.quantized_spec_available, spec_provider.quantized_gpt_block_spec = saved
+
+
+def _build(cfg, run):
+    """Model, DDP wrapper and optimizer from the training stack's builder (pretrain.py's)."""
+    from nvfp4_megatron.training.model import build_training_stack
+
+    with _spec_hooks(run):
+        return build_training_stack(_compose(cfg, run), log=lambda msg: None)
 
 
 def run_one(cfg, run, out):
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nvfp4_megatron.megatron.policy import apply_precision
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
-    from nvfp4_megatron.quant.registry import build_recipe
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     qstate.reset_state()
@@ -64,18 +97,9 @@ def run_one(cfg, run, out):
         qstate.set_bf16_switch(run["bf16_switch"])
     if run.get("break_amax_reduction"):  # sensitivity check: the TP test must notice this
         qlinear.LinearCall.amax_group = property(lambda self: None)
-    tc, model = _build(cfg, run)
-    table = None
-    if run.get("recipe"):
-        table = apply_precision(model, build_recipe(run["recipe"], **run.get("overrides", {})))
-    ddp = DistributedDataParallel(
-        config=tc, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        module=model)
-    tc.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=run.get("lr", 3e-3), weight_decay=0.0,
-                        params_dtype=torch.float32, clip_grad=0.0),
-        [ddp])
+    stack = _build(cfg, run)
+    model, ddp, opt = stack.model, stack.ddp, stack.optimizer
+    table = stack.table  # None for Megatron's local spec
 
     def forward_step(data_iterator, model):
         tokens, labels = next(data_iterator)
@@ -184,7 +208,7 @@ def layer_checks(out):
         result["unconfigured_refused"] = False
     except RuntimeError as e:
         result["unconfigured_refused"] = "apply_precision" in str(e)
-    plain = _build({"tp": 1, "pp": 1}, {"spec": "local", "num_layers": 2})[1]
+    plain = _build({"tp": 1, "pp": 1}, {"spec": "local", "num_layers": 2}).model
     try:
         apply_precision(plain, get_recipe("nvfp4_all_layers"))
         result["plain_spec_refused"] = False

@@ -46,3 +46,59 @@ def records(run_dir, kind):
 def checkpoint_steps(run_dir) -> list[int]:
     root = Path(run_dir) / "checkpoints"
     return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*")) if root.is_dir() else []
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The worker processes of a torchrun agent (its direct children)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _logged_steps(run_dir) -> dict[int, float]:
+    m = Path(run_dir) / "metrics.jsonl"
+    out = {}
+    if not m.is_file():
+        return out
+    for line in m.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row being written right now
+            continue
+        if row["kind"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def kill9_workers_mid_run(cmd, run_dir, *, at_step: int, cwd, log_path, timeout: float = 300):
+    """Start ``cmd`` (torchrun), wait until ``at_step`` is logged, then ``kill -9`` every worker
+    (no chance to save); torchrun notices and exits. Returns the losses logged before the kill.
+    (torchrun starts its workers in their own process group: killing torchrun alone would leave
+    them running.)"""
+    import signal
+    import time
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=str(cwd),
+                                start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not any(s >= at_step for s in _logged_steps(run_dir)):
+                if proc.poll() is not None:
+                    raise AssertionError(f"run ended (rc {proc.returncode}) before step {at_step}: "
+                                         + Path(log_path).read_text()[-3000:])
+                if time.time() > deadline:
+                    raise AssertionError(f"no step {at_step} within {timeout}s")
+                time.sleep(0.1)
+            workers = worker_pids(proc.pid)
+            assert workers, "torchrun has no workers"
+            for w in workers:
+                os.kill(w, signal.SIGKILL)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for w in workers:  # really gone
+        assert not Path(f"/proc/{w}").exists() or "zombie" in Path(f"/proc/{w}/status").read_text().lower()
+    return _logged_steps(run_dir)

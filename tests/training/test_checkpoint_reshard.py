@@ -12,10 +12,13 @@ import pytest
 
 from _train_launch import checkpoint_steps, launch, train_losses
 
-# FP32 params (train.bf16=false) and round-to-nearest (stochastic rounding draws its bits per
-# rank, so TP2 and TP1 would round gradients differently) so that TP2 and TP1 differ only in FP32
-# summation order
-COMMON = ["+recipe=nvfp4_tiny", "precision.recipe=nvfp4_no_sr", "train.bf16=false",
+# FP32 params (train.bf16=false) and the bf16 recipe (no quantized GEMMs), so that TP2 and TP1
+# differ only in FP32 summation order. With a quantized recipe (nvfp4_no_sr, as here until
+# 2026-12-03) those last-bit differences can flip an FP4 code and move the loss by more than the
+# bound, depending on the data: in a fresh environment (another stdlib, so another default
+# corpus) the TP2 -> TP1 resume of nvfp4_no_sr moved step 5 by 6e-5 relative although a TP1 -> TP1
+# resume of the same checkpoint format was bit-exact (docs/RESULTS.md, issue 12 entry).
+COMMON = ["+recipe=nvfp4_tiny", "precision.recipe=bf16", "train.bf16=false",
           "train.train_iters=6", "train.save_interval=3", "train.lr_schedule=constant", "train.warmup_iters=0", "train.eval_interval=0",
           "train.eval_iters=1", "train.log_interval=1", "logging.plot=false",
           "logging.tensorboard=false"]

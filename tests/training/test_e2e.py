@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from _train_launch import (checkpoint_steps, command, env, launch, records,
-                           train_losses)
+from _train_launch import (checkpoint_steps, command, env, kill9_workers_mid_run, launch,
+                           records, train_losses, worker_pids)
 
 BF16 = ["+recipe=bf16_tiny", "train.log_interval=20"]
 
@@ -43,9 +43,26 @@ def test_train_then_kill_and_resume_gives_the_same_loss_curve(tmp_path, corpus_c
     assert json.loads((b / "result.json").read_text())["final_valid_loss"] == result["final_valid_loss"]
 
 
-def _children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
+@pytest.mark.slow  # three 2-process runs of 60 steps
+def test_kill9_of_the_workers_then_resume_is_bit_identical(tmp_path, corpus_cache):
+    """A real ``kill -9`` of the training processes mid-run (not the test knob): the restart
+    continues from the newest checkpoint and reproduces the uninterrupted loss curve bit for bit."""
+    common = ["+recipe=nvfp4_tiny", "train.train_iters=60", "train.save_interval=20",
+              "train.eval_interval=0", "train.log_interval=1"]
+    ref = tmp_path / "ref"
+    rc, out = launch(ref, corpus_cache, *common)
+    assert rc == 0, out[-3000:]
+    run = tmp_path / "killed"
+    before = kill9_workers_mid_run(command(run, corpus_cache, common), run, at_step=25,
+                                   cwd=tmp_path, log_path=tmp_path / "killed.log")
+    resume_at = max(checkpoint_steps(run))
+    assert resume_at < max(before) < 60, (checkpoint_steps(run), max(before))
+    rc, out = launch(run, corpus_cache, *common)
+    assert rc == 0, out[-3000:]
+    assert f"at step {resume_at}" in out, out[-3000:]
+    a, b = train_losses(ref), train_losses(run)
+    assert all(before[s] == a[s] for s in before)
+    assert [b[s] for s in range(resume_at + 1, 61)] == [a[s] for s in range(resume_at + 1, 61)]
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
@@ -67,7 +84,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, corpus_cache, sig):
         if sig == "SIGTERM":  # what Slurm does to a job step at preemption: the whole group
             os.killpg(proc.pid, signal.SIGTERM)
         else:  # Slurm --signal=USR1@T signals the tasks; torchrun's agent has no USR1 handler
-            for child in _children(proc.pid):
+            for child in worker_pids(proc.pid):
                 os.kill(child, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
     finally:
