@@ -66,7 +66,9 @@ def run_recipe(spec: str, args, log) -> dict:
     meter = StepMeter.for_run(cfg, world_size=1)
     mb, seq, vocab = args.micro_batch, args.seq, cfg["model"]["vocab_size"]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    data = torch.randint(0, vocab, (mb, seq + 1), device="cuda", generator=gen)
+    # token ids uniform over the vocabulary, or over [0, --token-ids) (the byte tokenizer of
+    # pretrain.py's default corpus uses 256 ids: repeated ids change the embedding backward's cost)
+    data = torch.randint(0, args.token_ids or vocab, (mb, seq + 1), device="cuda", generator=gen)
     batch = {"tokens": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous(),
              "loss_mask": torch.ones(mb, seq, device="cuda"),
              "position_ids": torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, seq)}
@@ -163,6 +165,8 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--token-ids", type=int, default=None,
+                    help="draw the batch's token ids from [0, N) (default: the whole vocabulary)")
     ap.add_argument("--saved-input", default="quantized", choices=("quantized", "bf16"))
     ap.add_argument("--profile", default="", help="comma-separated recipes to profile one step of")
     ap.add_argument("--json", default=None)

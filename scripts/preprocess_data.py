@@ -58,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-key", default="text")
     args = ap.parse_args(argv)
 
-    from nvfp4_megatron.training.data import write_indexed_dataset
+    try:
+        return _preprocess(args)
+    except (ValueError, FileNotFoundError) as err:  # bad tokenizer file, ids outside the vocab
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _preprocess(args) -> int:
+    from nvfp4_megatron.training.data import verify_indexed_dataset, write_indexed_dataset
     from nvfp4_megatron.training.tokenizers import BPETokenizer, ByteTokenizer, train_bpe
 
     docs = read_documents(args.input, args.json_key)
@@ -73,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained BPE tokenizer ({tok.vocab_size} tokens) -> {tok_path}")
     ids = tok.tokenize_batch(docs) if hasattr(tok, "tokenize_batch") else [tok.tokenize(d) for d in docs]
     n = write_indexed_dataset(args.output_prefix, ids, eod=tok.eod, vocab_size=tok.vocab_size)
+    # read back what was written, as training will (sizes, index consistency, every token id)
+    summary = verify_indexed_dataset(args.output_prefix, tok.vocab_size)
     print(f"wrote {len(docs)} documents, {n} tokens -> {args.output_prefix}.bin/.idx "
-          f"(vocab {tok.vocab_size}, eod {tok.eod})")
+          f"(vocab {tok.vocab_size}, eod {tok.eod}; verified: {summary['documents']} documents, "
+          f"token ids checked: {summary['checked']})")
     return 0
 
 

@@ -16,7 +16,8 @@
 #
 # Each job after the first waits for the previous one with --dependency=afterany, so it starts
 # whether the previous job finished, hit its time limit (it checkpoints on SIGUSR1, see
-# pretrain.sbatch) or failed. A job that finds the chain's DONE marker exits at once.
+# pretrain.sbatch) or failed. A job that finds the chain's DONE marker exits 0 at once; one that
+# finds its FAILED marker (the trainer failed: see pretrain.sbatch) exits 1 at once, naming the log.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

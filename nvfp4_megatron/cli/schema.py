@@ -6,17 +6,68 @@ composed, and :func:`nvfp4_megatron.cli.compose.compose_config` turns the failur
 that lists what is valid. Choices with a fixed set of values are Enums (OmegaConf lists the allowed
 names in its error). Field names are Megatron-Core's own (docs/ARCHITECTURE.md).
 
+Every numeric field states its allowed range where it is declared (``num(default, ge=..., ...)``,
+kept in the dataclass field's metadata; ``null`` is allowed exactly when the type is Optional), and
+:func:`validate` checks every one of them plus the cross-field rules that are not layout rules (the
+layout rules — divisibility by TP/PP/CP/EP and the world size — live in
+:mod:`nvfp4_megatron.parallel.layout` and run later). ``tests/cli/test_config_ranges.py`` fails if a
+numeric field has no range.
+
 The schemas are mutable because OmegaConf merges overrides into them; the composed config is made
 read-only before anything reads it (``OmegaConf.set_readonly``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval for a numeric field: any of ``ge`` (>=), ``gt`` (>), ``le`` (<=), ``lt`` (<)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str | None = None  # shown after the range in the error message
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self) -> str:
+        lo = (f"[{_num(self.ge)}" if self.ge is not None
+              else f"({_num(self.gt)}" if self.gt is not None else None)
+        hi = (f"{_num(self.le)}]" if self.le is not None
+              else f"{_num(self.lt)})" if self.lt is not None else None)
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        if hi:
+            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        return "any finite number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, note: str | None = None) -> Any:
+    """A numeric dataclass field with its allowed range (for a list, the range of each item)."""
+    return field(default=default,
+                 metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt, note=note)})
 
 
 class Activation(enum.Enum):
@@ -72,35 +123,35 @@ class TokenizerType(enum.Enum):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # None -> num_attention_heads (MHA)
-    kv_channels: Optional[int] = None  # None -> hidden_size // num_attention_heads
-    vocab_size: int = 512
-    seq_length: int = 64
+    num_layers: int = num(2, ge=1)
+    hidden_size: int = num(64, ge=1)
+    ffn_hidden_size: Optional[int] = num(None, ge=1)  # None -> 4 * hidden_size
+    num_attention_heads: int = num(4, ge=1)
+    num_query_groups: Optional[int] = num(None, ge=1)  # None -> num_attention_heads (MHA)
+    kv_channels: Optional[int] = num(None, ge=1)  # None -> hidden_size // num_attention_heads
+    vocab_size: int = num(512, ge=1)
+    seq_length: int = num(64, ge=1)
     activation: Activation = Activation.gelu
     normalization: Normalization = Normalization.RMSNorm
     position_embedding_type: PositionEmbedding = PositionEmbedding.rope
-    rotary_base: int = 10000
+    rotary_base: int = num(10000, ge=1)
     untie_embeddings_and_output_weights: bool = True
     add_bias_linear: bool = False
-    num_moe_experts: Optional[int] = None
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_aux_loss_coeff: float = 1.0e-2  # load-balancing loss weight (0: none)
+    num_moe_experts: Optional[int] = num(None, ge=1)
+    moe_router_topk: int = num(2, ge=1)
+    moe_ffn_hidden_size: Optional[int] = num(None, ge=1)
+    moe_shared_expert_intermediate_size: Optional[int] = num(None, ge=1)
+    moe_aux_loss_coeff: float = num(1.0e-2, ge=0)  # load-balancing loss weight (0: none)
     hybrid_override_pattern: Optional[str] = None
-    mamba_num_heads: Optional[int] = None
-    mamba_head_dim: int = 64
-    mamba_state_dim: int = 128
-    mamba_num_groups: int = 8
-    mamba_conv_kernel: int = 4
-    mamba_expand: int = 2
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    mamba_num_heads: Optional[int] = num(None, ge=1)
+    mamba_head_dim: int = num(64, ge=1)
+    mamba_state_dim: int = num(128, ge=1)
+    mamba_num_groups: int = num(8, ge=1)
+    mamba_conv_kernel: int = num(4, ge=1)
+    mamba_expand: int = num(2, ge=1)
+    init_method_std: float = num(0.02, gt=0)
+    hidden_dropout: float = num(0.0, ge=0, lt=1)
+    attention_dropout: float = num(0.0, ge=0, lt=1)
     # Draw each weight whole on the CPU, then shard it: every TP/EP layout (and every data-parallel
     # replica) starts from the same weights. null -> only without a GPU (on a GPU each TP rank
     # draws its own shard on the device).
@@ -109,8 +160,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class SwitchToBF16Config:
-    at_step: Optional[int] = None
-    at_tokens: Optional[float] = None  # float so 8.2e12 can be written as such
+    at_step: Optional[int] = num(None, ge=0)  # 0: BF16 from the first step
+    at_tokens: Optional[float] = num(None, ge=0)  # float so 8.2e12 can be written as such
     scope: SwitchScope = SwitchScope.all
 
 
@@ -118,19 +169,20 @@ class SwitchToBF16Config:
 class PrecisionConfig:
     recipe: str = "bf16"  # a name from nvfp4_megatron.quant.registry.list_recipes()
     backend: Backend = Backend.auto
-    bf16_first_blocks: Optional[int] = None  # None -> the recipe's default
-    bf16_last_blocks: Optional[int] = None
-    bf16_blocks: Optional[list[int]] = None
+    bf16_first_blocks: Optional[int] = num(None, ge=0)  # None -> the recipe's default
+    bf16_last_blocks: Optional[int] = num(None, ge=0)
+    bf16_blocks: Optional[list[int]] = num(None, ge=0)  # 0-based block indices (each checked)
     switch_to_bf16: SwitchToBF16Config = field(default_factory=SwitchToBF16Config)
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: Optional[int] = None  # None -> tensor_model_parallel_size
+    tensor_model_parallel_size: int = num(1, ge=1)
+    pipeline_model_parallel_size: int = num(1, ge=1)
+    context_parallel_size: int = num(1, ge=1)
+    expert_model_parallel_size: int = num(1, ge=1)
+    # None -> tensor_model_parallel_size
+    expert_tensor_parallel_size: Optional[int] = num(None, ge=1)
     sequence_parallel: bool = False
     moe_token_dispatcher_type: TokenDispatcher = TokenDispatcher.alltoall
 
@@ -144,35 +196,37 @@ class DataConfig:
     tokenizer_type: TokenizerType = TokenizerType.bpe
     tokenizer_model: Optional[str] = None  # tokenizer.json for bpe with data_path
     cache_dir: Optional[str] = None  # None -> ~/.cache/nvfp4_megatron
-    default_corpus_max_mb: float = 4.0  # how much of the stdlib source the default corpus takes
+    # how much of the stdlib source the default corpus takes
+    default_corpus_max_mb: float = num(4.0, gt=0)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
-    train_iters: Optional[int] = 100
-    train_tokens: Optional[float] = None  # alternative to train_iters
-    lr: float = 1.0e-3
-    min_lr: float = 1.0e-4
+    micro_batch_size: int = num(4, ge=1)
+    global_batch_size: int = num(16, ge=1)
+    train_iters: Optional[int] = num(100, ge=1)
+    train_tokens: Optional[float] = num(None, gt=0)  # alternative to train_iters
+    lr: float = num(1.0e-3, gt=0)
+    min_lr: float = num(1.0e-4, ge=0)  # <= lr
     lr_schedule: LRSchedule = LRSchedule.wsd
-    warmup_iters: int = 0
-    lr_decay_fraction: float = 0.2  # WSD: the last fraction of training decays to min_lr
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
-    seed: int = 1234
+    warmup_iters: int = num(0, ge=0)  # < the number of steps (unless constant)
+    # WSD: the last fraction of training decays to min_lr
+    lr_decay_fraction: float = num(0.2, gt=0, le=1)
+    weight_decay: float = num(0.1, ge=0)
+    adam_beta1: float = num(0.9, ge=0, lt=1)
+    adam_beta2: float = num(0.95, ge=0, lt=1)
+    clip_grad: float = num(1.0, ge=0)  # 0: no clipping
+    seed: int = num(1234, ge=0, le=2**32 - 1)  # numpy's seed range
     bf16: bool = True  # BF16 params/activations (Float16Module) with FP32 master weights
     # Megatron's distributed optimizer (Adam state sharded over data-parallel ranks); false: every
     # rank keeps the whole optimizer state (gradients all-reduced instead of reduce-scattered);
     # false needs save=false (training/checkpoint.py resumes the distributed optimizer only)
     use_distributed_optimizer: bool = True
-    log_interval: int = 10
-    eval_interval: int = 50
-    eval_iters: int = 4
-    save_interval: Optional[int] = None  # None -> only at the end
-    keep_last: int = 2
+    log_interval: int = num(10, ge=1)
+    eval_interval: Optional[int] = num(50, ge=0, note="0 or null: no evaluation during training")
+    eval_iters: int = num(4, ge=1)
+    save_interval: Optional[int] = num(None, ge=1, note="null: save only at the end")
+    keep_last: int = num(2, ge=1)
     save: bool = True  # false: write no checkpoint at all (benchmarks, throw-away runs)
     # bit-identical reruns and resumes on the same GPU (platform/distributed.configure_determinism)
     deterministic: bool = True
@@ -181,9 +235,12 @@ class TrainConfig:
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)
+    # load a checkpoint trained with another recipe / BF16 block set / backend (refused otherwise;
+    # precision.switch_to_bf16 is the planned way to change precision mid-run)
+    allow_precision_change: bool = False
     # Test-only knobs (tests/training): make step N's loss NaN; exit (as if killed) after step N.
-    inject_nan_at_step: Optional[int] = None
-    exit_after_step: Optional[int] = None
+    inject_nan_at_step: Optional[int] = num(None, ge=1)
+    exit_after_step: Optional[int] = num(None, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -191,6 +248,9 @@ class LoggingConfig:
     tensorboard: bool = True
     plot: bool = True
     print_precision_table: bool = True
+    # show every upstream warning on every rank (default: known ones once, on rank 0;
+    # platform/warnings_filter.py; NVFP4_SHOW_ALL_WARNINGS=1 does the same)
+    all_warnings: bool = False
 
 
 @dataclass(kw_only=True)
@@ -198,7 +258,8 @@ class PlannerConfig:
     """Dry-run estimates (nvfp4_megatron/parallel/planner.py, docs/planner.md)."""
 
     gpu_type: str = "B200"  # B200 | GB200 | H100 | H200 (peak table in parallel/hardware.py)
-    assumed_mfu: float = 0.4  # fraction of each GEMM class's datasheet peak assumed reachable
+    # fraction of each GEMM class's datasheet peak assumed reachable
+    assumed_mfu: float = num(0.4, gt=0, le=1)
 
 
 @dataclass(kw_only=True)
@@ -211,7 +272,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     dry_run: bool = False
-    world_size: Optional[int] = None
+    world_size: Optional[int] = num(None, ge=1)  # required (>= 1) with dry_run=true
     run_dir: Optional[str] = None  # None -> runs/<UTC timestamp>, chosen on rank 0
 
 
@@ -231,3 +292,146 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for group, node in GROUPS.items():
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# ---- validation (after composition, before anything is written) -------------------------------
+
+_NUMERIC = (int, float)
+
+
+def _is_numeric_type(t: Any) -> bool:
+    """int/float, Optional of them, or a list of them."""
+    if t in _NUMERIC:
+        return True
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return any(_is_numeric_type(a) for a in args if a is not type(None))
+    if origin is list:
+        return bool(args) and args[0] in _NUMERIC
+    return False
+
+
+def _optional(t: Any) -> bool:
+    return typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
+
+
+def numeric_fields(node: type = None, prefix: str = "") -> list[tuple[str, Any, Range | None]]:
+    """``(dotted key, type, Range or None)`` for every numeric field reachable from ``node``."""
+    node = Config if node is None else node
+    out = []
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        t = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(t):
+            out += numeric_fields(t, key + ".")
+        elif _is_numeric_type(t):
+            out.append((key, t, f.metadata.get("range")))
+    return out
+
+
+def _get(plain: dict, key: str) -> Any:
+    for part in key.split("."):
+        plain = plain[part]
+    return plain
+
+
+def range_problems(plain: dict) -> list[str]:
+    """One line per numeric value outside its declared range: key, value, allowed range."""
+    problems = []
+    for key, t, rng in numeric_fields():
+        if rng is None:
+            continue
+        v = _get(plain, key)
+        allowed = rng.describe() + (" or null" if _optional(t) else "") + (
+            f" ({rng.note})" if rng.note else "")
+        if v is None:
+            continue  # OmegaConf already refused null for a non-Optional field
+        if isinstance(v, list):
+            bad = [x for x in v if not rng.contains(x)]
+            if bad:
+                problems.append(f"{key}={v}: items {bad} out of range; each item must be "
+                                f"{rng.describe()}")
+        elif not rng.contains(v):
+            problems.append(f"{key}={v!r}: must be {allowed}")
+    return problems
+
+
+def cross_field_problems(plain: dict) -> list[str]:
+    """Rules between fields that are not layout rules (those are in parallel/layout.py)."""
+    m, t, p = plain["model"], plain["train"], plain["precision"]
+    problems = []
+
+    def ok(*keys) -> bool:  # only judge values that passed their own range check
+        return all(isinstance(_get(plain, k), (int, float)) and not isinstance(_get(plain, k), bool)
+                   and _in_range(k, _get(plain, k)) for k in keys)
+
+    if plain["dry_run"] and plain["world_size"] is None:
+        problems.append("dry_run=true needs world_size=N (N >= 1): the number of GPUs to plan for")
+    heads, groups = m["num_attention_heads"], m["num_query_groups"]
+    if groups is not None and ok("model.num_attention_heads", "model.num_query_groups") \
+            and heads % groups:
+        problems.append(f"model.num_attention_heads={heads} must be a multiple of "
+                        f"model.num_query_groups={groups} (grouped-query attention)")
+    if m["kv_channels"] is None and ok("model.hidden_size", "model.num_attention_heads") \
+            and m["hidden_size"] < heads:
+        problems.append(f"model.kv_channels=null derives hidden_size // num_attention_heads = "
+                        f"{m['hidden_size']} // {heads} = 0; set model.hidden_size >= {heads} "
+                        f"or model.kv_channels")
+    if m["num_moe_experts"] is not None and ok("model.num_moe_experts", "model.moe_router_topk") \
+            and m["moe_router_topk"] > m["num_moe_experts"]:
+        problems.append(f"model.moe_router_topk={m['moe_router_topk']} must be <= "
+                        f"model.num_moe_experts={m['num_moe_experts']}")
+    if ok("train.lr", "train.min_lr") and t["min_lr"] > t["lr"]:
+        problems.append(f"train.min_lr={t['min_lr']!r} must be <= train.lr={t['lr']!r}")
+    if t["train_iters"] is None and t["train_tokens"] is None:
+        problems.append("set train.train_iters or train.train_tokens (both are null)")
+    if t["lr_schedule"] != "constant" and ok("train.warmup_iters"):
+        iters = None
+        if t["train_iters"] is not None and ok("train.train_iters"):
+            iters = t["train_iters"]
+        elif t["train_iters"] is None and t["train_tokens"] is not None and ok(
+                "train.train_tokens", "train.global_batch_size", "model.seq_length"):
+            per_step = t["global_batch_size"] * m["seq_length"]
+            iters = max(1, -(-int(t["train_tokens"]) // per_step))
+        if iters is not None and t["warmup_iters"] >= iters:
+            problems.append(f"train.warmup_iters={t['warmup_iters']} must be < the number of "
+                            f"steps ({iters}) with train.lr_schedule={t['lr_schedule']}")
+    sw = p["switch_to_bf16"]
+    if sw["at_step"] is not None and sw["at_tokens"] is not None:
+        problems.append(f"precision.switch_to_bf16: set at_step ({sw['at_step']}) or at_tokens "
+                        f"({sw['at_tokens']!r}), not both")
+    split = plain["data"]["split"]
+    try:
+        weights = [float(x) for x in str(split).split(",")]
+    except ValueError:
+        weights = []
+    if not (1 <= len(weights) <= 3 and all(math.isfinite(w) and w >= 0 for w in weights)
+            and sum(weights) > 0):
+        problems.append(f"data.split={split!r}: must be up to 3 comma-separated weights >= 0 "
+                        f"(train,valid,test) with a positive sum, e.g. 98,2,0")
+    from nvfp4_megatron.quant.registry import list_recipes
+
+    if p["recipe"] not in list_recipes():
+        import difflib
+
+        near = difflib.get_close_matches(str(p["recipe"]), list_recipes(), n=1)
+        problems.append(f"precision.recipe={p['recipe']!r} is not a recipe"
+                        + (f" (did you mean {near[0]!r}?)" if near else "")
+                        + f"; known: {', '.join(list_recipes())}")
+    blocks = p["bf16_blocks"] or []
+    if len(set(blocks)) != len(blocks):
+        problems.append(f"precision.bf16_blocks={blocks} lists an index twice")
+    return problems
+
+
+def _in_range(key: str, v: Any) -> bool:
+    for k, t, rng in numeric_fields():
+        if k == key:
+            return rng is None or rng.contains(v)
+    return True
+
+
+def validate(plain: dict) -> list[str]:
+    """Every problem with a composed config (plain dict, enums as names): ranges, cross-field."""
+    return range_problems(plain) + cross_field_problems(plain)

@@ -13,10 +13,14 @@ divide the world size.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import os
+import signal
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,8 +28,9 @@ import torch.distributed as dist
 from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
 from nvfp4_megatron.platform.gpu_fastpaths import install_gpu_fastpaths
 
-__all__ = ["DistInfo", "configure_determinism", "init_distributed", "initialize_model_parallel",
-           "validate_layout"]
+__all__ = ["DistInfo", "configure_determinism", "exit_with_launcher", "init_distributed",
+           "started_by_torchrun",
+           "initialize_model_parallel", "validate_layout"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,12 +58,55 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_launcher_watch: int | None = None  # the launcher's pid once exit_with_launcher() has armed
+
+
+def started_by_torchrun() -> bool:
+    """torchrun (torch.distributed.elastic) sets TORCHELASTIC_RUN_ID in every worker's environment."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
+def exit_with_launcher() -> bool:
+    """Make this worker die with its launcher (Linux ``PR_SET_PDEATHSIG`` = SIGKILL).
+
+    torchrun starts its workers in their own process group, so a ``kill -9`` of torchrun alone
+    used to leave them training and writing checkpoints. With the parent-death signal the kernel
+    kills the worker when torchrun exits for any reason. The parent may have died before the
+    signal was armed: ``os.getppid()`` is read before and re-checked after, and a worker whose
+    launcher is already gone exits at once. Returns True when armed; False when not on Linux or
+    libc has no ``prctl`` (nothing changes then). Idempotent.
+    """
+    global _launcher_watch
+    if _launcher_watch is not None:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return False
+    parent = os.getppid()
+    if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent or parent == 1:
+        print(f"[launch] the launcher (pid {parent}) is gone; this worker (pid {os.getpid()}) exits",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    _launcher_watch = parent
+    return True
+
+
 def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
     """Start (or reuse) the default process group and return this process's place in it.
 
     GPU present -> NCCL, ``torch.cuda.set_device(LOCAL_RANK)``. No GPU -> gloo, and the CPU adapter
-    for Megatron-Core is installed (``platform/cpu_adapter.py``).
+    for Megatron-Core is installed (``platform/cpu_adapter.py``). Started by torchrun, the worker
+    is first tied to it (:func:`exit_with_launcher`): it exits when torchrun dies.
     """
+    if started_by_torchrun():
+        exit_with_launcher()
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     rank = _env_int("RANK", 0)

@@ -201,10 +201,14 @@ def run(cfg) -> RunResult:
 
     run_dir = _resolve_run_dir(c["run_dir"])
     rank0 = info.rank == 0
+    # half-written saves of a crashed or failed run go first, before anything is written here
+    stale = ckpt_lib.clean_stale_tmp(run_dir) if rank0 else []
     log = RunLogger(run_dir, enabled=rank0, tensorboard=c["logging"]["tensorboard"],
                     plot=c["logging"]["plot"])
-    if rank0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if stale:
+        log.info(f"[checkpoint] removed unfinished save(s) {', '.join(stale)}")
+    if rank0:  # config.yaml: the first start's config; configs/start_<UTC>.yaml: every start's
+        ckpt_lib.record_start_config(run_dir, OmegaConf.to_yaml(cfg))
     configure_determinism(t["deterministic"], log=log.info)
     log.info(f"[run] {run_dir} | world {info.world_size} ({info.backend}) | "
              f"TP{p['tensor_model_parallel_size']} PP{p['pipeline_model_parallel_size']} "
@@ -272,11 +276,20 @@ def run(cfg) -> RunResult:
                          "expert_model_parallel_size": layout.ep,
                          "expert_tensor_parallel_size": layout.etp,  # resolved (None -> TP)
                          "context_parallel_size": layout.cp}}
+    from nvfp4_megatron.quant.recipe import bf16_block_set
+
+    meta["precision"] = ckpt_lib.precision_meta(
+        c["precision"], table.bf16_blocks if table is not None
+        else bf16_block_set(recipe.layers, m["num_layers"]))
     iteration, bf16_switch = 0, None
-    load_from = Path(t["load"]) if t["load"] else (
-        ckpt_lib.latest_checkpoint(ckpt_lib.checkpoint_root(run_dir)) if t["resume"] else None)
+    # train.load (refused if damaged) or the newest intact checkpoint of the run (damaged newer
+    # ones are reported and kept as step_N.damaged-<reason>)
+    load_from = ckpt_lib.choose_checkpoint(run_dir, load=t["load"], resume=t["resume"],
+                                           log=log.info)
     if load_from is not None:
-        state = ckpt_lib.load_checkpoint(load_from, ddp_model=ddp, optimizer=optimizer, meta=meta)
+        state = ckpt_lib.load_checkpoint(
+            load_from, ddp_model=ddp, optimizer=optimizer, meta=meta, log=log.info,
+            allow_precision_change=t["allow_precision_change"])
         iteration = int(state["iteration"])
         scheduler.load_state_dict(state["scheduler"])
         bf16_switch = state.get("bf16_switch")

@@ -40,23 +40,43 @@ class BPETokenizer:
         from tokenizers import Tokenizer
 
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(
                 f"BPE tokenizer file {path} does not exist; create it with "
                 "`python scripts/preprocess_data.py --tokenizer-type bpe ...` (it writes "
                 "tokenizer.json next to the output prefix) and set data.tokenizer_model to it"
             )
+        if not path.is_file():
+            raise ValueError(f"BPE tokenizer {path} is not a file; set data.tokenizer_model to the "
+                             "tokenizer.json written by scripts/preprocess_data.py")
         self.path = path
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise ValueError(f"BPE tokenizer file {path} cannot be read: {err}") from None
+        try:
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            raise ValueError(
+                f"BPE tokenizer file {path} could not be loaded ({detail}); it must be a Hugging "
+                "Face `tokenizers` JSON file such as the PREFIX.tokenizer.json written by "
+                "`python scripts/preprocess_data.py --tokenizer-type bpe ...`; regenerate it or "
+                "point data.tokenizer_model at the right file"
+            ) from None
         eod = self._tok.token_to_id(EOD_TOKEN)
         if eod is None:
-            raise ValueError(f"{path} has no {EOD_TOKEN!r} token; train it with train_bpe()")
+            raise ValueError(f"BPE tokenizer file {path} has no {EOD_TOKEN!r} token; train it with "
+                             "scripts/preprocess_data.py (train_bpe adds it)")
         self.eod = eod
         self.vocab_size = self._tok.get_vocab_size()
+        if not 0 <= eod < self.vocab_size:
+            raise ValueError(f"BPE tokenizer file {path}: {EOD_TOKEN!r} has id {eod}, outside its "
+                             f"vocabulary of {self.vocab_size}")
         import hashlib
 
         self.unique_identifiers = {"class": "BPETokenizer", "vocab_size": self.vocab_size,
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                                   "sha256": hashlib.sha256(raw).hexdigest()}
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

@@ -74,7 +74,7 @@ ONE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_paralle
        "parallel.expert_tensor_parallel_size=1", "parallel.sequence_parallel=false"]
 COMMON = [f"+recipe={RECIPE}", "train.bf16=false", "train.clip_grad=0.0",
           "train.global_batch_size=4", "train.warmup_iters=1",
-          "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0",
+          "train.log_interval=1", "train.eval_interval=0", "train.save_interval=null",
           "train.eval_iters=1", "logging.plot=false", "logging.tensorboard=false",
           "logging.print_precision_table=false", "data.default_corpus_max_mb=1.0"]
 FP32_REL = 1e-5  # summation order only (the same bound as test_loop_layouts)

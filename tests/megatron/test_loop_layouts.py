@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = Path(__file__).with_name("pretrain_cp_launch.py")
 OVERRIDES = ["+recipe=bf16_tiny", "train.bf16=false", "train.clip_grad=0.0", "train.train_iters=4",
              "train.warmup_iters=1", "train.log_interval=1", "train.eval_interval=0",
-             "train.save_interval=0", "train.eval_iters=1", "logging.plot=false",
+             "train.save_interval=null", "train.eval_iters=1", "logging.plot=false",
              "logging.print_precision_table=false", "data.default_corpus_max_mb=1.0"]
 
 

@@ -172,3 +172,36 @@ def test_sigusr1_checkpoints_and_chain_resumes(site, tmp_path):
     assert (state, code) == ("COMPLETED", "0:0"), log2[-4000:]
     assert min(_logged_steps(log2)) == stop + 1 and _ckpt_steps(run_dir)[-1] == 60
     assert (run_dir / "DONE").exists()
+
+
+def test_failed_job_stops_the_chain(site, tmp_path):
+    """A job whose trainer fails (here: bad config, exit 2) writes FAILED; the next job of the
+    chain does not start the trainer and names the failed job's log."""
+    name = f"slurm-fail-{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "runs" / name
+    job1, job2 = _submit(site, name, ["train.train_iters=0"], jobs=2)
+    state, code = _wait(job1)
+    log1 = _log(run_dir, job1)
+    assert state == "FAILED", (state, code, log1[-3000:])
+    assert "trainer failed" in log1 and f"{job1}.out" in log1, log1[-3000:]
+    assert not (run_dir / "DONE").exists()
+    failed = (run_dir / "FAILED").read_text()
+    assert f"job {job1} failed" in failed and str(run_dir / "slurm" / f"{job1}.out") in failed
+    state, code = _wait(job2, timeout=120)
+    log2 = _log(run_dir, job2)
+    assert state == "FAILED" and code == "1:0", (state, code, log2)
+    assert "stopped: job " + job1 in log2 and f"{job1}.out" in log2, log2
+    assert "run_dir=" not in log2  # the trainer was not started
+
+
+def test_exit_0_without_result_is_not_done(site, tmp_path):
+    """The chain decides from result.json, not the exit code: a trainer that exits 0 without
+    finishing a run (dry_run=true plans and exits 0) is not 'done'."""
+    name = f"slurm-noresult-{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "runs" / name
+    (job1,) = _submit(site, name, ["dry_run=true", "world_size=2"])
+    state, code = _wait(job1)
+    log1 = _log(run_dir, job1)
+    assert state == "FAILED", (state, code, log1[-3000:])
+    assert "wrote no" in log1 and "result.json" in log1, log1[-3000:]
+    assert not (run_dir / "DONE").exists() and (run_dir / "FAILED").exists()
