@@ -133,9 +133,16 @@ def record_start_config(run_dir: str | Path, config_yaml: str) -> Path:
 
 def precision_meta(precision: dict, bf16_blocks) -> dict:
     """What ``meta.json`` records of the precision config and resumes must match: the recipe name,
-    the resolved BF16 block set (global block indices) and ``precision.backend``."""
-    return {"recipe": precision["recipe"], "bf16_blocks": sorted(int(b) for b in bf16_blocks),
+    the resolved BF16 block set (global block indices) and ``precision.backend``; and the
+    ``precision.dge`` / ``precision.occ`` overrides, only where one is set (so checkpoints saved
+    before those knobs existed, or without them, still match)."""
+    meta = {"recipe": precision["recipe"], "bf16_blocks": sorted(int(b) for b in bf16_blocks),
             "backend": str(precision["backend"])}
+    for group in ("dge", "occ"):
+        set_keys = {k: v for k, v in (precision.get(group) or {}).items() if v is not None}
+        if set_keys:
+            meta[group] = set_keys
+    return meta
 
 
 # ---- collectives that also work without a process group (unit tests, tools)
@@ -500,7 +507,9 @@ def save_checkpoint(*, run_dir: str | Path, step: int, ddp_model, optimizer, tra
 
 
 def _fmt_precision(p: dict) -> str:
-    return f"recipe={p.get('recipe')} bf16_blocks={p.get('bf16_blocks')} backend={p.get('backend')}"
+    extra = "".join(f" {g}={p[g]}" for g in ("dge", "occ") if p.get(g))
+    return (f"recipe={p.get('recipe')} bf16_blocks={p.get('bf16_blocks')} "
+            f"backend={p.get('backend')}{extra}")
 
 
 def check_compatible(ckpt: Path, meta: dict, *, allow_precision_change: bool = False,
@@ -648,10 +657,18 @@ def load_checkpoint(ckpt: str | Path, *, ddp_model, optimizer, meta: dict,
     if not (ckpt / "meta.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no meta.json)")
     saved = check_compatible(ckpt, meta, allow_precision_change=allow_precision_change, log=log)
-    check_pickles(ckpt)
-    rng = None
-    if saved.get("world_size") == dist.get_world_size():  # else the ranks' streams differ anyway
-        rng = _read_rng_file(ckpt / f"rank_{dist.get_rank():05d}.pt")
+    rng, refused = None, None
+    try:  # each rank reads its own RNG file: agree on the outcome before anyone raises, so that
+        # every rank stops with the same message instead of one waiting in Megatron's load
+        check_pickles(ckpt)
+        if saved.get("world_size") == dist.get_world_size():  # else the streams differ anyway
+            rng = _read_rng_file(ckpt / f"rank_{dist.get_rank():05d}.pt")
+    except ValueError as err:  # UnsafePickleError is one
+        refused = (type(err).__name__, str(err))
+    problems = [r for r in _gather(refused) if r]
+    if problems:
+        kind, msg = problems[0]
+        raise (safe_pickle.UnsafePickleError if kind == "UnsafePickleError" else ValueError)(msg)
     fmt = saved.get("optim_format", "dp_reshardable")
     with torch.no_grad():
         _init_adam_state(optimizer)

@@ -28,6 +28,17 @@ def launch(run_dir, cache_dir, *overrides, nproc=2, timeout=300):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def tree_hash(d) -> str:
+    """sha256 over every file below ``d`` (relative path and bytes): "nothing changed" checks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(d).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
 def train_losses(run_dir) -> dict[int, float]:
     """step -> train loss; a step logged twice (before a crash, again after resume) keeps the last."""
     out = {}

@@ -5,7 +5,6 @@ Run as ``python disk_full_worker.py RUN_DIR OUT.json`` (one process, gloo).
 """
 
 import errno
-import hashlib
 import json
 import os
 import sys
@@ -13,13 +12,9 @@ from unittest import mock
 
 import torch
 
+from _train_launch import tree_hash  # this directory is sys.path[0] when run as a script
 
-def _tree_hash(d):
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
-    return h.hexdigest()
+
 
 
 def main() -> None:
@@ -52,7 +47,7 @@ def main() -> None:
               meta=meta, keep_last=2)
     C.save_checkpoint(step=1, **kw)
     root = C.checkpoint_root(run_dir)
-    before = _tree_hash(root / "step_0000001")
+    before = tree_hash(root / "step_0000001")
 
     def enospc(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -74,7 +69,7 @@ def main() -> None:
         except C.CheckpointSaveError as err:
             errors["manifest"] = str(err)
     with open(out, "w") as f:
-        json.dump({"errors": errors, "unchanged": _tree_hash(root / "step_0000001") == before,
+        json.dump({"errors": errors, "unchanged": tree_hash(root / "step_0000001") == before,
                    "intact": C.verify_checkpoint(root / "step_0000001") is None,
                    "checkpoints": [p.name for p in C.list_checkpoints(root)],
                    "tmp": sorted(p.name for p in root.glob(".tmp-*")),

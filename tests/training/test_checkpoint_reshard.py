@@ -5,12 +5,11 @@ the default ``dp_reshardable`` stores each rank's flat optimizer slice and must 
 message naming the fix, when the layout changes (before anything is loaded or written).
 """
 
-import hashlib
 import json
 
 import pytest
 
-from _train_launch import checkpoint_steps, launch, train_losses
+from _train_launch import checkpoint_steps, launch, train_losses, tree_hash
 
 # FP32 params (train.bf16=false) and the bf16 recipe (no quantized GEMMs), so that TP2 and TP1
 # differ only in FP32 summation order. With a quantized recipe (nvfp4_no_sr, as here until
@@ -25,12 +24,6 @@ COMMON = ["+recipe=nvfp4_tiny", "precision.recipe=bf16", "train.bf16=false",
 TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 
 
-def _tree_hash(d):
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.slow
@@ -61,10 +54,10 @@ def test_dp_reshardable_checkpoint_is_refused_at_another_tp(tmp_path, corpus_cac
     assert rc == 0, out[-4000:]
     ckpt = a / "checkpoints" / "step_0000003"
     assert json.loads((ckpt / "meta.json").read_text())["optim_format"] == "dp_reshardable"
-    before = _tree_hash(ckpt)
+    before = tree_hash(ckpt)
     b = tmp_path / "tp1"
     rc, out = launch(b, corpus_cache, *COMMON, f"train.load={ckpt}")
     assert rc != 0
     assert "dp_reshardable" in out and "tensor_model_parallel_size: checkpoint 2 vs run 1" in out
     assert "train.ckpt_optim_format=fully_reshardable" in out, out[-3000:]
-    assert _tree_hash(ckpt) == before  # the checkpoint is untouched
+    assert tree_hash(ckpt) == before  # the checkpoint is untouched

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_launch import launch, train_losses
+from _train_launch import launch, train_losses, tree_hash
 from nvfp4_megatron.training import checkpoint as C
 from nvfp4_megatron.training import safe_pickle
 
@@ -49,12 +49,6 @@ def _exit2(out: str) -> bool:
     return re.search(r"exitcode\s*:\s*2 ", out) is not None
 
 
-def _tree_hash(d):
-    h = hashlib.sha256()
-    for p in sorted(Path(d).rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def _rehash(ckpt):
@@ -157,7 +151,7 @@ def test_damaged_newest_checkpoint_is_kept_and_the_previous_one_resumed(
         os.truncate(target, target.stat().st_size // 2)
     else:
         target.unlink()
-    damaged_hash = _tree_hash(root / STEP20)
+    damaged_hash = tree_hash(root / STEP20)
     (root / ".tmp-step_0000030").mkdir()  # a crashed save's leftovers
     (root / ".tmp-step_0000030" / "__0_0.distcp").write_bytes(b"partial")
     rc, out = launch(run, corpus_cache, *COMMON)
@@ -167,7 +161,7 @@ def test_damaged_newest_checkpoint_is_kept_and_the_previous_one_resumed(
     assert f"resumed from {root / STEP10} at step 10" in out
     assert "removed unfinished save(s) .tmp-step_0000030" in out
     assert _names(run) == [STEP10, STEP20, f"{STEP20}.damaged-{reason}"]
-    assert _tree_hash(root / f"{STEP20}.damaged-{reason}") == damaged_hash  # kept as it was
+    assert tree_hash(root / f"{STEP20}.damaged-{reason}") == damaged_hash  # kept as it was
     assert C.verify_checkpoint(root / STEP20) is None  # the new step 20
     a, b = train_losses(base_run), train_losses(run)
     assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]  # exact resume
@@ -179,11 +173,11 @@ def test_explicit_load_of_a_damaged_checkpoint_is_refused(base_run, tmp_path, co
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
     shard.write_bytes(bytes(data))
-    before = _tree_hash(ckpt)
+    before = tree_hash(ckpt)
     rc, out = launch(tmp_path / "run", corpus_cache, *COMMON, f"train.load={ckpt}")
     assert rc != 0 and _exit2(out), out[-3000:]
     assert f"train.load={ckpt} is damaged: {shard} does not match its sha256" in out, out[-3000:]
-    assert _tree_hash(ckpt) == before  # not renamed, not touched
+    assert tree_hash(ckpt) == before  # not renamed, not touched
 
 
 def test_verify_finds_each_damage_with_and_without_manifest(base_run, tmp_path):
@@ -275,14 +269,14 @@ def test_another_recipe_is_refused_and_every_start_config_is_kept(base_run, tmp_
     run = shutil.copytree(base_run, tmp_path / "run")
     first = (run / "config.yaml").read_text()
     bf16 = ["+recipe=bf16_tiny" if a == "+recipe=nvfp4_tiny" else a for a in COMMON]
-    before = _tree_hash(run / "checkpoints")
+    before = tree_hash(run / "checkpoints")
     rc, out = launch(run, corpus_cache, *bf16)
     assert rc != 0 and _exit2(out), out[-3000:]
     assert (f"checkpoint {run / 'checkpoints' / STEP20} was trained with precision recipe=nvfp4 "
             "bf16_blocks=[] backend=auto, this run asks for recipe=bf16 bf16_blocks=[] "
             "backend=auto") in out, out[-3000:]
     assert "train.allow_precision_change=true" in out
-    assert _tree_hash(run / "checkpoints") == before
+    assert tree_hash(run / "checkpoints") == before
     assert (run / "config.yaml").read_text() == first  # the run's own config is not overwritten
     starts = sorted((run / "configs").glob("start_*.yaml"))
     assert len(starts) == 2 and starts[0].read_text() == first

@@ -1,6 +1,5 @@
 """End-to-end CPU runs (2 gloo processes): train, resume exactly, SIGTERM, NaN, precision switch."""
 
-import hashlib
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ import time
 import pytest
 
 from _train_launch import (checkpoint_steps, command, env, kill9_workers_mid_run, launch,
-                           records, train_losses, worker_pids)
+                           records, train_losses, worker_pids, tree_hash)
 
 BF16 = ["+recipe=bf16_tiny", "train.log_interval=20"]
 
@@ -98,12 +97,6 @@ def test_signal_saves_and_exits_cleanly(tmp_path, corpus_cache, sig):
         assert proc.returncode == 0
 
 
-def _tree_hash(d):
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_injected_nan_halts_and_keeps_the_last_checkpoint(tmp_path, corpus_cache):
@@ -113,13 +106,13 @@ def test_injected_nan_halts_and_keeps_the_last_checkpoint(tmp_path, corpus_cache
                      "train.eval_interval=0")
     assert rc == 0, out[-3000:]
     ckpt = run / "checkpoints" / "step_0000010"
-    before = _tree_hash(ckpt)
+    before = tree_hash(ckpt)
     rc, out = launch(run, corpus_cache, *BF16, "train.train_iters=30", "train.save_interval=10",
                      "train.warmup_iters=2",
                      "train.eval_interval=0", "train.inject_nan_at_step=12")
     assert rc != 0
     assert "loss is nan at step 12" in out and "step_0000010" in out, out[-3000:]
-    assert _tree_hash(ckpt) == before
+    assert tree_hash(ckpt) == before
     assert checkpoint_steps(run) == [10]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert records(run, "train")[-1] == {**records(run, "train")[-1], "step": 12, "diverged": True}
