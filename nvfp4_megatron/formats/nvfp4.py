@@ -15,9 +15,11 @@ scaling): ``amax_b`` is the amax of a 16x16 tile, the scale is replicated to its
 quantization of ``W`` transposed equals that of ``Wᵀ`` (Fprop and Dgrad see the same weight).
 N-d inputs are flattened to rows ``[prod(shape[:-1]), shape[-1]]``.
 
-``rht=True`` transforms the last dim with the 16x16 RHT (``formats.rht``) first; the amax is the
-post-RHT amax, and ``dequantize()`` returns values **in the RHT basis** (``≈ apply_rht(x)``, not
-``x``): a GEMM whose both operands are in that basis gives the original product.
+``rht=True`` transforms the last dim with the 16x16 RHT (``formats.rht``) first; the transform is
+rounded to the input's dtype (BF16 in -> BF16 values; FP32 unchanged) before the post-RHT amax and
+the quantization, as Transformer Engine does (DESIGN.md §RHT). ``dequantize()`` returns values
+**in the RHT basis** (``≈ apply_rht(x)``, not ``x``): a GEMM whose both operands are in that basis
+gives the original product.
 
 NaN/Inf policy: the global amax propagates NaN/Inf, so ``S_enc = 1`` then. A block containing
 ±Inf gets scale ``e4m3_rne_satfinite(Inf) = 448`` and the Inf element the code ±6; a block
@@ -158,7 +160,8 @@ def quantize_nvfp4(
     """Quantize ``x`` (BF16/FP16/FP32, any rank >= 1) to NVFP4 along its last dimension.
 
     tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
-    rht: apply the 16x16 RHT (``rht_signs``, default ``DEFAULT_RHT_SIGNS``) first.
+    rht: apply the 16x16 RHT (``rht_signs``, default ``DEFAULT_RHT_SIGNS``) first, its output
+        rounded to ``x.dtype`` (``apply_rht``).
     stochastic_rounding: SR with ``generator`` or explicit uniforms ``rand`` (shape of ``x``,
         in the RHT basis order when ``rht``); otherwise round-to-nearest-even.
     amax: a pre-reduced global amax (e.g. max over the TP group); default ``amax(|x|)``
@@ -167,11 +170,13 @@ def quantize_nvfp4(
     tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
                                      generator=generator, rand=rand)
 
-    x_fp32 = x.float().reshape(rows, k)
     signs = None
     if rht:
-        x_fp32 = apply_rht(x_fp32, rht_signs)
+        # Transformed in FP32, rounded to x's dtype (DESIGN.md §RHT): BF16 in -> BF16 values.
+        x_fp32 = apply_rht(x.reshape(rows, k), rht_signs)
         signs = tuple(int(v) for v in hadamard_signs(rht_signs))
+    else:
+        x_fp32 = x.float().reshape(rows, k)
 
     if amax is not None:
         amax_fp32 = amax_tensor(amax, device=x.device)

@@ -14,6 +14,15 @@ the natural-order fast Walsh-Hadamard butterfly with strides 1, 2, 4, 8 (stage `
 ``(i, i + h)`` to ``(a + b, a - b)``). This equals ``x @ H`` in exact arithmetic; a BLAS matmul
 would sum the 16 products in an order nobody specifies. Multiplying by 0.25 at the end is exact
 except for FP32 subnormals (and overflow of inputs within 16x of FLT_MAX).
+
+Output dtype (DESIGN.md §RHT): the FP32 result is then rounded once, to nearest even, to the
+input's dtype (BF16 in -> BF16 grid, FP16 -> FP16, FP32 unchanged) and returned as FP32, so the
+post-RHT amax and the NVFP4 quantization see the values Transformer Engine's RHT-cast produces:
+its kernel is tested bit-exact against ``reference_nvfp4.py``, which computes ``x @ H`` in the
+input's dtype. A NaN is passed through as the FP32 NaN (a dtype conversion would pick the NaN's
+sign by platform: torch on x86 gives BF16 ``0xFFFF``, a GPU ``0x7FFF``; the sign becomes the
+E2M1 code's sign bit). Transformer Engine's ``H`` is the same matrix: ``diag(signs) @
+Sylvester16 / 4`` with this sign vector (``get_wgrad_sign_vector``, ``_build_hadamard_matrix``).
 """
 
 from __future__ import annotations
@@ -62,7 +71,12 @@ def hadamard_matrix(
 
 
 def apply_rht(x: torch.Tensor, signs: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-    """FP32 ``x`` transformed on 16-element chunks of the last dim: ``x.view(-1, 16) @ H``."""
+    """``x.view(-1, 16) @ H`` on chunks of the last dim, rounded to ``x.dtype``, as FP32.
+
+    FP32 butterfly (``fwht16``), then one round-to-nearest-even to ``x.dtype`` (BF16/FP16; FP32
+    and FP64 inputs are not rounded further), NaN kept; the result is an FP32 tensor of ``x``'s
+    shape. ``apply_rht(x.float())`` gives the unrounded FP32 transform.
+    """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(
             f"apply_rht: x must be a floating-point tensor, got "
@@ -73,8 +87,18 @@ def apply_rht(x: torch.Tensor, signs: Sequence[int] | torch.Tensor | None = None
             f"apply_rht: last dimension of shape {tuple(x.shape)} must be divisible by {RHT_SIZE}"
         )
     s_fp32 = torch.tensor(hadamard_signs(signs), dtype=torch.float32, device=x.device)
-    y_fp32 = fwht16(x.float().reshape(-1, RHT_SIZE) * s_fp32)
-    return (y_fp32 * 0.25).reshape(x.shape)
+    y_fp32 = fwht16(x.float().reshape(-1, RHT_SIZE) * s_fp32) * 0.25
+    return round_to_dtype(y_fp32, x.dtype).reshape(x.shape)
+
+
+def round_to_dtype(y_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP32 ``y`` rounded to nearest even in ``dtype`` (BF16/FP16), back in FP32; NaN unchanged.
+
+    Overflow gives ±Inf, as a dtype conversion does. FP32 and wider dtypes: ``y`` unchanged.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return y_fp32
+    return torch.where(torch.isnan(y_fp32), y_fp32, y_fp32.to(dtype).float())
 
 
 def fwht16(x_fp32: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,14 @@ or the hardware:
   element; any other summation order (a 16-term dot product, say) would round differently
   whenever a sum is inexact (0.05% of 16-blocks of BF16 N(0, 1) data, every block in FP32).
   The butterflies contain no multiply, so FMA contraction cannot change them.
+* The RHT output is then rounded to the input's dtype (DESIGN.md §RHT; ``formats.rht.
+  round_to_dtype``), in ``load_tile_3d``, so the post-RHT amax kernel, the RNE and the SR
+  quantization all see it. BF16 is rounded on the bits (``round_fp32_to_bf16``): the
+  interpreter's FP32 -> BF16 ``.to()`` truncates instead of rounding (Triton 3.6), the GPU's
+  ``cvt.rn.bf16.f32`` rounds to nearest even; the bit formula equals the latter and torch's
+  conversion. FP16 uses ``.to(tl.float16)`` (``cvt.rn.f16.f32`` on the GPU, NumPy's ``astype``
+  in the interpreter: both nearest even, subnormals and overflow to Inf included). NaN passes
+  through unchanged in both cases, as in the reference.
 """
 
 from __future__ import annotations
@@ -218,6 +226,31 @@ def rht16(base, cols0, stride_c, mask2, s_ptr):
 
 
 @triton.jit
+def round_fp32_to_bf16(v):
+    """FP32 ``v`` rounded to nearest even on the BF16 grid, as FP32; NaN unchanged.
+
+    Classic bit formula: add ``0x7FFF + lsb`` (lsb = bit 16, the BF16 mantissa's last bit) and
+    clear the low 16 bits; the carry runs into the exponent, so FLT_MAX-sized values round to
+    ±Inf and subnormals round like normals (BF16 has FP32's exponent range). int32 addition wraps
+    only for NaN bit patterns, which the final ``where`` discards.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    r = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 = 0xFFFF0000
+    return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def round_to_input_dtype(v, DTYPE: tl.constexpr):
+    """FP32 ``v`` rounded to ``DTYPE`` (BF16 / FP16; FP32: unchanged), back in FP32; NaN unchanged."""
+    out = v
+    if DTYPE == tl.bfloat16:
+        out = round_fp32_to_bf16(v)
+    if DTYPE == tl.float16:
+        out = tl.where(v != v, v, v.to(tl.float16).to(tl.float32))
+    return out
+
+
+@triton.jit
 def load_tile_3d(
     x_ptr, rows, chunks, stride_r, stride_c, R, C, s_ptr,
     CHUNK: tl.constexpr, RHT: tl.constexpr,
@@ -225,12 +258,14 @@ def load_tile_3d(
     """FP32 tile ``[BR, G, CHUNK]``: rows ``rows``, chunks ``chunks`` of ``CHUNK`` columns.
 
     Strided loads, so a transposed view is read in place. With ``RHT`` (CHUNK = 16, ``s_ptr`` the
-    16 signs) each chunk is replaced by its RHT. Out-of-range elements read as 0.
+    16 signs) each chunk is replaced by its RHT, rounded to the dtype of ``x_ptr`` (BF16 input ->
+    BF16 values; DESIGN.md §RHT). Out-of-range elements read as 0.
     """
     if RHT:
         mask2 = (rows < R)[:, None] & (chunks * CHUNK < C)[None, :]
         base = x_ptr + rows[:, None].to(tl.int64) * stride_r
         out = rht16(base, chunks[None, :].to(tl.int64) * CHUNK, stride_c, mask2, s_ptr)
+        out = round_to_input_dtype(out, x_ptr.dtype.element_ty)
     else:
         kk = tl.arange(0, CHUNK)
         cols = chunks[None, :, None].to(tl.int64) * CHUNK + kk[None, None, :]

@@ -48,7 +48,8 @@ def _log_reference_once(case: str) -> None:
 
 
 def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
-    """FP32 0-d global amax of ``x`` (post-RHT along the last dim when ``rht``); no host sync on CUDA.
+    """FP32 0-d global amax of ``x`` (post-RHT along the last dim when ``rht``, the transform rounded
+    to ``x.dtype`` as in ``formats.apply_rht``); no host sync on CUDA.
 
     Use it to compute an amax once (or to all-reduce it over the TP group) and pass it as
     ``amax=`` to several quantizers of the same tensor.

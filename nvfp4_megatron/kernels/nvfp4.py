@@ -5,8 +5,9 @@ Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two laun
 1. ``kernels.amax.amax_2d``: the global amax (post-RHT when ``rht``), unless the caller passes a
    pre-reduced ``amax``.
 2. ``_nvfp4_kernel``: each program takes a tile of ``BLOCK_R`` rows x ``G`` blocks of 16 columns,
-   (optionally) applies the RHT, computes ``S_enc = min(2688 / amax, FLT_MAX)`` (1 if amax is 0
-   or not finite) and ``S_dec = 1 / S_enc`` from the amax in device memory, the block amax
+   (optionally) applies the RHT and rounds its output to the input's dtype (DESIGN.md §RHT),
+   computes ``S_enc = min(2688 / amax, FLT_MAX)`` (1 if amax is 0 or not finite) and
+   ``S_dec = 1 / S_enc`` from the amax in device memory, the block amax
    (16x16 tiles: the max over 16 rows, replicated), the E4M3 block scale
    ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
    the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.

@@ -301,3 +301,26 @@ def test_bad_input_raises_value_error(kwargs, x, match):
 
 def test_worked_oracle_decode_sanity():
     assert e2m1_decode([0x7, 0xF, 0x8]).tolist() == [6.0, -6.0, -0.0]
+
+
+def test_rht_bf16_worked_example_from_docs():
+    """docs/formats.md "RHT output in the input's dtype": a 16-token BF16 column through the Wgrad
+    (columnwise + RHT) copy. The BF16-rounded transform moves the amax from 279 to 280 * 2^-11,
+    which moves the odd elements from just above the E2M1 decision point 5 to just below it."""
+    x = torch.zeros(16, 1, dtype=torch.bfloat16)  # [tokens, features]
+    x[0, 0], x[1, 0] = 0.5, 23 / 512
+    q = quantize_nvfp4(x.t(), rht=True)
+    assert q.amax.item() == 0.13671875  # 280 * 2^-11, the BF16 tie rounded to even
+    assert q.scale_enc.item() == np.float32(2688.0) / np.float32(0.13671875) == 19660.80078125
+    assert q.scale.view(torch.uint8).tolist() == [[0x7E]]  # s_b = 448
+    enc = (1.0 / (q.scale.float() * q.scale_dec)).item()
+    assert enc == pytest.approx(43.885715, abs=1e-6)
+    assert 233 * 2.0**-11 * enc == pytest.approx(4.9928575, abs=1e-6)  # odd elements: < 5 -> 4
+    assert q.codes()[0].tolist() == [0x7, 0x6] * 8
+    assert q.data[0].tolist() == [0x67] * 8
+    # the same column in FP32 (or the old rule, an FP32 transform of the BF16 input): 5.01 -> 6
+    old = quantize_nvfp4(x.t().float(), rht=True)
+    assert old.amax.item() == 279 * 2.0**-11 == 0.13623046875
+    assert old.scale_enc.item() == 19731.26953125
+    assert old.codes()[0].tolist() == [0x7] * 16
+    assert old.data[0].tolist() == [0x77] * 8

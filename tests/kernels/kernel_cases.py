@@ -11,11 +11,15 @@ on the device: the GPU kernel must reproduce the CPU oracle bit for bit.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from nvfp4_megatron import formats
+from nvfp4_megatron.formats.rht import round_to_dtype
 from nvfp4_megatron.kernels import fp8 as k_fp8
 from nvfp4_megatron.kernels import mx as k_mx
 from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
+from nvfp4_megatron.kernels._common import round_to_input_dtype
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -137,3 +141,60 @@ def special_values_input(device) -> torch.Tensor:
     h0 = formats.hadamard_matrix()[:, 0]
     x[9, :16] = torch.where(h0 > 0, torch.tensor(-0.0), torch.tensor(0.0))
     return x.to(device)
+
+
+def special_values_input_bf16(device, *, subnormals: bool = True) -> torch.Tensor:
+    """``special_values_input`` in BF16, without its NaN, plus a column whose RHT hits a BF16 tie.
+
+    A BF16 NaN is left out: torch's FP32 -> BF16 conversion on x86 makes every NaN 0xFFFF
+    (negative), and the sign of a NaN after the GPU's RHT adds is the GPU's. Column 11, tokens
+    32..47, holds [0.5, 23/512, 0, ...]: its transform 279 * 2^-11 rounds (tie, to even) to
+    280 * 2^-11 (the worked example of docs/formats.md). ``subnormals=False`` zeroes row 5 (BF16
+    subnormals): Triton 3.6's interpreter loads BF16 subnormals as wrong FP32 values (its
+    BF16 -> FP32 conversion mishandles them; the GPU's is exact).
+    """
+    x = special_values_input("cpu")
+    x[4, 70] = 0.0
+    if not subnormals:
+        x[5, :16] = 0.0
+    x[32:48, 11] = 0.0
+    x[32, 11], x[33, 11] = 0.5, 23 / 512
+    return x.to(torch.bfloat16).to(device)
+
+
+@triton.jit
+def _round_kernel(x_ptr, like_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    v = tl.load(x_ptr + offs, mask=m, other=0.0)
+    # the dtype is read from a pointer, as load_tile_3d does with the quantizer's input
+    tl.store(out_ptr + offs, round_to_input_dtype(v, like_ptr.dtype.element_ty), mask=m)
+
+
+def rounding_probe() -> torch.Tensor:
+    """FP32 values for the RHT output rounding: random bit patterns (all exponents, subnormals,
+    Inf/NaN), exact BF16 and FP16 ties of both parities, FP16 subnormals, overflow boundaries."""
+    g = torch.Generator().manual_seed(11)
+    rand_bits = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    bf16_ties = (rand_bits[:1024] & -65536) | 0x8000  # low half exactly 0x8000: halfway
+    h = torch.randint(0x0400, 0x7C00, (1024,), generator=g, dtype=torch.int32).to(torch.int16)
+    h = h | (torch.randint(0, 2, (1024,), generator=g, dtype=torch.int32) << 15).to(torch.int16)
+    f16_ties = h.view(torch.float16).float().view(torch.int32) | 0x1000  # + half an FP16 ulp
+    f16_sub = (torch.rand(1024, generator=g) * 2 - 1) * 2.0**-14
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                             3.4028234663852886e38, -3.4028234663852886e38, 3.3895313892515355e38,
+                             3.3961775292304611e38, 65504.0, 65519.99, 65520.0, -65520.0, 65536.0,
+                             1e-45, -1e-45, 1.1754942e-38, 5.96e-8, 2.98e-8, 2.99e-8])
+    return torch.cat([rand_bits.view(torch.float32), bf16_ties.view(torch.float32),
+                      f16_ties.view(torch.float32), f16_sub, specials])
+
+
+def check_round_to_dtype(name: str, device) -> None:
+    """Kernel ``round_to_input_dtype`` vs ``formats.rht.round_to_dtype``, BF16 / FP16 / FP32."""
+    x = rounding_probe()
+    x_dev = x.to(device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = torch.empty_like(x_dev)
+        like = torch.empty(1, dtype=dtype, device=device)
+        _round_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, like, out, x.numel(), BLOCK=1024)
+        _same(f"{name} {dtype}", "value", out, round_to_dtype(x, dtype))

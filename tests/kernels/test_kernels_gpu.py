@@ -60,6 +60,16 @@ def test_special_values_exact():
     kc.check_fp8("special fp8 finite", x[8:], torch.float8_e5m2)
 
 
+def test_rht_output_rounded_to_input_dtype_exact():
+    """DESIGN.md §RHT: the kernels round the RHT output to the input dtype exactly as the reference."""
+    kc.check_round_to_dtype("rht output rounding", "cuda")
+    xb = kc.special_values_input_bf16("cuda")
+    kc.check_nvfp4("special bf16 nvfp4 columnwise rht", xb.t(), rht=True)
+    kc.check_nvfp4("special bf16 nvfp4 rowwise rht", torch.cat([xb[:6], xb[7:]]), rht=True)
+    u = torch.rand(xb.t().shape, generator=torch.Generator().manual_seed(5)).cuda()
+    kc.check_nvfp4("special bf16 columnwise rht sr", xb.t(), rht=True, stochastic_rounding=True, rand=u)
+
+
 def test_dispatch_picks_kernel_and_matches():
     x = kc.make_input((512, 1024), device="cuda", seed=5)
     assert dispatch.uses_kernel(x)

@@ -3,7 +3,8 @@
 The interpreter must be switched on before ``triton.jit`` wraps the kernels, so the check runs in
 a fresh subprocess. Same exact comparisons as the GPU tests (``kernel_cases``), on shapes with a
 row count that is not a multiple of 16, heavy-tailed BF16 and FP32 inputs (FP32 RHT sums round, so
-this also pins the RHT summation order), and NaN/Inf/subnormal/signed-zero specials. About 10 s.
+this also pins the RHT summation order), NaN/Inf/subnormal/signed-zero specials in FP32 and BF16,
+and the rounding of the RHT output to the input's dtype (BF16 ties, FP16 overflow). About 10 s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ kc.check_nvfp4("special nvfp4 columnwise rht", x.t(), rht=True)
 # sign) is the platform's default NaN: negative under NumPy on x86, positive in torch and on GPUs.
 kc.check_nvfp4("special nvfp4 rowwise rht", torch.cat([x[:6], x[7:]]), rht=True)
 kc.check_nvfp4("special nvfp4 16x16", x, tile=(16, 16))
+kc.check_round_to_dtype("rht output rounding", "cpu")
+xb = kc.special_values_input_bf16("cpu", subnormals=False)  # the interpreter mis-loads BF16 subnormals
+kc.check_nvfp4("special bf16 nvfp4 columnwise rht", xb.t(), rht=True)
+kc.check_nvfp4("special bf16 nvfp4 rowwise rht", torch.cat([xb[:6], xb[7:]]), rht=True)
+u = torch.rand(xb.t().shape, generator=torch.Generator().manual_seed(5))
+kc.check_nvfp4("special bf16 columnwise rht sr", xb.t(), rht=True, stochastic_rounding=True, rand=u)
 for ed in (torch.float8_e4m3fn, torch.float8_e5m2, "e2m1"):
     kc.check_mx(f"special mx {{ed}}", x, ed)
 kc.check_fp8("special fp8 (Inf/NaN amax)", x, torch.float8_e4m3fn)
