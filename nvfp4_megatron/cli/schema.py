@@ -166,6 +166,27 @@ class SwitchToBF16Config:
 
 
 @dataclass(kw_only=True)
+class DGEConfig:
+    """Microsoft FP4 differentiable gradient estimator on the weights (arXiv 2501.17116 §3.1).
+    null keeps the recipe's value (msfp4 / msfp4_no_occ: on, k 5, cap 3); needs an FP4 Fprop."""
+
+    enabled: Optional[bool] = None
+    k: Optional[float] = num(None, gt=1, note="the paper uses 5")
+    cap: Optional[float] = num(None, gt=0, note="cap on f'; the paper uses 3.0")
+
+
+@dataclass(kw_only=True)
+class OCCConfig:
+    """Microsoft FP4 outlier clamping and compensation on the activations (§3.2). null keeps the
+    recipe's value (msfp4 / msfp4_no_dge: on, quantile 0.99, compensate); needs an FP4 Fprop."""
+
+    enabled: Optional[bool] = None
+    quantile: Optional[float] = num(None, gt=0.5, lt=1, note="clamp to the [1-q, q] quantiles; "
+                                                             "the paper uses 0.99")
+    compensate: Optional[bool] = None  # add (X - clamp(X))·Wᵀ back in high precision
+
+
+@dataclass(kw_only=True)
 class PrecisionConfig:
     recipe: str = "bf16"  # a name from nvfp4_megatron.quant.registry.list_recipes()
     backend: Backend = Backend.auto
@@ -173,6 +194,8 @@ class PrecisionConfig:
     bf16_last_blocks: Optional[int] = num(None, ge=0)
     bf16_blocks: Optional[list[int]] = num(None, ge=0)  # 0-based block indices (each checked)
     switch_to_bf16: SwitchToBF16Config = field(default_factory=SwitchToBF16Config)
+    dge: DGEConfig = field(default_factory=DGEConfig)
+    occ: OCCConfig = field(default_factory=OCCConfig)
 
 
 @dataclass(kw_only=True)
@@ -251,6 +274,13 @@ class LoggingConfig:
     # show every upstream warning on every rank (default: known ones once, on rank 0;
     # platform/warnings_filter.py; NVFP4_SHOW_ALL_WARNINGS=1 does the same)
     all_warnings: bool = False
+    # every N steps: per quantized layer and operand copy, cosine / MSE / SNR / underflow /
+    # saturation / OCC-clamped fraction -> metrics.jsonl ("kind": "quant") and TensorBoard
+    # (quant/telemetry.py; overhead in docs/PERFORMANCE.md)
+    quant_stats_interval: Optional[int] = num(None, ge=1, note="null: off (the default)")
+    # with quant_stats_interval: also the Microsoft FP4 paper's Table 1 on every quantizable
+    # layer's input ("kind": "occ_table" rows; scripts/occ_table.py --source telemetry)
+    quant_stats_occ_table: bool = False
 
 
 @dataclass(kw_only=True)
@@ -422,6 +452,25 @@ def cross_field_problems(plain: dict) -> list[str]:
     blocks = p["bf16_blocks"] or []
     if len(set(blocks)) != len(blocks):
         problems.append(f"precision.bf16_blocks={blocks} lists an index twice")
+    if p["recipe"] in list_recipes() and all(
+            _get(plain, k) is None or ok(k)
+            for k in ("precision.dge.k", "precision.dge.cap", "precision.occ.quantile")):
+        from nvfp4_megatron.quant.registry import apply_msfp4_overrides, get_recipe
+
+        try:  # DGE/OCC against the recipe (FP4 Fprop; parameters of a component left off)
+            apply_msfp4_overrides(get_recipe(p["recipe"]), p["dge"], p["occ"])
+        except ValueError as e:
+            problems.append(str(e))
+        tp = plain["parallel"]["tensor_model_parallel_size"]
+        if any(t.format == "e2m1_vector" for t in
+               get_recipe(p["recipe"]).linear.operands().values()) and ok(
+                   "parallel.tensor_model_parallel_size") and tp > 1:
+            problems.append(f"precision.recipe={p['recipe']!r} (e2m1_vector: per-token / "
+                            f"per-channel scales) needs parallel.tensor_model_parallel_size=1, "
+                            f"got {tp}: its scales are not reduced over TP")
+    if plain["logging"]["quant_stats_occ_table"] and plain["logging"]["quant_stats_interval"] is None:
+        problems.append("logging.quant_stats_occ_table=true needs logging.quant_stats_interval=N "
+                        "(the steps it measures on)")
     return problems
 
 

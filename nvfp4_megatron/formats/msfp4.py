@@ -15,7 +15,9 @@ locates each scaled value's E2M1 interval (widths 0.5, 1, 2) and evaluates it th
 
 Outlier clamping and compensation, OCC (§3.2): clamp activations to the [1-α, α] quantiles
 (α = 0.99), quantize the clamped tensor, and compute ``(x - clamped) @ W`` in high precision. The
-residual is sparse: ≈ 2(1-α) of the entries are non-zero (≈ 2% at α = 0.99).
+residual is sparse: ≈ 2(1-α) of the entries are non-zero (≈ 2% at α = 0.99). The quantiles are
+``torch.quantile``'s (linear interpolation) computed with ``torch.topk``, which is deterministic on
+CUDA (``kthvalue`` is not: it raises under ``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -102,15 +104,27 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
 
 def _quantile_linear(v_fp32: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(v, q)`` (linear interpolation, same FP32 rank and ``lerp`` arithmetic) for
-    any size: torch.quantile refuses inputs above 2^24 elements, ``kthvalue`` does not."""
+    any size, by ``torch.topk``.
+
+    Why not ``torch.quantile`` / ``kthvalue``: torch.quantile refuses inputs above 2^24 elements,
+    and ``kthvalue`` has no deterministic CUDA kernel, so it raises under
+    ``torch.use_deterministic_algorithms(True)`` (``train.deterministic``). ``topk`` is
+    deterministic (the selected *values* do not depend on how ties are broken) and, for the
+    quantiles OCC uses (α ≥ 0.9), selects only the ≈ (1-α)·n elements on the near side of the
+    quantile rather than sorting all n. ``v_fp32`` is 1-D.
+    """
     n = v_fp32.numel()
     rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
     below = torch.floor(rank)
     weight = rank - below
-    lo_i = int(below.item())
+    lo_i = int(below.item())  # a CPU tensor: no device synchronisation
     hi_i = min(lo_i + 1, n - 1)
-    lo_v = torch.kthvalue(v_fp32, lo_i + 1).values
-    hi_v = torch.kthvalue(v_fp32, hi_i + 1).values
+    if lo_i >= n // 2:  # the top n - lo_i values, descending: ascending rank r is at n - 1 - r
+        top = torch.topk(v_fp32, n - lo_i, largest=True, sorted=True).values
+        lo_v, hi_v = top[n - 1 - lo_i], top[n - 1 - hi_i]
+    else:  # the bottom hi_i + 1 values, ascending: rank r is at r
+        bottom = torch.topk(v_fp32, hi_i + 1, largest=False, sorted=True).values
+        lo_v, hi_v = bottom[lo_i], bottom[hi_i]
     return torch.lerp(lo_v, hi_v, weight.to(v_fp32.device))
 
 

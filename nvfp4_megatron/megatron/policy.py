@@ -1,20 +1,22 @@
 """Per-layer precision: configure every quantized linear of a built model and log what runs.
 
 ``apply_precision(model_chunks, recipe)`` walks the model after Megatron built it. For each
-``TransformerLayer`` it takes the global block index ``layer_number - 1`` (Megatron's
-``layer_number`` is 1-based and already includes the pipeline-stage offset, so the index is the
-same whichever stage holds the block), decides from the recipe's ``LayerPolicy`` whether the block
-stays BF16 (NVFP4 paper arXiv 2509.25149 §4.1: first 2 and last 8 of 62 blocks), and hands each
-quantized linear in it a ``LinearPrecision`` (recipe + a stable key ``"<block>.<module path>"``
-used for SR seeds and telemetry).
+block (a ``TransformerLayer``; in a hybrid model every pattern symbol: ``MambaLayer``, the
+attention-only ``TransformerLayer``, ``MLPLayer``) it takes the global block index
+``layer_number - 1`` (Megatron's ``layer_number`` is 1-based and already includes the
+pipeline-stage offset, so the index is the same whichever stage holds the block), decides from
+the recipe's ``LayerPolicy`` whether the block stays BF16 (NVFP4 paper arXiv 2509.25149 §4.1:
+first 2 and last 8 of 62 blocks), and hands each quantized linear in it a ``LinearPrecision``
+(recipe + a stable key ``"<block>.<module path>"`` used for SR seeds and telemetry).
 
 Checks that keep a run honest (no silent BF16): a quantized recipe applied to a model with no
 quantized linears is an error (it was built with a plain spec); a quantized linear outside any
 transformer block is an error; ``backend='te'`` is refused here (TE models are built with the TE
 spec and ``megatron/te_adapter.py``).
 
-Rank 0 logs one table, block -> layer -> GEMM -> operand formats (format / tile / RHT / SR) ->
-backend, gathered over all ranks so pipeline stages appear in one place.
+Rank 0 logs one table, block -> layer -> GEMM -> operand formats (format / tile / RHT / SR, and
+the Microsoft FP4 options: OCC on the Fprop input, DGE on the Fprop weight) -> backend, gathered
+over all ranks so pipeline stages appear in one place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nvfp4_megatron.megatron.layers import QUANTIZED_LINEAR_TYPES, LinearPrecision
@@ -31,6 +34,9 @@ from nvfp4_megatron.quant import gemm as gemm_backends
 from nvfp4_megatron.quant.recipe import BF16_LINEAR, PrecisionRecipe, bf16_block_set
 
 _log = logging.getLogger(__name__)
+
+# A block of the BF16 policy: GPT layers, and every hybrid pattern symbol (Mamba, attention, MLP)
+BLOCK_TYPES = (TransformerLayer, MambaLayer)
 
 _GEMM_OPERANDS = (("fprop", "input", "weight"), ("dgrad", "grad_output", "weight"),
                   ("wgrad", "grad_output", "input"))
@@ -55,13 +61,16 @@ class PrecisionTable:
     bf16_blocks: tuple[int, ...]
     schedule: str
     rows: tuple[PrecisionRow, ...]
+    choice: str = ""      # how the backend was chosen (megatron/backend.BackendChoice.describe)
+    te_recipe: str = ""   # TE backend: the TE version and the recipe object's repr
 
     def quantized_blocks(self) -> tuple[int, ...]:
         return tuple(sorted({r.block for r in self.rows if r.quantized}))
 
     def format(self) -> str:
         head = [f"precision recipe={self.recipe} backend={self.backend} blocks={self.num_blocks} "
-                f"bf16_blocks={list(self.bf16_blocks)} schedule={self.schedule}"]
+                f"bf16_blocks={list(self.bf16_blocks)} schedule={self.schedule}"
+                + (f" | backend choice: {self.choice}" if self.choice else "")]
         cols = ("block", "layer", "gemm", "operand A", "operand B", "backend")
         body = [(str(r.block), r.layer, r.gemm, r.operand_a, r.operand_b, r.backend)
                 for r in self.rows]
@@ -69,7 +78,8 @@ class PrecisionTable:
                   for i, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*cols)] + [fmt.format(*b) for b in body]
-        return "\n".join(head + lines)
+        tail = [f"TE recipe: {self.te_recipe}"] if self.te_recipe else []
+        return "\n".join(head + lines + tail)
 
 
 def _chunks(model_chunks) -> list[torch.nn.Module]:
@@ -95,14 +105,38 @@ def _gemm_backend(tq_a, tq_b, device: torch.device) -> str:
     return "native:fp8_scaled_mm" if chosen == "fp8_scaled_mm" else f"emulated:{chosen}"
 
 
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def operand_label(recipe, gemm: str, operand: str) -> str:
+    """``TensorQuant.describe()`` of one operand plus what the Microsoft FP4 options do to it:
+    OCC on the Fprop input, DGE on the Fprop weight (its quantizer's gradient estimator, applied
+    to dW), and which ``e2m1_vector`` backward copies are the Fprop copies."""
+    tq = getattr(getattr(recipe, gemm), operand)
+    text = tq.describe()
+    ms = recipe.msfp4
+    if ms is not None and gemm == "fprop" and operand == "input" and ms.occ:
+        text += f" OCC q={_num(ms.occ_quantile)} " + ("comp" if ms.occ_compensate else "no-comp")
+    if ms is not None and gemm == "fprop" and operand == "weight" and ms.dge:
+        text += f" DGE k={_num(ms.dge_k)} cap={_num(ms.dge_cap)}"
+    if tq.format == "e2m1_vector" and gemm != "fprop":
+        src = recipe.fprop.weight if operand == "weight" else recipe.fprop.input
+        text += " (Fprop copy" if src.is_quantized else " (made in backward"
+        if operand == "input" and ms is not None and ms.occ and ms.occ_compensate:
+            text += ", +OCC residual"
+        text += ")"
+    return text
+
+
 def _rows_for(block: int, name: str, recipe, device: torch.device) -> list[PrecisionRow]:
     rows = []
     for gemm, a, b in _GEMM_OPERANDS:
         g = getattr(recipe, gemm)
         tq_a, tq_b = getattr(g, a), getattr(g, b)
         rows.append(PrecisionRow(block=block, layer=name, gemm=gemm,
-                                 operand_a=f"{a}: {tq_a.describe()}",
-                                 operand_b=f"{b}: {tq_b.describe()}",
+                                 operand_a=f"{a}: {operand_label(recipe, gemm, a)}",
+                                 operand_b=f"{b}: {operand_label(recipe, gemm, b)}",
                                  backend=_gemm_backend(tq_a, tq_b, device),
                                  quantized=tq_a.is_quantized))
     return rows
@@ -116,8 +150,7 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                          "needs the Transformer Engine layer spec (megatron/te_adapter.py). Use "
                          "backend='auto' or 'emulated', or build the model with the TE spec")
     chunks = _chunks(model_chunks)
-    layers: list[TransformerLayer] = [m for c in chunks for m in c.modules()
-                                      if isinstance(m, TransformerLayer)]
+    layers = [m for c in chunks for m in c.modules() if isinstance(m, BLOCK_TYPES)]
     if not layers:
         raise ValueError("apply_precision: the model has no TransformerLayer")
     num_blocks = layers[0].config.num_layers

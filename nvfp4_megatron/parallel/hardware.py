@@ -113,6 +113,16 @@ _RECIPES: dict[str, RecipeCompute] = {
     "nvfp4_no_sr": _NVFP4,
     "nvfp4_no_2d": _NVFP4,
     "nvfp4_all_layers": _NVFP4,
+    # Microsoft FP4 (msfp4*, fp4_direct): E2M1 with one FP32 scale per token / channel (≈ 0.5 B),
+    # the saved Wgrad activation is the Fprop copy plus, with OCC, its ≈ 2 % sparse residual
+    # (BF16 value + int32 index ≈ 0.12 B per element). Class "fp4": its Fprop; the backward
+    # multiplies FP8 gradients by the FP4 copies, which Blackwell's mixed FP8 x FP4 MMA runs at
+    # the FP8 rate, so the planner's one class overstates the backward's speed by up to 2x.
+    "msfp4": RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 0.12, weight_bytes=0.5, mx=False),
+    "msfp4_no_dge": RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 0.12, weight_bytes=0.5,
+                                  mx=False),
+    "msfp4_no_occ": RecipeCompute(gemm_class="fp4", act_bytes=0.5, weight_bytes=0.5, mx=False),
+    "fp4_direct": RecipeCompute(gemm_class="fp4", act_bytes=0.5, weight_bytes=0.5, mx=False),
 }
 
 

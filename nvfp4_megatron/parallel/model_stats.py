@@ -15,8 +15,9 @@ Parameters (counted the way Megatron-Core builds the modules; ``g = 2`` for gate
 
 In a hybrid model every pattern symbol is one layer (``M`` Mamba, ``*`` attention, ``-`` MLP,
 ``E`` MoE), as in Megatron's ``HybridModel``; in a plain GPT model each layer is attention plus
-an MLP or MoE block. :func:`meta_param_count` builds the GPT model on the ``meta`` device
-with Megatron-Core's local spec and counts its tensors; tests check both agree exactly.
+an MLP or MoE block. :func:`meta_param_count` builds the model on the ``meta`` device (GPT:
+Megatron-Core's local spec; hybrid: Megatron's ``HybridModel`` with the project's local hybrid
+spec, ``megatron/hybrid_spec.py``) and counts its tensors; tests check both agree exactly.
 
 FLOPs (model FLOPs, forward + backward = 3x forward, 2 per multiply-add): every linear GEMM
 ``2·tokens·in·out``; causal attention ``2·s²·n_q·d_head`` per sequence forward (QKᵀ and AV, the
@@ -234,8 +235,9 @@ def _mamba_params(m: ModelShape) -> Params:
     # channel/head in Megatron; they are not GEMMs, so they are counted as "replicated" here and
     # divided by TP in memory_per_gpu via _stage_params.
     other = conv_ch * (m.mamba_conv_kernel + 1) + 3 * nh + di
-    bias = (2 * di + 2 * gn + nh + h) if m.add_bias_linear else 0
-    return Params(linear=in_proj + di * h + bias, replicated=m.norm_params + other)
+    # no linear biases: Megatron's MambaMixer builds in_proj/out_proj with its own bias=False
+    # whatever add_bias_linear says (that flag applies to the attention and MLP layers)
+    return Params(linear=in_proj + di * h, replicated=m.norm_params + other)
 
 
 def layer_params(m: ModelShape, kind: str) -> Params:
@@ -288,13 +290,15 @@ def param_count(m: ModelShape) -> dict[str, int]:
 
 
 def meta_param_count(m: ModelShape) -> int | None:
-    """Build the model with Megatron-Core's local spec on the ``meta`` device and count its tensors.
+    """Build the model on the ``meta`` device and count its tensors (no memory, no init).
 
-    Returns None for hybrid models with Mamba layers (Megatron's Mamba mixer needs ``mamba_ssm``).
-    Uses a private single-rank gloo group when torch.distributed is not initialised (and tears it
-    down after), because Megatron-Core's modules look up their process groups at construction.
+    GPT: Megatron-Core's local spec. Hybrid (``hybrid_override_pattern``): Megatron's
+    ``HybridModel`` with the local hybrid spec (Mamba-2 mixer without mamba_ssm); returns None for
+    pattern symbols that spec does not build (MoE ``E``). Uses a private single-rank gloo group
+    when torch.distributed is not initialised (and tears it down after), because Megatron-Core's
+    modules look up their process groups at construction.
     """
-    if m.hybrid_override_pattern:
+    if m.hybrid_override_pattern and set(m.hybrid_override_pattern) - set("M*-|"):
         return None
     import torch
     import torch.distributed as dist
@@ -323,19 +327,25 @@ def meta_param_count(m: ModelShape) -> int | None:
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=m.moe_shared_expert_gate,
             use_cpu_initialization=True, perform_initialization=False,
+            **_hybrid_config_fields(m),
         )
-        spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts, moe_grouped_gemm=False,
-                                        normalization=m.normalization)
         # Megatron prints a deprecation banner for GPTModel and warns about missing apex/TE.
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)
-            model = GPTModel(
-                config=cfg, transformer_layer_spec=spec, vocab_size=m.vocab_size,
-                max_sequence_length=m.seq_length, position_embedding_type=m.position_embedding_type,
-                share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            )
+            if m.hybrid_override_pattern:
+                model = _meta_hybrid_model(m, cfg)
+            else:
+                spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
+                                                moe_grouped_gemm=False,
+                                                normalization=m.normalization)
+                model = GPTModel(
+                    config=cfg, transformer_layer_spec=spec, vocab_size=m.vocab_size,
+                    max_sequence_length=m.seq_length,
+                    position_embedding_type=m.position_embedding_type,
+                    share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+                )
         return sum(p.numel() for p in model.parameters())
     finally:
         logging.disable(logging.NOTSET)
@@ -343,6 +353,31 @@ def meta_param_count(m: ModelShape) -> int | None:
             ps.destroy_model_parallel()
         if owns_dist:
             dist.destroy_process_group()
+
+
+def _hybrid_config_fields(m: ModelShape) -> dict:
+    if not m.hybrid_override_pattern:
+        return {}
+    return {"is_hybrid_model": True, "mamba_state_dim": m.mamba_state_dim,
+            "mamba_head_dim": m.mamba_head_dim, "mamba_num_groups": m.mamba_num_groups,
+            "mamba_num_heads": m.mamba_num_heads}
+
+
+def _meta_hybrid_model(m: ModelShape, cfg):
+    """HybridModel with the local hybrid spec (built inside the caller's meta-device context)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from nvfp4_megatron.megatron.hybrid_spec import quantized_hybrid_stack_spec
+
+    spec = quantized_hybrid_stack_spec(d_conv=m.mamba_conv_kernel, expand=m.mamba_expand,
+                                       chunk_size=m.mamba_chunk_size)
+    return HybridModel(
+        config=cfg, hybrid_stack_spec=spec, vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_length,
+        hybrid_layer_pattern=m.hybrid_override_pattern.replace(PIPE_SEPARATOR, ""),
+        position_embedding_type=m.position_embedding_type,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

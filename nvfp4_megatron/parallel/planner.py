@@ -3,9 +3,10 @@
 Launches nothing and needs no GPU. From the composed config it
 
 1. validates the 5D layout with MoE parallel folding over ``world_size`` (:mod:`.layout`),
-2. counts parameters analytically and, where Megatron-Core can build the model without
-   optional kernels (dense and MoE GPT; not Mamba, which needs ``mamba_ssm``), also from a
-   ``meta``-device build, and refuses to continue if the two disagree (:mod:`.model_stats`),
+2. counts parameters analytically and also from a ``meta``-device build of the model (dense
+   and MoE GPT with Megatron's local spec; Mamba hybrids with Megatron's ``HybridModel`` and
+   the project's local hybrid spec, no mamba_ssm needed), and refuses to continue if the two
+   disagree (:mod:`.model_stats`),
 3. estimates memory per GPU for every pipeline stage, tokens per step, steps for the token
    budget, model FLOPs per step split by precision, and the step time / tokens/s / MFU on a
    GPU type from :mod:`.hardware` at an assumed fraction of peak,

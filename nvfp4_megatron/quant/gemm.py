@@ -24,7 +24,9 @@ rounded to its dtype. Three backends implement it; they differ only in FP32 accu
     directly (FP32 accumulation, one rounding: the same as rounding the FP32 result). Hopper has
     no FP4 and no block-scaled MX GEMM, so this is emulation, and is labelled so.
 ``fp32_reference``
-    CPU tensors and FP8 block scaling (whose FP32 block ``scale_inv`` is not exact in BF16): the
+    CPU tensors, FP8 block scaling (whose FP32 block ``scale_inv`` is not exact in BF16) and
+    ``e2m1_vector`` (the Microsoft FP4 recipes: ``q / scale`` with an FP32 per-row scale is not
+    exact in BF16; also its FP8-gradient x FP4 backward GEMMs): the
     FP32 values of :meth:`QuantizedOperand.values` multiplied in FP32 (torch.matmul), then alpha.
     This is the oracle the CPU tests compare bit for bit.
 
@@ -64,6 +66,8 @@ def select_backend(fmt_a: str, fmt_b: str, device: torch.device, *,
 
     ``capability`` overrides the device's compute capability (tests).
     """
+    if "e2m1_vector" in (fmt_a, fmt_b) and {fmt_a, fmt_b} <= {"e2m1_vector", "fp8"}:
+        return "fp32_reference"  # FP32 per-row scales inside the operand values (see above)
     if fmt_a != fmt_b and {fmt_a, fmt_b} != {"mxfp8", "mxfp4"}:
         raise ValueError(f"select_backend: operand formats {fmt_a!r} and {fmt_b!r} cannot meet "
                          "in one GEMM (LinearRecipe validates this)")

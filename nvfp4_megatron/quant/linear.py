@@ -7,10 +7,13 @@ GEMM/role table (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 §4 and Fig. 5)::
     Wgrad  dW = dYᵀ · X   dY columnwise (along tokens)     X columnwise (along tokens)
 
 Each copy is quantized independently from the high-precision tensor (own amax; post-RHT amax when
-the random Hadamard transform is on). The columnwise copies are made by transposing the
-high-precision tensor so the blocks run along the token dimension. With 2D (16x16 or 128x128)
-weight tiles, the Dgrad copy of W is the transpose of the Fprop copy: a square tile has the same
-amax whichever way it is read, so both GEMMs see the same numbers and W is quantized once.
+the random Hadamard transform is on). The operands reach the quantizers in their own dtype (BF16
+in training, never upcast here), so an RHT copy is transformed and then rounded to that dtype
+before its amax and its codes (DESIGN.md §RHT), which is what Transformer Engine computes. The
+columnwise copies are made by transposing the high-precision tensor so the blocks run along the
+token dimension. With 2D (16x16 or 128x128) weight tiles, the Dgrad copy of W is the transpose
+of the Fprop copy: a square tile has the same amax whichever way it is read, so both GEMMs see
+the same numbers and W is quantized once.
 
 Emulated GEMM (DESIGN.md §1): every quantizer result is turned into its *exact* block-scaled values
 ``q * s_b`` in FP32 (NVFP4: at most 6 significant bits; MX and power-of-two FP8 block scales: a
@@ -56,11 +59,26 @@ diverged run would look healthy. Instead, a GEMM whose high-precision operand co
 returns NaN in every output element, so the training loop's NaN check fires. Finite inputs always
 give finite outputs.
 
-Microsoft FP4 options (arXiv 2501.17116 §3), on top of an FP4 (NVFP4 or MXFP4) Fprop: OCC clamps
-the Fprop input at its [1-α, α] quantiles before quantizing and adds ``(X - clamp(X)) · Wᵀ`` in
-high precision (the Wgrad copy of X is quantized from the unclamped tensor, like every columnwise
-copy); with TP the quantiles are those of the local shard. DGE multiplies dW by f'(W scaled into its
-E2M1 grid), capped. The clamp and the DGE derivative are the formats reference implementations.
+Microsoft FP4 options (arXiv 2501.17116 §3), on top of an FP4 (NVFP4, MXFP4 or ``e2m1_vector``)
+Fprop: OCC clamps the Fprop input at its [1-α, α] quantiles before quantizing and, with
+compensation (the default), adds ``(X - clamp(X)) · Wᵀ`` in high precision (FP32; the residual is
+≈ 2(1-α) sparse, stored dense here: emulation); with TP the quantiles are those of the local shard.
+For NVFP4/MXFP4 the Wgrad copy of X is quantized from the unclamped tensor, like every columnwise
+copy. DGE multiplies dW by f'(W scaled into its E2M1 grid), capped. The clamp and the DGE
+derivative are the formats reference implementations.
+
+``e2m1_vector`` (the ``msfp4`` recipes): X per token and W per output channel, E2M1 with one FP32
+absmax scale per row (``formats.quantize_absmax_e2m1``; no Triton kernel, so it quantizes through
+``formats`` directly and its GEMMs run the FP32 reference on every device: ``q / scale`` is not
+exact in BF16). The backward follows the paper's implementation (MS-AMP): the Dgrad and Wgrad
+copies of W and X are the Fprop copies (the autograd of ``Y = Q(X)·Q(W)ᵀ``, never requantized),
+multiplied by the FP8 gradient copies; with OCC + compensation the Wgrad activation is the one the
+Fprop effectively used, ``Q(clamp(X)) + residual``, so dW gets ``dŶᵀ·residual`` (FP32) added to the
+quantized GEMM before DGE multiplies the sum.
+
+Telemetry (``quant/telemetry.py``): while the collector is on (every
+``logging.quant_stats_interval`` steps), each quantizer call records how far its copy is from
+the high-precision tensor; copies that reuse another copy are recorded under their own role too.
 
 Stochastic rounding draws come from a generator seeded by ``quant.state.sr_seed`` (run seed, step,
 layer key, role, rank, call index), so a resumed run reproduces them.
@@ -76,10 +94,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nvfp4_megatron.formats.msfp4 import dge_derivative_e2m1, outlier_clamp
+from nvfp4_megatron.formats.msfp4 import dge_derivative_e2m1, outlier_clamp, quantize_absmax_e2m1
 from nvfp4_megatron.kernels import dispatch
 from nvfp4_megatron.quant import gemm
 from nvfp4_megatron.quant import state as qstate
+from nvfp4_megatron.quant import telemetry as qtelemetry
 from nvfp4_megatron.quant.recipe import GLOBAL_SCALE_FORMATS, LinearRecipe, TensorQuant
 
 ROLES = ("fprop.input", "fprop.weight", "dgrad.grad_output", "dgrad.weight",
@@ -122,7 +141,7 @@ class QuantizedOperand:
             v = self.q.dequantize_unscaled()
         elif fmt == "fp8":
             v = self.q.data.float()
-        else:  # mxfp8, mxfp4, fp8_block: scales inside the blocks only
+        else:  # mxfp8, mxfp4, fp8_block, e2m1_vector: scales inside the blocks / rows only
             v = self.q.dequantize(torch.float32)
         v = v.reshape(-1, v.shape[-1])
         return v.t() if self.transposed else v
@@ -174,10 +193,12 @@ def _reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
 
 
 def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "", role: str = "",
-                     amax_group=None) -> QuantizedOperand:
+                     amax_group=None, occ: tuple | None = None) -> QuantizedOperand:
     """Quantize a 2-D high-precision tensor along its last dim as ``tq`` says (via dispatch).
 
     ``amax_group``: a process group over which the per-tensor amax is reduced (MAX), or None.
+    ``occ``: ``(unclamped X, residual, compensate)`` when ``x2d`` is an OCC-clamped input, for the
+    telemetry (which then compares the unclamped X with what the Fprop GEMM effectively uses).
     """
     if not tq.is_quantized:
         raise ValueError(f"quantize_operand: {role or 'operand'} is bf16; nothing to quantize")
@@ -209,8 +230,19 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     elif fmt == "fp8_block":
         q = dispatch.quantize_fp8_block(x2d, _FP8_TORCH[tq.fp8_dtype], tile=tq.tile,
                                         pow2_scale=tq.pow2_scale)
+    elif fmt == "e2m1_vector":  # no kernel: the formats reference (see the module docstring)
+        q = quantize_absmax_e2m1(x2d, dim=-1)
     else:  # pragma: no cover - TensorQuant validates the format
         raise ValueError(f"unknown format {fmt!r}")
+    if qtelemetry.is_active():
+        desc = tq.describe()
+        if occ is None:
+            sums = qtelemetry.operand_sums(x2d, q, fmt, rht=tq.rht)
+        else:
+            sums = qtelemetry.operand_sums(x2d, q, fmt, occ_ref=occ[0], occ_residual=occ[1],
+                                           occ_compensate=occ[2])
+            desc += " OCC" + ("+comp" if occ[2] else "")
+        qtelemetry.record(layer_key, role, sums, desc)
     return QuantizedOperand(q=q, tq=tq, finite=finite)
 
 
@@ -273,10 +305,19 @@ def set_saved_input_mode(mode: str) -> str:
 
 def _same_weight_copy(recipe: LinearRecipe) -> bool:
     """Dgrad may reuse the transposed Fprop weight copy: same settings and a square 2D tile, or
-    per-tensor FP8 (elementwise with one scale from the same amax)."""
+    per-tensor FP8 (elementwise with one scale from the same amax), or ``e2m1_vector`` (whose
+    Dgrad copy *is* the Fprop copy by definition: LinearRecipe enforces equal settings)."""
     w_f, w_d = recipe.fprop.weight, recipe.dgrad.weight
     return w_f.is_quantized and w_f == w_d and (
-        w_f.format == "fp8" or (w_f.tile is not None and w_f.tile[0] == w_f.tile[1]))
+        w_f.format in ("fp8", "e2m1_vector")
+        or (w_f.tile is not None and w_f.tile[0] == w_f.tile[1]))
+
+
+def _fprop_copy_t(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str, role: str,
+                  amax_group) -> QuantizedOperand:
+    """An ``e2m1_vector`` backward copy made when the Fprop did not quantize (the Fprop BF16
+    switch): quantized along the Fprop's reduction dim, as the Fprop copy would be, transposed."""
+    return quantize_operand(x2d, tq, layer_key=layer_key, role=role, amax_group=amax_group).t()
 
 
 def _fp8_transpose_reuse(a: TensorQuant, b: TensorQuant) -> bool:
@@ -334,11 +375,14 @@ class QuantizedLinearFunction(torch.autograd.Function):
         w_fprop = xq = residual = None
         ms = recipe.msfp4
         if recipe.fprop.input.is_quantized:
-            x_fprop, residual = x2d, None
+            x_fprop, residual, occ_info = x2d, None, None
             if ms is not None and ms.occ and bool(torch.isfinite(x2d).all()):
                 x_fprop, residual = outlier_clamp(x2d, ms.occ_quantile)
+                occ_info = (x2d, residual, ms.occ_compensate)
+                if not ms.occ_compensate:
+                    residual = None  # clamped values are dropped (the paper's Table 1 ablation)
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
-                                  amax_group=group)
+                                  amax_group=group, occ=occ_info)
             w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
                                        role="fprop.weight", amax_group=group)
             out = quantized_gemm(xq, w_fprop,
@@ -354,13 +398,24 @@ class QuantizedLinearFunction(torch.autograd.Function):
         need_wgrad = ctx.needs_input_grad[1]  # False under no_grad / frozen weights
         x_col = None
         save_input = None
+        x_residual = None
         if need_wgrad:
             tq = recipe.wgrad.input
-            if (tq.is_quantized and _saved_input_mode == "quantized" and residual is None
+            if tq.format == "e2m1_vector":
+                # the Fprop copy (Q(clamp(X)) with OCC) and, compensated, the OCC residual
+                if xq is not None:  # *is* the Fprop copy: not a quantizer call (observers)
+                    x_col = xq.t()
+                    qtelemetry.record_alias(key, "fprop.input", "wgrad.input")
+                    x_residual = residual
+                else:  # Fprop in BF16 (precision switch): no OCC, the copy it would have made
+                    x_col = _fprop_copy_t(x2d, tq, layer_key=key, role="wgrad.input",
+                                          amax_group=group)
+            elif (tq.is_quantized and _saved_input_mode == "quantized" and residual is None
                     and recipe.fprop.input.is_quantized
                     and _fp8_transpose_reuse(recipe.fprop.input, tq)):
                 x_col = xq.t()  # saved as FP8 [tokens, in]; transposed when Wgrad needs it
                 _notify(key, "wgrad.input", tq)
+                qtelemetry.record_alias(key, "fprop.input", "wgrad.input")
             elif tq.is_quantized and _saved_input_mode == "quantized":
                 x_col = quantize_operand(pad_rows(x2d, _token_multiple(tq)).t(), tq,
                                          layer_key=key, role="wgrad.input", amax_group=group)
@@ -368,7 +423,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 save_input = input
         w_dgrad = w_fprop.t() if (w_fprop is not None and _same_weight_copy(recipe)) else None
         ctx.save_for_backward(save_input, weight)
-        ctx.x_col, ctx.w_dgrad = x_col, w_dgrad
+        ctx.x_col, ctx.w_dgrad, ctx.x_residual = x_col, w_dgrad, x_residual
         ctx.w_dge = w_fprop if (ms is not None and ms.dge and need_wgrad) else None
         ctx.call, ctx.main_grad = call, main_grad
         ctx.use_bias = bias is not None
@@ -392,7 +447,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
             wq = ctx.w_dgrad
             if wq is not None and wq.tq.format == "fp8":
                 _notify(key, "dgrad.weight", recipe.dgrad.weight)
-            if wq is None:
+            if wq is not None:
+                qtelemetry.record_alias(key, "fprop.weight", "dgrad.weight")
+            elif recipe.dgrad.weight.format == "e2m1_vector":  # Fprop in BF16: its copy, made now
+                wq = _fprop_copy_t(weight, recipe.dgrad.weight, layer_key=key,
+                                   role="dgrad.weight", amax_group=group)
+            else:
                 wq = quantize_operand(weight.t(), recipe.dgrad.weight, layer_key=key,
                                       role="dgrad.weight", amax_group=group)
             grad_input = quantized_gemm(dyq, wq, out_dtype=grad_output.dtype)
@@ -412,6 +472,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 if dyq is not None and _fp8_transpose_reuse(recipe.dgrad.grad_output, tq):
                     dy_col = dyq.t()
                     _notify(key, "wgrad.grad_output", tq)
+                    qtelemetry.record_alias(key, "dgrad.grad_output", "wgrad.grad_output")
                 else:
                     dy_col = quantize_operand(pad_rows(dy2d, _token_multiple(tq)).t(), tq,
                                               layer_key=key, role="wgrad.grad_output",
@@ -424,10 +485,17 @@ class QuantizedLinearFunction(torch.autograd.Function):
                         pad_rows(total.reshape(-1, total.shape[-1]),
                                  _token_multiple(recipe.wgrad.input)).t(),
                         recipe.wgrad.input, layer_key=key, role="wgrad.input", amax_group=group)
-                direct = ctx.w_dge is None and not (call.gradient_accumulation_fusion
-                                                    and ctx.main_grad is not None)
+                direct = (ctx.w_dge is None and ctx.x_residual is None
+                          and not (call.gradient_accumulation_fusion and ctx.main_grad is not None))
                 dw = quantized_gemm(dy_col, x_col,
                                     out_dtype=weight.dtype if direct else torch.float32)
+                if ctx.x_residual is not None:
+                    # OCC compensation in Wgrad: dŶᵀ · residual in FP32 (dŶ = the FP8 copy)
+                    dy_hat = dy_col.values()
+                    alpha = dy_col.alpha()
+                    if alpha is not None:
+                        dy_hat = dy_hat * alpha.float()
+                    dw = dw + dy_hat @ ctx.x_residual
             else:
                 total = (_gather_sp(saved_input, call.tp_group) if call.sequence_parallel
                          else saved_input)
@@ -445,7 +513,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
             else:
                 grad_weight = dw.to(weight.dtype)
         grad_bias = dy2d.sum(dim=0) if ctx.use_bias else None
-        ctx.x_col = ctx.w_dgrad = ctx.w_dge = None
+        ctx.x_col = ctx.w_dgrad = ctx.w_dge = ctx.x_residual = None
         return grad_input, grad_weight, grad_bias, None
 
 
@@ -454,9 +522,15 @@ def dge_factor(w_op: QuantizedOperand, weight: torch.Tensor, *, k: float, cap: f
     """Microsoft FP4 DGE (arXiv 2501.17116 §3.1): f'(W scaled into its E2M1 grid), FP32.
 
     The scaled value is W divided by the decode scale of its block (NVFP4: s_b·S_dec; MXFP4: the
-    E8M0 scale), i.e. the value the E2M1 rounding saw; zero blocks get the factor at 0.
+    E8M0 scale), i.e. the value the E2M1 rounding saw; zero blocks get the factor at 0. For
+    ``e2m1_vector`` it is ``clamp(W · scale, -6, 6)``, exactly what the quantizer rounded (absmax
+    scaling maps each row's absmax to 6 up to FP32 rounding, which the clamp absorbs; without it the
+    row's absmax element could land a rounding step above 6, where f' is 0).
     """
     q = w_op.q
+    if w_op.tq.format == "e2m1_vector":
+        y = torch.clamp(weight.detach().float() * q.scale, -6.0, 6.0)
+        return dge_derivative_e2m1(y, k=k, cap=cap)
     if w_op.tq.format == "nvfp4":
         scale = q.scale.float() * q.scale_dec
     elif w_op.tq.format == "mxfp4":
@@ -474,6 +548,14 @@ def dge_factor(w_op: QuantizedOperand, weight: torch.Tensor, *, k: float, cap: f
 def quantized_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      call: LinearCall) -> torch.Tensor:
     """``Y = X Wᵀ (+ b)`` with the GEMMs quantized as ``call.recipe`` says."""
+    if (call.tp_group is not None and call.tp_group.size() > 1 and any(
+            t.format == "e2m1_vector" for t in call.recipe.operands().values())):
+        # A row-parallel layer shards the reduction dim that the per-row scales span; reducing
+        # their amax over TP is not implemented, and a local-shard scale would make TP=2 compute
+        # other numbers than TP=1. Refused rather than silently different.
+        raise ValueError(f"{call.layer_key}: the e2m1_vector format (msfp4 recipes) supports "
+                         "parallel.tensor_model_parallel_size=1 only (its per-token / per-channel "
+                         "scales are not reduced over TP); use data/pipeline/context parallelism")
     if input.numel() == 0 and not call.sequence_parallel:
         # An MoE expert that received no tokens (Megatron's SequentialMLP calls every local
         # expert): Y is empty and dW is exactly zero, so there is nothing to quantize. Exact, not

@@ -8,7 +8,13 @@ A linear layer ``Y = X Wᵀ`` runs three GEMMs (DESIGN.md §2)::
 
 A recipe spells out, for every operand of every GEMM, a :class:`TensorQuant` (format, tile, random
 Hadamard transform, stochastic rounding, FP8 element type, power-of-two scales). A GEMM whose two
-operands are ``bf16`` runs in high precision. On top of the per-GEMM description come a per-layer
+operands are ``bf16`` runs in high precision.
+
+``e2m1_vector`` is the Microsoft FP4 paper's format (arXiv 2501.17116 §3, "vector-wise"
+quantization): E2M1 elements with one FP32 absmax scale per row along the reduction dimension,
+i.e. per token for X and per output channel for W. Its Dgrad/Wgrad copies are the Fprop copies
+(transposed, never requantized), and it meets FP8 gradients in the backward GEMMs: the paper's
+backward multiplies FP8 gradients by the forward's FP4 operands (docs/recipes.md). On top of the per-GEMM description come a per-layer
 policy (which transformer blocks stay BF16; NVFP4 paper arXiv 2509.25149 §4.1 keeps the first 2 and
 last 8 of 62 blocks in BF16), a precision schedule (switch to BF16 near the end of training, paper
 App. D) and the backend choice (Transformer Engine or the project's emulation).
@@ -23,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-FORMATS = ("bf16", "nvfp4", "mxfp8", "mxfp4", "fp8", "fp8_block")
+FORMATS = ("bf16", "nvfp4", "mxfp8", "mxfp4", "fp8", "fp8_block", "e2m1_vector")
 FP8_DTYPES = ("e4m3", "e5m2")
 BACKENDS = ("auto", "te", "emulated")
 SWITCH_SCOPES = ("all", "fprop")
@@ -37,18 +43,23 @@ _TILES: dict[str, tuple[tuple[int, int] | None, ...]] = {
     "mxfp4": ((1, 32),),
     "fp8": (None,),
     "fp8_block": ((1, 128), (128, 128)),
+    "e2m1_vector": (None,),  # one scale per row: the block is the whole reduction dimension
 }
 _DEFAULT_TILE = {"bf16": None, "nvfp4": (1, 16), "mxfp8": (1, 32), "mxfp4": (1, 32),
-                 "fp8": None, "fp8_block": (1, 128)}
+                 "fp8": None, "fp8_block": (1, 128), "e2m1_vector": None}
 # Formats that carry a per-tensor (global) scale, whose amax is reduced over the TP group.
 GLOBAL_SCALE_FORMATS = ("nvfp4", "fp8")
+# FP4 formats: the Fprop of a recipe with Microsoft FP4 options (DGE / OCC) must use one of them.
+FP4_FORMATS = ("nvfp4", "mxfp4", "e2m1_vector")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TensorQuant:
     """How one operand copy (rowwise or columnwise) of one GEMM is quantized.
 
-    ``format``: bf16 | nvfp4 | mxfp8 | mxfp4 | fp8 (per-tensor current scaling) | fp8_block.
+    ``format``: bf16 | nvfp4 | mxfp8 | mxfp4 | fp8 (per-tensor current scaling) | fp8_block |
+    e2m1_vector (E2M1, one FP32 absmax-to-6 scale per row along the reduction dim: per token /
+    per output channel, Microsoft FP4 arXiv 2501.17116 §3).
     ``tile``: (rows, cols), cols along the reduction dim; None means the format's default.
     ``rht``: random Hadamard transform on 16-element chunks along the reduction dim (NVFP4 only;
     both operands of a GEMM must agree, so it cancels: (A H)(B H)ᵀ = A Bᵀ).
@@ -88,8 +99,9 @@ class TensorQuant:
         if self.stochastic_rounding and self.format != "nvfp4":
             raise ValueError(f"TensorQuant.stochastic_rounding=True needs format 'nvfp4' "
                              f"(got {self.format!r})")
-        if self.format == "mxfp4" and self.fp8_dtype != "e4m3":
-            raise ValueError("TensorQuant.fp8_dtype does not apply to mxfp4; leave it 'e4m3'")
+        if self.format in ("mxfp4", "e2m1_vector") and self.fp8_dtype != "e4m3":
+            raise ValueError(f"TensorQuant.fp8_dtype does not apply to {self.format}; leave it "
+                             "'e4m3'")
         if self.pow2_scale and self.format not in ("fp8", "fp8_block"):
             raise ValueError(f"TensorQuant.pow2_scale=True applies to fp8 / fp8_block only "
                              f"(got {self.format!r}); MX scales are powers of two already")
@@ -105,7 +117,10 @@ class TensorQuant:
         parts = [self.format]
         if self.format in ("fp8", "fp8_block", "mxfp8"):
             parts.append(self.fp8_dtype)
-        parts.append("tensor" if self.tile is None else f"{self.tile[0]}x{self.tile[1]}")
+        if self.format == "e2m1_vector":
+            parts.append("1xK absmax")  # one scale per row, over the whole reduction dim
+        else:
+            parts.append("tensor" if self.tile is None else f"{self.tile[0]}x{self.tile[1]}")
         if self.rht:
             parts.append("RHT")
         if self.stochastic_rounding:
@@ -118,14 +133,20 @@ class TensorQuant:
 BF16 = TensorQuant(format="bf16")
 
 
-def _check_pair(gemm: str, a_name: str, a: TensorQuant, b_name: str, b: TensorQuant) -> None:
+def _check_pair(gemm: str, a_name: str, a: TensorQuant, b_name: str, b: TensorQuant, *,
+                backward: bool = False) -> None:
     if a.is_quantized != b.is_quantized:
         raise ValueError(f"{gemm}: operands {a_name}={a.describe()!r} and {b_name}={b.describe()!r} "
                          "must both be bf16 or both quantized (a GEMM runs in one precision)")
     if a.is_quantized:
         fam = {"fp8": "fp8", "fp8_block": "fp8_block", "nvfp4": "nvfp4", "mxfp8": "mx",
-               "mxfp4": "mx"}
-        if fam[a.format] != fam[b.format]:
+               "mxfp4": "mx", "e2m1_vector": "e2m1_vector"}
+        mixed_fp8_fp4 = {a.format, b.format} == {"fp8", "e2m1_vector"}
+        if mixed_fp8_fp4 and not backward:
+            raise ValueError(f"{gemm}: an FP8 x e2m1_vector GEMM is the Microsoft FP4 backward "
+                             "(FP8 gradient times the FP4 forward copy); Fprop operands must be "
+                             "of one family")
+        if fam[a.format] != fam[b.format] and not mixed_fp8_fp4:
             raise ValueError(f"{gemm}: operand formats {a.format!r} ({a_name}) and {b.format!r} "
                              f"({b_name}) cannot meet in one GEMM; use the same scaling family")
         if a.rht != b.rht:
@@ -154,7 +175,10 @@ class Dgrad:
     weight: TensorQuant = BF16
 
     def __post_init__(self) -> None:
-        _check_pair("Dgrad", "grad_output", self.grad_output, "weight", self.weight)
+        _check_pair("Dgrad", "grad_output", self.grad_output, "weight", self.weight, backward=True)
+        if self.grad_output.format == "e2m1_vector":
+            raise ValueError("Dgrad.grad_output: e2m1_vector is a forward-operand format (per "
+                             "token / per channel); quantize gradients with fp8, nvfp4, ...")
         if self.weight.stochastic_rounding:
             raise ValueError("Dgrad.weight: stochastic_rounding is for gradient operands only")
 
@@ -167,7 +191,10 @@ class Wgrad:
     input: TensorQuant = BF16
 
     def __post_init__(self) -> None:
-        _check_pair("Wgrad", "grad_output", self.grad_output, "input", self.input)
+        _check_pair("Wgrad", "grad_output", self.grad_output, "input", self.input, backward=True)
+        if self.grad_output.format == "e2m1_vector":
+            raise ValueError("Wgrad.grad_output: e2m1_vector is a forward-operand format (per "
+                             "token / per channel); quantize gradients with fp8, nvfp4, ...")
         if self.input.stochastic_rounding:
             raise ValueError("Wgrad.input: stochastic_rounding is for gradient operands only")
 
@@ -176,8 +203,11 @@ class Wgrad:
 class MsFp4Options:
     """Microsoft FP4 training components (arXiv 2501.17116 §3), both optional.
 
-    ``dge``: differentiable gradient estimator for weights, f'(x) = (1/k)|2x/δ-1|^(1/k-1), capped.
-    ``occ``: outlier clamping at the ``occ_quantile`` of |x| with a high-precision sparse residual.
+    ``dge``: differentiable gradient estimator for weights, f'(x) = (1/k)|2x/δ-1|^(1/k-1), capped
+    at ``dge_cap``, multiplies dW (§3.1).
+    ``occ``: outlier clamping of the Fprop input to its [1-α, α] quantiles, α = ``occ_quantile``
+    (§3.2); ``occ_compensate`` adds ``(X - clamp(X)) · Wᵀ`` back in high precision (the sparse
+    residual); without it the clamped values are simply lost (the paper's Table 1 ablation).
     """
 
     dge: bool = False
@@ -185,10 +215,13 @@ class MsFp4Options:
     dge_cap: float = 3.0
     occ: bool = False
     occ_quantile: float = 0.99
+    occ_compensate: bool = True
 
     def __post_init__(self) -> None:
         if not self.dge and not self.occ:
             raise ValueError("MsFp4Options: set dge=True and/or occ=True, or leave msfp4=None")
+        if not self.occ and not self.occ_compensate:
+            raise ValueError("MsFp4Options.occ_compensate=False applies to OCC only; set occ=True")
         if self.dge_k <= 1:
             raise ValueError(f"MsFp4Options.dge_k={self.dge_k}; it must be > 1 (paper: 5)")
         if self.dge_cap <= 0:
@@ -208,9 +241,22 @@ class LinearRecipe:
     msfp4: MsFp4Options | None = None
 
     def __post_init__(self) -> None:
-        if self.msfp4 is not None and self.fprop.weight.format not in ("mxfp4", "nvfp4"):
+        if self.msfp4 is not None and self.fprop.weight.format not in FP4_FORMATS:
             raise ValueError("LinearRecipe.msfp4 (DGE/OCC) needs an FP4 Fprop: set fprop.input "
-                             "and fprop.weight to nvfp4 or mxfp4")
+                             f"and fprop.weight to one of {FP4_FORMATS}")
+        # e2m1_vector backward copies are the Fprop copies (the autograd of Y = Q(X)·Q(W)ᵀ), so
+        # they must be described exactly as the Fprop operand they reuse. With Fprop in BF16 (the
+        # precision switch) the same copy is made in the backward pass instead.
+        for name, back, fwd in (("dgrad.weight", self.dgrad.weight, self.fprop.weight),
+                                ("wgrad.input", self.wgrad.input, self.fprop.input)):
+            if back.format == "e2m1_vector" and fwd.is_quantized and back != fwd:
+                raise ValueError(f"LinearRecipe.{name}={back.describe()!r} is the Fprop copy of "
+                                 f"the same tensor; it must equal fprop.{name.split('.')[1]}="
+                                 f"{fwd.describe()!r}")
+            if fwd.format == "e2m1_vector" and back.is_quantized and back != fwd:
+                raise ValueError(f"LinearRecipe.{name}={back.describe()!r}: with an e2m1_vector "
+                                 f"Fprop the backward GEMMs use the Fprop copy; set {name} to "
+                                 f"{fwd.describe()!r} (or bf16)")
 
     @property
     def is_quantized(self) -> bool:
@@ -229,7 +275,9 @@ BF16_LINEAR = LinearRecipe()
 
 
 def with_fprop_bf16(linear: LinearRecipe) -> LinearRecipe:
-    """The same recipe with Fprop in BF16 (the ``fprop`` precision switch, paper App. D)."""
+    """The same recipe with Fprop in BF16 (the ``fprop`` precision switch, paper App. D).
+
+    DGE and OCC act on the Fprop quantization, so they go with it."""
     return dataclasses.replace(linear, fprop=Fprop(), msfp4=None)
 
 

@@ -15,19 +15,32 @@ Recipes (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 §4 and App. E for the abla
 - ablations ``nvfp4_no_rht``, ``nvfp4_no_sr``, ``nvfp4_no_2d`` (1x16 weights, Dgrad copy quantized
   independently along out), ``nvfp4_all_layers`` (no BF16 blocks).
 - ``mxfp4``: E2M1 with E8M0 scales over 32 (comparison point), same BF16 blocks as ``nvfp4``.
+- ``msfp4``: Microsoft's FP4 training (Wang et al., arXiv 2501.17116): E2M1 Fprop with absmax
+  scaling per token (X) and per output channel (W) (``e2m1_vector``), DGE on the weights (k = 5,
+  f' capped at 3.0), OCC on the activations (α = 0.99, the clamped residual multiplied in high
+  precision); backward GEMMs: FP8 E5M2 gradients (per-tensor current scaling) times the forward's
+  FP4 copies of W (Dgrad) and X (Wgrad), the paper's MS-AMP base. No BF16 blocks.
+- ablations ``msfp4_no_dge``, ``msfp4_no_occ`` and ``fp4_direct`` (neither: the paper's "direct
+  cast" baseline).
+
+The ``precision.dge`` / ``precision.occ`` overrides turn DGE and OCC on or off (and set k, the
+cap, the quantile, compensation) on any recipe with an FP4 Fprop, e.g. ``nvfp4`` + OCC.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from nvfp4_megatron.quant.recipe import (
     BACKENDS,
+    FP4_FORMATS,
     Dgrad,
     Fprop,
     LayerPolicy,
     LinearRecipe,
+    MsFp4Options,
     PrecisionRecipe,
     PrecisionSchedule,
     TensorQuant,
@@ -87,6 +100,24 @@ def _uniform_linear(fwd: TensorQuant, grad: TensorQuant, weight: TensorQuant | N
 
 _PAPER_BF16_BLOCKS = LayerPolicy(bf16_first_blocks=2, bf16_last_blocks=8)
 
+# Microsoft FP4 paper defaults (arXiv 2501.17116 §3.1, §3.2 and §4).
+MSFP4_DGE_K = 5.0
+MSFP4_DGE_CAP = 3.0
+MSFP4_OCC_QUANTILE = 0.99
+
+
+def _msfp4_linear(*, dge: bool, occ: bool) -> LinearRecipe:
+    """E2M1 per-token X / per-channel W in Fprop; FP8 E5M2 gradients times those FP4 copies in
+    Dgrad and Wgrad (the copies are the Fprop ones: same TensorQuant, reused, not requantized)."""
+    fp4 = TensorQuant(format="e2m1_vector")
+    grad = TensorQuant(format="fp8", fp8_dtype="e5m2")
+    ms = None
+    if dge or occ:
+        ms = MsFp4Options(dge=dge, dge_k=MSFP4_DGE_K, dge_cap=MSFP4_DGE_CAP, occ=occ,
+                          occ_quantile=MSFP4_OCC_QUANTILE, occ_compensate=True)
+    return LinearRecipe(fprop=Fprop(input=fp4, weight=fp4), dgrad=Dgrad(grad_output=grad, weight=fp4),
+                        wgrad=Wgrad(grad_output=grad, input=fp4), msfp4=ms)
+
 
 def _register_builtins() -> None:
     register_recipe(PrecisionRecipe(name="bf16", description="all GEMMs in BF16"))
@@ -123,13 +154,106 @@ def _register_builtins() -> None:
     register_recipe(PrecisionRecipe(name="mxfp4", linear=_uniform_linear(mx4, mx4),
                                     layers=_PAPER_BF16_BLOCKS,
                                     description="MXFP4 (E2M1, E8M0 over 32) comparison point"))
+    register_recipe(PrecisionRecipe(
+        name="msfp4", linear=_msfp4_linear(dge=True, occ=True),
+        description="Microsoft FP4 (arXiv 2501.17116): per-token/per-channel E2M1, DGE, OCC, "
+                    "FP8 E5M2 gradients"))
+    register_recipe(PrecisionRecipe(
+        name="msfp4_no_dge", linear=_msfp4_linear(dge=False, occ=True),
+        description="msfp4 without the differentiable gradient estimator"))
+    register_recipe(PrecisionRecipe(
+        name="msfp4_no_occ", linear=_msfp4_linear(dge=True, occ=False),
+        description="msfp4 without outlier clamping and compensation"))
+    register_recipe(PrecisionRecipe(
+        name="fp4_direct", linear=_msfp4_linear(dge=False, occ=False),
+        description="msfp4 without DGE and OCC: the paper's direct-cast FP4 baseline"))
 
 
 _register_builtins()
 
 _OVERRIDE_KEYS = ("bf16_first_blocks", "bf16_last_blocks", "bf16_blocks", "switch_to_bf16",
-                  "backend")
+                  "backend", "dge", "occ")
 _SWITCH_KEYS = ("at_step", "at_tokens", "scope")
+_DGE_KEYS = ("enabled", "k", "cap")
+_OCC_KEYS = ("enabled", "quantile", "compensate")
+
+
+def _sub(name: str, value: Any, keys: tuple[str, ...]) -> dict:
+    """A ``precision.dge`` / ``precision.occ`` mapping with its ``None`` entries dropped."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"precision.{name}={value!r}: expected a mapping with keys {keys}")
+    bad = sorted(set(value) - set(keys))
+    if bad:
+        raise ValueError(f"precision.{name} has unknown key(s) {bad}; allowed: {keys}")
+    return {k: value[k] for k in keys if value.get(k) is not None}
+
+
+def _number(key: str, v: Any, *, gt: float, lt: float | None = None, why: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+            v > gt and (lt is None or v < lt)):
+        rng = f"> {gt}" if lt is None else f"in ({gt}, {lt})"
+        raise ValueError(f"precision.{key}={v!r}: must be a number {rng} ({why})")
+    return float(v)
+
+
+def _flag(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"precision.{key}={v!r}: expected true or false")
+    return v
+
+
+def apply_msfp4_overrides(recipe: PrecisionRecipe, dge: Any = None, occ: Any = None
+                          ) -> PrecisionRecipe:
+    """``precision.dge.{enabled,k,cap}`` and ``precision.occ.{enabled,quantile,compensate}``.
+
+    ``None`` keeps the recipe's value. ``enabled`` turns the component on or off; the other keys
+    set its parameters and are refused when the component ends up off (a knob that would do
+    nothing). Turning either on needs an FP4 Fprop (``msfp4*``, ``fp4_direct``, ``nvfp4*``,
+    ``mxfp4``); the error names the key and the recipe.
+    """
+    d, o = _sub("dge", dge, _DGE_KEYS), _sub("occ", occ, _OCC_KEYS)
+    if not d and not o:
+        return recipe
+    base = recipe.linear.msfp4
+    cur = {"dge": base.dge if base else False, "dge_k": base.dge_k if base else MSFP4_DGE_K,
+           "dge_cap": base.dge_cap if base else MSFP4_DGE_CAP, "occ": base.occ if base else False,
+           "occ_quantile": base.occ_quantile if base else MSFP4_OCC_QUANTILE,
+           "occ_compensate": base.occ_compensate if base and base.occ else True}
+    if "enabled" in d:
+        cur["dge"] = _flag("dge.enabled", d["enabled"])
+    if "k" in d:
+        cur["dge_k"] = _number("dge.k", d["k"], gt=1, why="the paper uses 5")
+    if "cap" in d:
+        cur["dge_cap"] = _number("dge.cap", d["cap"], gt=0, why="the paper uses 3.0")
+    if "enabled" in o:
+        cur["occ"] = _flag("occ.enabled", o["enabled"])
+    if "quantile" in o:
+        cur["occ_quantile"] = _number("occ.quantile", o["quantile"], gt=0.5, lt=1.0,
+                                      why="the paper uses 0.99")
+    if "compensate" in o:
+        cur["occ_compensate"] = _flag("occ.compensate", o["compensate"])
+    for name, on, keys in (("dge", cur["dge"], [k for k in d if k != "enabled"]),
+                           ("occ", cur["occ"], [k for k in o if k != "enabled"])):
+        if keys and not on:
+            raise ValueError(
+                f"precision.{name}.{keys[0]} is set but {name.upper()} is off for recipe "
+                f"{recipe.name!r} (precision.{name}.enabled=false or the recipe has no "
+                f"{name.upper()}); set precision.{name}.enabled=true or drop the key")
+    ms = None
+    if cur["dge"] or cur["occ"]:
+        if not cur["occ"]:
+            cur["occ_compensate"] = True
+        fmt = recipe.linear.fprop.weight.format
+        if fmt not in FP4_FORMATS:
+            key = "precision.dge.enabled" if cur["dge"] else "precision.occ.enabled"
+            raise ValueError(
+                f"{key}=true needs a recipe whose Fprop is FP4 ({', '.join(FP4_FORMATS)}: e.g. "
+                f"msfp4, fp4_direct, nvfp4, mxfp4); precision.recipe={recipe.name!r} runs Fprop "
+                f"in {fmt}")
+        ms = MsFp4Options(**cur)
+    return dataclasses.replace(recipe, linear=dataclasses.replace(recipe.linear, msfp4=ms))
 
 
 def apply_overrides(recipe: PrecisionRecipe, **overrides: Any) -> PrecisionRecipe:
@@ -137,7 +261,8 @@ def apply_overrides(recipe: PrecisionRecipe, **overrides: Any) -> PrecisionRecip
 
     Fields: ``bf16_first_blocks`` (int), ``bf16_last_blocks`` (int), ``bf16_blocks`` (list of
     global 0-based block indices), ``switch_to_bf16`` (mapping with ``at_step``/``at_tokens``/
-    ``scope``), ``backend`` (auto|te|emulated). Each replaces the recipe's own value.
+    ``scope``), ``backend`` (auto|te|emulated), ``dge`` / ``occ`` (mappings, see
+    :func:`apply_msfp4_overrides`). Each replaces the recipe's own value.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDE_KEYS))
     if unknown:
@@ -176,7 +301,7 @@ def apply_overrides(recipe: PrecisionRecipe, **overrides: Any) -> PrecisionRecip
         if backend not in BACKENDS:
             raise ValueError(f"precision.backend={backend!r}; use one of {BACKENDS}")
         recipe = with_backend(recipe, backend)
-    return recipe
+    return apply_msfp4_overrides(recipe, overrides.get("dge"), overrides.get("occ"))
 
 
 def build_recipe(name: str, **overrides: Any) -> PrecisionRecipe:

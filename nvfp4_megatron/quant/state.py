@@ -3,7 +3,8 @@
 The training loop calls :func:`set_step` before each step, :func:`set_bf16_switch` when the
 precision schedule says so (paper arXiv 2509.25149 App. D: switch all GEMMs, or only Fprop, to
 BF16 late in training) and :func:`set_run_seed` once at start. Quantized linear layers read
-:func:`get_state` on every forward.
+:func:`get_state` on every forward; a backend whose layers cannot (Transformer Engine, switched
+through Megatron's config fields) registers :func:`add_bf16_switch_listener`.
 
 Stochastic-rounding seeds are a hash of (run seed, step, layer key, role, rank, call index within
 the step). The call index counts how many times one (layer, role) was quantized in the current
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,9 @@ class PrecisionState:
 
 _state = PrecisionState()
 _call_counts: dict[tuple[str, str], int] = {}
+# objects with ``on_bf16_switch(scope)``: backends whose layers do not read get_state() (the TE
+# backend switches through Megatron's config fields); held weakly, their model owns them
+_switch_listeners: weakref.WeakSet = weakref.WeakSet()
 
 
 def get_state() -> PrecisionState:
@@ -50,7 +55,20 @@ def set_bf16_switch(scope: str | None) -> None:
     global _state
     if scope is not None and scope not in SWITCH_SCOPES:
         raise ValueError(f"set_bf16_switch({scope!r}): use None or one of {SWITCH_SCOPES}")
+    _notify(scope)
     _state = dataclasses.replace(_state, bf16_switch=scope)
+
+
+def add_bf16_switch_listener(listener) -> None:
+    """``listener.on_bf16_switch(scope)`` runs on every :func:`set_bf16_switch` (and with None on
+    :func:`reset_state`), before the state changes; it may refuse a scope by raising. Held
+    weakly: it lives as long as whoever owns it (the TE backend keeps it on the model)."""
+    _switch_listeners.add(listener)
+
+
+def _notify(scope: str | None) -> None:
+    for listener in list(_switch_listeners):
+        listener.on_bf16_switch(scope)
 
 
 def set_run_seed(seed: int) -> None:
@@ -63,6 +81,7 @@ def set_run_seed(seed: int) -> None:
 def reset_state() -> None:
     """Back to defaults (tests, or a fresh run in the same process)."""
     global _state
+    _notify(None)
     _state = PrecisionState()
     _call_counts.clear()
 

@@ -1,5 +1,9 @@
 """Run logging on rank 0: progress lines, ``metrics.jsonl``, TensorBoard scalars, the loss plot.
 
+``metrics.jsonl`` rows by ``kind``: ``train`` / ``valid`` (losses, LR, throughput), ``precision``
+(the BF16 switch), ``quant`` (quantization telemetry: one row per step, layer and operand copy;
+``quant/telemetry.py``) and ``occ_table`` (the Microsoft FP4 paper's Table 1 settings per layer).
+
 Other ranks get a logger whose methods do nothing, so call sites need no rank checks.
 """
 
@@ -50,15 +54,21 @@ class RunLogger:
         if self.enabled:
             print(msg, flush=True)
 
-    def record(self, kind: str, step: int, **values) -> None:
+    def record(self, kind: str, step: int, *, tb_tag: str | None = None,
+               tb_keys: tuple[str, ...] | None = None, **values) -> None:
+        """One ``metrics.jsonl`` row ``{"kind", "step", "time", **values}``; its finite numbers
+        also go to TensorBoard as ``kind/[tb_tag/]key`` (only ``tb_keys`` when given)."""
         if not self.enabled:
             return
         row = {"kind": kind, "step": step, "time": time.time(), **values}
         self._metrics.write(json.dumps(row) + "\n")
         if self._tb is not None:
+            prefix = f"{kind}/{tb_tag}" if tb_tag else kind
             for k, v in values.items():
+                if tb_keys is not None and k not in tb_keys:
+                    continue
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def progress(self, *, step: int, total: int, tokens: int, loss: float, lr: float,
                  grad_norm: float, tokens_per_s: float, elapsed: float, steps_done: int,

@@ -126,6 +126,41 @@ class _StepReduce:
         return loss_sum / count, ("SIGTERM" if n_term else ("SIGUSR1" if n_usr1 else None))
 
 
+def build_datasets(c: dict, *, rank0: bool, iters: int, log=print, num_evals: int = 1):
+    """(train, valid) datasets of the composed config ``c`` (plain dict): the embedded default
+    corpus (built on rank 0 first, then read by the others) or ``data.data_path``; the training
+    loop and ``training/occ_report.py`` build them the same way."""
+    m, t, d = c["model"], c["train"], c["data"]
+    if d["data_path"] is None:
+        prefix, tokenizer = None, None
+        if rank0:
+            prefix, tokenizer = data_lib.ensure_default_corpus(
+                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
+                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=log)
+        dist.barrier()
+        if not rank0:
+            prefix, tokenizer = data_lib.ensure_default_corpus(
+                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
+                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=lambda s: None)
+        blend = ([prefix], None)
+    else:
+        blend = data_lib.parse_blend(d["data_path"])
+        from nvfp4_megatron.training.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(d["tokenizer_type"], d["tokenizer_model"])
+    if tokenizer.vocab_size > m["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{m['vocab_size']}; set model.vocab_size >= {tokenizer.vocab_size}")
+    train_ds, valid_ds = data_lib.build_datasets(
+        blend=blend, split=d["split"], tokenizer=tokenizer, seq_length=m["seq_length"],
+        seed=t["seed"],
+        num_train_samples=iters * t["global_batch_size"],
+        num_valid_samples=t["eval_iters"] * t["global_batch_size"] * num_evals,
+        cache_path=str(data_lib.default_cache_dir(d["cache_dir"]) / "index_cache"),
+    )
+    return train_ds, valid_ds
+
+
 def make_forward_step(inject_nan: dict | None = None):
     """The forward step Megatron's schedules call: one micro-batch (a dict of ``tokens``,
     ``labels``, ``loss_mask``, ``position_ids`` from the data iterator) through the model, and the
@@ -178,6 +213,63 @@ def make_forward_step(inject_nan: dict | None = None):
     return forward_step
 
 
+class QuantStats:
+    """``logging.quant_stats_interval``: the quantization telemetry of one step in N
+    (``quant/telemetry.py``), recorded as ``"kind": "quant"`` rows (one per layer and operand
+    copy) and, with ``logging.quant_stats_occ_table``, ``"kind": "occ_table"`` rows (the Microsoft
+    FP4 paper's Table 1 settings on every quantizable layer's input, measured through forward
+    pre-hooks, ``training/occ_report.py``). Step numbers are those of the ``train`` rows."""
+
+    def __init__(self, interval: int | None, table1: bool, log: RunLogger) -> None:
+        self.interval, self.table1, self.log = interval, table1, log
+
+    @classmethod
+    def for_run(cls, c: dict, model, *, log: RunLogger) -> "QuantStats":
+        lg = c["logging"]
+        interval, table1 = lg["quant_stats_interval"], lg["quant_stats_occ_table"]
+        if interval is None:
+            return cls(None, False, log)
+        from nvfp4_megatron.training.occ_report import install_input_hooks, linear_modules
+
+        mods = linear_modules(model)
+        if not mods:
+            raise ValueError(
+                "logging.quant_stats_interval is set but the model has none of the project's "
+                "quantized linear layers (the Transformer Engine backend quantizes inside TE, "
+                "where this telemetry cannot see): set precision.backend=emulated or drop "
+                "logging.quant_stats_interval")
+        if table1:
+            from nvfp4_megatron.quant import telemetry as qtel
+
+            install_input_hooks(model, qtel.record_table1)
+        log.info(f"[quant] telemetry every {interval} steps on {len(mods)} linear layers"
+                 + (" (+ the Table-1 OCC settings of their inputs)" if table1 else ""))
+        return cls(interval, table1, log)
+
+    def begin(self, step: int) -> None:
+        from nvfp4_megatron.quant import telemetry as qtel
+
+        qtel.begin_step(self.interval is not None and step % self.interval == 0,
+                        table1=self.table1)
+
+    def end(self, step: int) -> None:
+        from nvfp4_megatron.quant import telemetry as qtel
+
+        rows, t1 = qtel.end_step()
+        tb = ("cos", "mse", "snr_db", "underflow", "saturation", "occ_clamped")
+        for r in rows:
+            self.log.record("quant", step, tb_tag=f"{r['layer']}/{r['role']}", tb_keys=tb, **r)
+        for r in t1:
+            self.log.record("occ_table", step,
+                            tb_tag=f"{r['layer']}/{r['granularity']}/{r['setting']}",
+                            tb_keys=("cos", "mse", "snr_db"), **r)
+        if rows:
+            worst = min(rows, key=lambda r: r["snr_db"])
+            self.log.info(f"[quant] step {step}: {len(rows)} operand copies; lowest SNR "
+                          f"{worst['snr_db']:.2f} dB ({worst['layer']} {worst['role']}, "
+                          f"{worst['format']})")
+
+
 def run(cfg) -> RunResult:
     """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
     c = to_plain(cfg)
@@ -227,33 +319,7 @@ def run(cfg) -> RunResult:
     qstate.set_run_seed(t["seed"])
 
     # ---- data
-    if d["data_path"] is None:
-        prefix, tokenizer = None, None
-        if rank0:
-            prefix, tokenizer = data_lib.ensure_default_corpus(
-                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
-                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=log.info)
-        dist.barrier()
-        if not rank0:
-            prefix, tokenizer = data_lib.ensure_default_corpus(
-                tokenizer_type=d["tokenizer_type"], vocab_size=m["vocab_size"],
-                max_mb=d["default_corpus_max_mb"], cache_dir=d["cache_dir"], log=lambda s: None)
-        blend = ([prefix], None)
-    else:
-        blend = data_lib.parse_blend(d["data_path"])
-        from nvfp4_megatron.training.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(d["tokenizer_type"], d["tokenizer_model"])
-    if tokenizer.vocab_size > m["vocab_size"]:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                         f"{m['vocab_size']}; set model.vocab_size >= {tokenizer.vocab_size}")
-    num_evals = 1
-    train_ds, valid_ds = data_lib.build_datasets(
-        blend=blend, split=d["split"], tokenizer=tokenizer, seq_length=seq, seed=t["seed"],
-        num_train_samples=iters * t["global_batch_size"],
-        num_valid_samples=t["eval_iters"] * t["global_batch_size"] * num_evals,
-        cache_path=str(data_lib.default_cache_dir(d["cache_dir"]) / "index_cache"),
-    )
+    train_ds, valid_ds = build_datasets(c, rank0=rank0, iters=iters, log=log.info)
     entropy = data_lib.unigram_entropy_nats(train_ds, m["vocab_size"])
     log.info(f"[data] unigram entropy of the training tokens: {entropy:.4f} nats/token "
              f"({entropy / math.log(2):.4f} bits); the loss is in nats too")
@@ -303,6 +369,7 @@ def run(cfg) -> RunResult:
     meter = StepMeter.for_run(c, info.world_size)
     log.info(f"[throughput] {meter.describe()}; "
              f"overlap_grad_reduce={stack.ddp.ddp_config.overlap_grad_reduce}")
+    quant_stats = QuantStats.for_run(c, model, log=log)
     inject = {"now": False}
     forward_step = make_forward_step(inject)
     fb = get_forward_backward_func()
@@ -346,6 +413,7 @@ def run(cfg) -> RunResult:
         qstate.set_step(iteration)
         inject["now"] = t["inject_nan_at_step"] is not None and iteration == t["inject_nan_at_step"]
         step_start = time.time()
+        quant_stats.begin(iteration + 1)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         mbs = data_lib.step_microbatches(train_ds, step=iteration,
@@ -370,6 +438,7 @@ def run(cfg) -> RunResult:
         scheduler.step(increment=1)
         iteration += 1
         steps_done += 1
+        quant_stats.end(iteration)  # a collective on recorded steps (every rank gets here)
         lr = optimizer.param_groups[0]["lr"]
         dt = time.time() - step_start
         gn = float(grad_norm) if grad_norm is not None else float("nan")

@@ -1,4 +1,11 @@
-"""Model provider: config -> Megatron-Core ``GPTModel`` with this project's quantized layers.
+"""Model provider: config -> Megatron-Core ``GPTModel`` (or ``HybridModel``) with this project's
+quantized layers.
+
+``model.hybrid_override_pattern`` set (Megatron's name; letters ``M`` Mamba-2, ``*`` attention,
+``-`` MLP, ``|`` pipeline boundary) builds Megatron's ``HybridModel`` with the local quantized
+hybrid spec (``nvfp4_megatron.megatron.hybrid_spec``: Mamba ``in_proj``/``out_proj`` quantized,
+conv1d / SSD scan / gated norm in high precision), or Megatron's TE hybrid spec when the backend
+resolves to ``te``; unset builds ``GPTModel`` exactly as before.
 
 When the quantized spec provider exists (``nvfp4_megatron.megatron.spec_provider``), every linear
 layer of the transformer blocks is our quantized ``Column/RowParallelLinear`` and
@@ -27,6 +34,9 @@ MODEL_SHAPE_KEYS = (
     "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
     "hybrid_override_pattern",
 )
+# recorded only for hybrid models (GPT checkpoints written before hybrids existed stay loadable)
+HYBRID_SHAPE_KEYS = ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups",
+                     "mamba_conv_kernel", "mamba_expand")
 
 
 def quantized_spec_available() -> bool:
@@ -34,15 +44,11 @@ def quantized_spec_available() -> bool:
             and importlib.util.find_spec("nvfp4_megatron.megatron.policy") is not None)
 
 
-def transformer_config(m: dict, p: dict, *, bf16: bool):
+def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None):
+    """Megatron's TransformerConfig; ``quantization``: the backend's fp8/fp4, BF16-block and MoE
+    padding fields (``backend.backend_config_fields``; empty on the emulated backend)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if m["hybrid_override_pattern"]:
-        raise NotImplementedError(
-            "model.hybrid_override_pattern is set (a Mamba hybrid); the training loop builds "
-            "GPTModel only (hybrid models need mamba_ssm, which has no CPU build). Plan it with "
-            "dry_run=true world_size=N instead"
-        )
     if m["num_attention_heads"] % p["tensor_model_parallel_size"]:
         raise ValueError(
             f"model.num_attention_heads={m['num_attention_heads']} is not divisible by "
@@ -66,6 +72,11 @@ def transformer_config(m: dict, p: dict, *, bf16: bool):
             moe_token_dispatcher_type=p["moe_token_dispatcher_type"],
             moe_aux_loss_coeff=m["moe_aux_loss_coeff"],
         )
+    if is_hybrid(m):
+        # Megatron's hybrid settings (is_hybrid_model: output-layer init scaled by 1/sqrt(L))
+        extra.update(is_hybrid_model=True, mamba_state_dim=m["mamba_state_dim"],
+                     mamba_head_dim=m["mamba_head_dim"], mamba_num_groups=m["mamba_num_groups"],
+                     mamba_num_heads=m["mamba_num_heads"])
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=m["num_layers"],
@@ -95,6 +106,7 @@ def transformer_config(m: dict, p: dict, *, bf16: bool):
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         **extra,
+        **(quantization or {}),
     )
 
 
@@ -104,22 +116,94 @@ def resolve_cpu_initialization(m: dict) -> bool:
     return not torch.cuda.is_available() if v is None else bool(v)
 
 
+def is_hybrid(m: dict) -> bool:
+    """``model.hybrid_override_pattern`` asks for Megatron's HybridModel."""
+    return bool(m.get("hybrid_override_pattern"))
+
+
+def hybrid_layer_pattern(m: dict, pp: int) -> str:
+    """The pattern for ``HybridModel``: with PP > 1 and no ``|`` the stage boundaries the planner
+    uses (even split, ``parallel/layout.split_hybrid_pattern``) are written in, so Megatron and
+    the planner agree on which blocks each stage holds."""
+    from nvfp4_megatron.parallel.layout import PIPE_SEPARATOR, split_hybrid_pattern
+
+    pattern = m["hybrid_override_pattern"]
+    n = len(pattern.replace(PIPE_SEPARATOR, ""))
+    if n != m["num_layers"]:
+        raise ValueError(f"model.hybrid_override_pattern has {n} layers but model.num_layers="
+                         f"{m['num_layers']}; every pattern symbol is one layer")
+    if pp > 1 and PIPE_SEPARATOR not in pattern:
+        pattern = PIPE_SEPARATOR.join(split_hybrid_pattern(pattern, pp))
+    return pattern
+
+
+def build_model(cfg: dict, recipe, *, log=print):
+    """This pipeline stage's model: ``HybridModel`` for a hybrid pattern, else ``GPTModel``."""
+    if is_hybrid(cfg["model"]):
+        return build_hybrid(cfg, recipe, log=log)
+    return build_gpt(cfg, recipe, log=log)
+
+
+def build_hybrid(cfg: dict, recipe, *, log=print):
+    """Build this pipeline stage's HybridModel; returns (model, config, precision_table)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from nvfp4_megatron.megatron.backend import (apply_backend_precision, backend_config_fields,
+                                                 hybrid_stack_spec_for, resolve_backend)
+
+    m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
+    pattern = hybrid_layer_pattern(m, p["pipeline_model_parallel_size"])
+    choice = resolve_backend(recipe, num_layers=m["num_layers"], hybrid=True)
+    log(f"[precision] backend {choice.describe()}")
+    config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
+        choice, recipe, num_layers=m["num_layers"]))
+    if choice.backend != "te":
+        from nvfp4_megatron.megatron.hybrid_spec import check_local_hybrid_pattern
+
+        check_local_hybrid_pattern(pattern)
+    spec = hybrid_stack_spec_for(choice, d_conv=m["mamba_conv_kernel"], expand=m["mamba_expand"])
+    model = HybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=m["vocab_size"],
+        max_sequence_length=m["seq_length"],
+        hybrid_layer_pattern=pattern,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
+        position_embedding_type=m["position_embedding_type"],
+        rotary_base=m["rotary_base"],
+    )
+    if config.use_cpu_initialization and torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    table = apply_backend_precision([model], recipe, choice, log=False)
+    return model, config, table
+
+
 def build_gpt(cfg: dict, recipe, *, log=print):
     """Build this pipeline stage's GPTModel; returns (model, precision_table or None)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
-    config = transformer_config(m, p, bf16=t["bf16"])
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
-    choice = None
+    choice, quantization = None, {}
     if quantized_spec_available():
-        from nvfp4_megatron.megatron.backend import gpt_layer_spec_for, resolve_backend
+        from nvfp4_megatron.megatron.backend import backend_config_fields, resolve_backend
 
-        # backend auto|te|emulated -> Megatron's TE layer spec (Blackwell) or our quantized spec
-        choice = resolve_backend(recipe, num_layers=m["num_layers"])
-        log(f"[precision] backend {choice.backend}: {choice.reason}")
+        # backend auto|te|emulated -> Megatron's TE layer spec + its fp8/fp4 config fields, or
+        # our quantized spec
+        moe = {"num_moe_experts": m["num_moe_experts"],
+               "moe_token_dispatcher_type": p["moe_token_dispatcher_type"]}
+        choice = resolve_backend(recipe, num_layers=m["num_layers"], **moe)
+        log(f"[precision] backend {choice.describe()}")
+        quantization = backend_config_fields(choice, recipe, num_layers=m["num_layers"], **moe)
+    config = transformer_config(m, p, bf16=t["bf16"], quantization=quantization)
+    if choice is not None:
+        from nvfp4_megatron.megatron.backend import gpt_layer_spec_for
+
         spec = gpt_layer_spec_for(choice, config,
                                   pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     else:
@@ -187,7 +271,8 @@ def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False,
 
 
 def recipe_from_config(precision: dict):
-    """The precision recipe named by the ``precision`` group (BF16 blocks, switch, backend)."""
+    """The precision recipe named by the ``precision`` group (BF16 blocks, switch, backend, and the
+    Microsoft FP4 ``dge`` / ``occ`` knobs)."""
     from nvfp4_megatron.quant import registry
 
     sw = dict(precision["switch_to_bf16"])
@@ -203,6 +288,8 @@ def recipe_from_config(precision: dict):
         bf16_blocks=precision["bf16_blocks"],
         switch_to_bf16=sw,
         backend=precision["backend"],
+        dge=precision.get("dge"),
+        occ=precision.get("occ"),
     )
 
 
@@ -216,7 +303,7 @@ def resolve_overlap_grad_reduce(train: dict) -> bool:
 class TrainingStack:
     """What ``pretrain.py`` trains: this stage's model, its DDP wrapper, the optimizer."""
 
-    model: Any  # this pipeline stage's GPTModel (unwrapped)
+    model: Any  # this pipeline stage's GPTModel or HybridModel (unwrapped)
     ddp: Any  # Megatron DistributedDataParallel around Float16Module(model) (BF16) or model
     optimizer: Any  # Megatron's distributed optimizer (train.use_distributed_optimizer=false: not)
     config: Any  # the TransformerConfig
@@ -241,7 +328,7 @@ def build_training_stack(cfg: dict, recipe=None, *, log=print) -> TrainingStack:
                          "optimizer's state only")
     if recipe is None:
         recipe = recipe_from_config(cfg["precision"])
-    model, config, table = build_gpt(cfg, recipe, log=log)
+    model, config, table = build_model(cfg, recipe, log=log)
     ddp = wrap_model(model, config, bf16=t["bf16"],
                      overlap_grad_reduce=resolve_overlap_grad_reduce(t),
                      use_distributed_optimizer=t["use_distributed_optimizer"])
@@ -251,4 +338,5 @@ def build_training_stack(cfg: dict, recipe=None, *, log=print) -> TrainingStack:
 
 
 def model_shape(cfg: dict) -> dict:
-    return {k: cfg["model"][k] for k in MODEL_SHAPE_KEYS}
+    keys = MODEL_SHAPE_KEYS + (HYBRID_SHAPE_KEYS if is_hybrid(cfg["model"]) else ())
+    return {k: cfg["model"][k] for k in keys}

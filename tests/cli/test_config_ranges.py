@@ -82,6 +82,11 @@ BAD = [
     ("planner.assumed_mfu=1.2", "planner.assumed_mfu=1.2: must be in (0, 1]"),
     ("world_size=0", "world_size=0: must be >= 1 or null"),
     ("precision.bf16_blocks=[0,-1]", "items [-1] out of range; each item must be >= 0"),
+    ("precision.dge.k=1", "precision.dge.k=1.0: must be > 1 or null (the paper uses 5)"),
+    ("precision.dge.cap=0", "precision.dge.cap=0.0: must be > 0 or null"),
+    ("precision.occ.quantile=0.5", "precision.occ.quantile=0.5: must be in (0.5, 1) or null"),
+    ("precision.occ.quantile=1", "precision.occ.quantile=1.0: must be in (0.5, 1) or null"),
+    ("logging.quant_stats_interval=0", "logging.quant_stats_interval=0: must be >= 1 or null"),
 ]
 
 
@@ -97,6 +102,10 @@ def test_out_of_range_value_is_refused(override, expected):
     ["train.keep_last=1"], ["train.warmup_iters=0"], ["train.lr_decay_fraction=1"],
     ["model.hidden_dropout=0"], ["planner.assumed_mfu=1"], ["train.clip_grad=0"],
     ["train.min_lr=0"], ["precision.switch_to_bf16.at_step=0"],
+    ["logging.quant_stats_interval=1"],
+    ["precision.recipe=nvfp4", "precision.occ.enabled=true", "precision.occ.quantile=0.97",
+     "precision.dge.enabled=true", "precision.dge.k=1.5", "precision.dge.cap=0.1"],
+    ["precision=msfp4", "precision.recipe=fp4_direct"],
 ])
 def test_boundary_values_are_accepted(overrides):
     compose_config(overrides)
@@ -131,6 +140,15 @@ def test_all_violations_in_one_message_and_exit_2_before_any_directory(no_traini
     (["precision.bf16_blocks=[1,1]"], "lists an index twice"),
     (["data.split=abc"], "data.split='abc'"),
     (["precision.recipe=nvfp5"], "precision.recipe='nvfp5' is not a recipe (did you mean 'nvfp4'?)"),
+    (["precision.recipe=mxfp8", "precision.occ.enabled=true"],
+     "precision.occ.enabled=true needs a recipe whose Fprop is FP4"),
+    (["precision.recipe=fp4_direct", "precision.dge.cap=2"], "precision.dge.cap is set but DGE is off"),
+    (["precision.recipe=msfp4", "precision.occ.enabled=false", "precision.occ.quantile=0.9"],
+     "precision.occ.quantile is set but OCC is off"),
+    (["precision.recipe=msfp4", "parallel.tensor_model_parallel_size=2"],
+     "needs parallel.tensor_model_parallel_size=1, got 2"),
+    (["logging.quant_stats_occ_table=true"], "logging.quant_stats_occ_table=true needs "
+                                             "logging.quant_stats_interval=N"),
 ])
 def test_cross_field_rule(overrides, expected):
     with pytest.raises(ConfigError, match="invalid config value") as e:

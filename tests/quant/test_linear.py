@@ -62,9 +62,18 @@ def _sr_gen(key, role):
     return qstate.sr_generator(key, role, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", [n for n in list_recipes() if get_recipe(n).is_quantized])
+def _generic(name: str) -> bool:
+    """Recipes whose copies are independent quantizations (the reference below); the Microsoft
+    FP4 recipes (e2m1_vector, DGE/OCC) have their own reference in test_msfp4.py."""
+    r = get_recipe(name)
+    return r.is_quantized and r.linear.msfp4 is None and all(
+        t.format != "e2m1_vector" for t in r.linear.operands().values())
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if _generic(n)])
 def test_matches_formats_reference_exactly(name):
-    """Every registry recipe; SR recipes replay the same seeds, so they are exact too."""
+    """Every registry recipe (test_msfp4.py: the msfp4 family); SR recipes replay the same
+    seeds, so they are exact too."""
     lin = get_recipe(name).linear
     x, w, dy = _inputs()
     qstate.reset_state()
@@ -246,3 +255,38 @@ def test_empty_expert_input_gives_empty_output_and_zero_weight_grad():
         assert y.shape == (0, 32)
         y.sum().backward()
         assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == (0, 64)
+
+
+def test_wgrad_rht_copies_follow_the_input_dtype_rule():
+    """DESIGN.md §RHT (issue 21): in a BF16 layer the Wgrad copies are quantized from the RHT
+    output rounded to BF16. dW equals the reference built from the BF16 operands and differs
+    from the one built from FP32 transforms of them (the rule before issue 21)."""
+    lin = get_recipe("nvfp4_no_sr").linear
+    assert lin.wgrad.input.rht and lin.wgrad.grad_output.rht
+    x, w, dy = _inputs(seed=4)
+    _, _, dw = _run(lin, x, w, dy)
+
+    def dw_from(dy_t, x_t):
+        return ref_gemm(ref_operand(dy_t, lin.wgrad.grad_output),
+                        ref_operand(x_t, lin.wgrad.input)).to(w.dtype)
+
+    assert torch.equal(dw, dw_from(dy.t().contiguous(), x.t().contiguous()))
+    assert not torch.equal(dw, dw_from(dy.t().float().contiguous(), x.t().float().contiguous()))
+
+
+def test_wgrad_operand_equals_te_reference_fixture():
+    """The linear's Wgrad (columnwise 1x16 + RHT) operand of a BF16 activation is TE's
+    reference_nvfp4.py columnwise output bit for bit (fixture: tests/formats/data, made by
+    scripts/make_te_fixture.py)."""
+    import pathlib
+
+    import numpy as np
+
+    path = pathlib.Path(__file__).parents[1] / "formats" / "data" / "te_reference_fixture.npz"
+    with np.load(path) as f:
+        x = torch.from_numpy(f["48x80_normal__x"]).to(torch.bfloat16)  # [tokens, features]
+        te = {k: f[f"48x80_normal__bf16__colrht_{k}"] for k in ("data", "scale", "amax")}
+    op = qlinear.quantize_operand(x.t(), TensorQuant(format="nvfp4", tile=(1, 16), rht=True))
+    assert np.array_equal(op.q.data.numpy(), te["data"])
+    assert np.array_equal(op.q.scale.view(torch.uint8).numpy(), te["scale"])
+    assert op.q.amax.numpy().tobytes() == te["amax"].tobytes()

@@ -1,0 +1,236 @@
+"""Worker for the hybrid (Mamba-2 + attention + MLP) tests: gloo ranks, Megatron's own schedules.
+
+Run as ``python -m torch.distributed.run --nproc_per_node=N hybrid_worker.py CONFIG.json OUT``.
+Runs (``kind``):
+
+* ``train``: a tiny ``HybridModel`` from ``training.model.build_training_stack`` (the product's
+  builder, FP32 params, emulated GEMMs, CPU initialisation) trained a few steps; writes the
+  losses, the quantizer calls of step 0 per (layer key, role) and the precision table's rows.
+* ``mixer_reference``: ``LocalMambaMixer`` (TP1, FP32) against the float64 definition of
+  Megatron's mixer in ``tests/ssm/ssd_reference.py``: output and every gradient.
+* ``meta_builds``: the 12B / 8B hybrid recipes built by the training builder on the meta device
+  (TP1): parameter count, BF16 blocks and the Mamba rows of the precision table.
+"""
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssm"))
+
+SMALL = {  # the hybrid shape of the TP tests: 6 blocks, every kind twice
+    "model.num_layers": 6, "model.hybrid_override_pattern": "M-*M-*", "model.hidden_size": 64,
+    "model.num_attention_heads": 4, "model.num_query_groups": 2, "model.ffn_hidden_size": 128,
+    "model.kv_channels": 16, "model.mamba_num_heads": 32, "model.mamba_head_dim": 4,
+    "model.mamba_state_dim": 16, "model.mamba_num_groups": 2, "model.vocab_size": 256,
+    "model.seq_length": 32, "model.activation": "gelu", "model.normalization": "RMSNorm",
+    "model.position_embedding_type": "none", "model.use_cpu_initialization": True,
+}
+
+
+def _ov(key, value) -> str:
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif value is None:
+        value = "null"
+    elif isinstance(value, (list, tuple)):
+        value = "[" + ",".join(str(v) for v in value) + "]"
+    return f"{key}={value}"
+
+
+def _compose(lay, run) -> dict:
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
+
+    ov = {**SMALL,
+          "parallel.tensor_model_parallel_size": lay.get("tp", 1),
+          "parallel.pipeline_model_parallel_size": lay.get("pp", 1),
+          "parallel.sequence_parallel": lay.get("sp", False),
+          "precision.recipe": run.get("recipe", "bf16"), "precision.backend": "emulated",
+          "train.lr": 3e-3, "train.weight_decay": 0.0, "train.clip_grad": 0.0,
+          "train.adam_beta1": 0.9, "train.adam_beta2": 0.999, "train.bf16": False,
+          **{f"precision.{k}": v for k, v in run.get("precision", {}).items()}}
+    return to_plain(compose_config([_ov(k, v) for k, v in ov.items()]))
+
+
+def run_train(lay, run, out):
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nvfp4_megatron.quant import linear as qlinear
+    from nvfp4_megatron.quant import state as qstate
+    from nvfp4_megatron.training.model import build_training_stack
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    qstate.reset_state()
+    if run.get("break_amax_reduction"):  # sensitivity check: the TP test must notice this
+        qlinear.LinearCall.amax_group = property(lambda self: None)
+    stack = build_training_stack(_compose(lay, run), log=lambda msg: None)
+    ddp, opt, table = stack.ddp, stack.optimizer, stack.table
+
+    def forward_step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, pos, None, labels=labels)
+
+        def loss_func(o):
+            loss = o.float().mean()
+            return loss, {"lm loss": loss.detach()}
+
+        return output, loss_func
+
+    calls = Counter()
+    remove = qlinear.add_quantize_observer(lambda key, role, tq: calls.update([f"{key}|{role}"]))
+    fb = get_forward_backward_func()
+    losses, grads = [], None
+    for step in range(run.get("steps", 1)):
+        qstate.set_step(step)
+        data = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(step))
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        res = fb(forward_step_func=forward_step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
+                 model=[ddp], num_microbatches=1, seq_length=32, micro_batch_size=2,
+                 forward_only=False)
+        if step == 0:
+            grads = _full_grad_norms(ddp)
+        opt.step()
+        if step == 0:
+            remove()
+        if parallel_state.is_pipeline_last_stage():
+            losses.append(float(res[0]["lm loss"]))
+    rank = torch.distributed.get_rank()
+    blocks = {}
+    for m in stack.model.modules():
+        if type(m).__name__ in ("MambaLayer", "TransformerLayer", "MLPLayer"):
+            blocks[m.layer_number - 1] = type(m).__name__
+    result = {"losses": losses, "calls": dict(calls), "grads0": grads,
+              "bf16_blocks": list(table.bf16_blocks),
+              "quantized_blocks": list(table.quantized_blocks()),
+              "rows": sorted({f"{r.block}.{r.layer}" for r in table.rows}),
+              "blocks": {str(k): v for k, v in sorted(blocks.items())}}
+    with open(os.path.join(out, f"{run['name']}.rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _full_grad_norms(ddp) -> dict:
+    """Step-0 gradient norm of every parameter as one logical tensor: TP shards combined (a
+    TP-sharded parameter's squared shard norms summed over the TP group), so TP1 and TP2 compare."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    norms = {}
+    for name, p in ddp.module.named_parameters():
+        sq = p.main_grad.double().square().sum()
+        if getattr(p, "tensor_model_parallel", False):
+            torch.distributed.all_reduce(sq, group=group)
+        norms[name] = float(sq.sqrt())
+    return norms
+
+
+def mixer_reference(out):
+    from megatron.core import tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nvfp4_megatron.megatron.hybrid_spec import quantized_hybrid_stack_spec
+    from nvfp4_megatron.megatron.layers import LinearPrecision
+    from nvfp4_megatron.megatron.mamba_mixer import LocalMambaMixer
+    from nvfp4_megatron.quant.recipe import BF16_LINEAR
+    from ssd_reference import mamba_mixer_reference
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    nh, hd, g, n, d = 8, 6, 2, 5, 24
+    cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=4,
+                            use_cpu_initialization=True, mamba_num_heads=nh, mamba_head_dim=hd,
+                            mamba_num_groups=g, mamba_state_dim=n, is_hybrid_model=True)
+    mixer_spec = quantized_hybrid_stack_spec(d_conv=3, chunk_size=4).submodules.mamba_layer
+    mixer_spec = mixer_spec.submodules.mixer
+    mixer = LocalMambaMixer(cfg, mixer_spec.submodules, d_model=d, d_conv=3, chunk_size=4,
+                            layer_number=1,
+                            pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    for lin in (mixer.in_proj, mixer.out_proj):
+        lin.set_precision(LinearPrecision(recipe=BF16_LINEAR, layer_key="t", block=0))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move D and the norm weight away from their all-ones init
+        mixer.D.copy_(torch.randn(mixer.D.shape, generator=gen))
+        mixer.norm.weight.copy_(1 + 0.3 * torch.randn(mixer.norm.weight.shape, generator=gen))
+    x = torch.randn(11, 2, d, generator=gen, requires_grad=True)  # 11 steps: 3 chunks of 4
+    y, bias = mixer(x)
+    gy = torch.randn(y.shape, generator=gen)
+    (y * gy).sum().backward()
+    names = ("in_proj_w", "conv_w", "conv_b", "dt_bias", "A_log", "D", "norm_w", "out_proj_w")
+    params = (mixer.in_proj.weight, mixer.conv1d_weight, mixer.conv1d_bias, mixer.dt_bias,
+              mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight)
+    leaves = {k: p.detach().double().requires_grad_(True) for k, p in zip(names, params)}
+    xr = x.detach().double().requires_grad_(True)
+    yr = mamba_mixer_reference(xr, nheads=nh, headdim=hd, ngroups=g, dstate=n, **leaves)
+    (yr * gy.double()).sum().backward()
+
+    def err(a, b):
+        return float((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+    result = {"out": err(y.detach(), yr.detach()), "dx": err(x.grad, xr.grad),
+              "bias_is_none": bias is None,
+              "grads": {k: err(p.grad, leaves[k].grad) for k, p in zip(names, params)}}
+    with open(os.path.join(out, "mixer_reference.json"), "w") as f:
+        json.dump(result, f)
+
+
+def meta_builds(out, recipes):
+    """The training builder (build_model) on the meta device for the big hybrid recipes, TP1."""
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
+    from nvfp4_megatron.training.model import build_model, recipe_from_config
+
+    result = {}
+    for name in recipes:
+        c = to_plain(compose_config([
+            f"+recipe={name}", "parallel.tensor_model_parallel_size=1",
+            "parallel.context_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+            "parallel.sequence_parallel=false", "model.use_cpu_initialization=true",
+            "precision.backend=emulated"]))
+        with torch.device("meta"):
+            model, config, table = build_model(c, recipe_from_config(c["precision"]),
+                                               log=lambda msg: None)
+        kinds = Counter(type(m).__name__ for m in model.decoder.layers)
+        rows = {(r.block, r.layer): r.quantized for r in table.rows if r.gemm == "fprop"}
+        result[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "bf16_blocks": list(table.bf16_blocks),
+            "kinds": dict(kinds),
+            "mamba_rows": sorted(f"{b}.{layer}:{'q' if q else 'bf16'}"
+                                 for (b, layer), q in rows.items() if "mixer." in layer),
+            "num_blocks": table.num_blocks,
+        }
+        del model
+    with open(os.path.join(out, "meta_builds.json"), "w") as f:
+        json.dump(result, f)
+
+
+def main() -> None:
+    cfg = json.load(open(sys.argv[1]))
+    out = sys.argv[2]
+    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+
+    init_distributed()
+    layout = None
+    for run in cfg["runs"]:
+        lay = {**cfg.get("layout", {}), **run.get("layout", {})}
+        if lay != layout:
+            initialize_model_parallel(tensor_model_parallel_size=lay.get("tp", 1),
+                                      pipeline_model_parallel_size=lay.get("pp", 1))
+            layout = lay
+        kind = run.get("kind", "train")
+        if kind == "mixer_reference":
+            mixer_reference(out)
+        elif kind == "meta_builds":
+            meta_builds(out, run["recipes"])
+        else:
+            run_train(lay, run, out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
