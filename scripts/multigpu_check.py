@@ -114,8 +114,8 @@ class AmaxRecorder:
         self.records: dict[str, dict] = {}
         self.active = False
 
-        def wrapped(x2d, tq, *, layer_key="", role="", amax_group=None):
-            out = self.orig(x2d, tq, layer_key=layer_key, role=role, amax_group=amax_group)
+        def wrapped(x2d, tq, *, layer_key="", role="", amax_group=None, **kw):
+            out = self.orig(x2d, tq, layer_key=layer_key, role=role, amax_group=amax_group, **kw)
             if self.active and tq.format in ("nvfp4", "fp8"):
                 key = f"{layer_key}|{role}"
                 rec = {"global": float(out.q.amax)}
