@@ -35,15 +35,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from nvfp4_megatron.megatron.mamba_mixer import LocalMambaMixer, MambaMixerSubmodules
 from nvfp4_megatron.megatron.norm import SequenceParallelTorchNorm
-from nvfp4_megatron.megatron.spec_provider import QuantizedLocalSpecProvider
+from nvfp4_megatron.megatron.spec_provider import (QuantizedLocalSpecProvider,
+                                                   quantized_self_attention_spec)
 
 LOCAL_HYBRID_SYMBOLS = frozenset("M*-")
 PIPE = "|"
@@ -106,13 +104,7 @@ def quantized_hybrid_stack_spec(*, d_conv: int = 4, expand: int = 2, chunk_size:
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=col, core_attention=backend.core_attention(), linear_proj=row,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
-            ),
+            self_attention=quantized_self_attention_spec(backend),
             self_attn_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_"},

@@ -70,6 +70,23 @@ class QuantizedLocalSpecProvider(LocalSpecProvider):
         )
 
 
+def quantized_self_attention_spec(backend: QuantizedLocalSpecProvider, *,
+                                  qk_norm=IdentityOp) -> ModuleSpec:
+    """Causal ``SelfAttention`` with the backend's quantized qkv/proj linears and core attention:
+    the attention of the GPT layer and of the hybrid stack's attention layer."""
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(),
+            core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
 def quantized_gpt_layer_spec(*, num_experts: int | None = None, moe_grouped_gemm: bool = False,
                              qk_layernorm: bool = False, normalization: str = "LayerNorm",
                              sdpa_attention: bool = True) -> ModuleSpec:
@@ -84,17 +101,8 @@ def quantized_gpt_layer_spec(*, num_experts: int | None = None, moe_grouped_gemm
                                           moe_grouped_gemm=moe_grouped_gemm)
     submodules = TransformerLayerSubmodules(
         input_layernorm=layer_norm,
-        self_attention=ModuleSpec(
-            module=SelfAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
-            submodules=SelfAttentionSubmodules(
-                linear_qkv=backend.column_parallel_linear(),
-                core_attention=backend.core_attention(),
-                linear_proj=backend.row_parallel_linear(),
-                q_layernorm=qk_norm if qk_layernorm else IdentityOp,
-                k_layernorm=qk_norm if qk_layernorm else IdentityOp,
-            ),
-        ),
+        self_attention=quantized_self_attention_spec(
+            backend, qk_norm=qk_norm if qk_layernorm else IdentityOp),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=layer_norm,
         mlp=mlp,

@@ -137,6 +137,22 @@ def hybrid_layer_pattern(m: dict, pp: int) -> str:
     return pattern
 
 
+def _model_kwargs(m: dict) -> dict:
+    """What ``GPTModel`` and ``HybridModel`` are built with alike: vocabulary and sequence length,
+    this stage's place in the pipeline, tied embeddings and positions."""
+    from megatron.core import parallel_state
+
+    return dict(
+        vocab_size=m["vocab_size"],
+        max_sequence_length=m["seq_length"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
+        position_embedding_type=m["position_embedding_type"],
+        rotary_base=m["rotary_base"],
+    )
+
+
 def build_model(cfg: dict, recipe, *, log=print):
     """This pipeline stage's model: ``HybridModel`` for a hybrid pattern, else ``GPTModel``."""
     if is_hybrid(cfg["model"]):
@@ -146,7 +162,6 @@ def build_model(cfg: dict, recipe, *, log=print):
 
 def build_hybrid(cfg: dict, recipe, *, log=print):
     """Build this pipeline stage's HybridModel; returns (model, config, precision_table)."""
-    from megatron.core import parallel_state
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from nvfp4_megatron.megatron.backend import (apply_backend_precision, backend_config_fields,
@@ -163,18 +178,8 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
 
         check_local_hybrid_pattern(pattern)
     spec = hybrid_stack_spec_for(choice, d_conv=m["mamba_conv_kernel"], expand=m["mamba_expand"])
-    model = HybridModel(
-        config=config,
-        hybrid_stack_spec=spec,
-        vocab_size=m["vocab_size"],
-        max_sequence_length=m["seq_length"],
-        hybrid_layer_pattern=pattern,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
-        position_embedding_type=m["position_embedding_type"],
-        rotary_base=m["rotary_base"],
-    )
+    model = HybridModel(config=config, hybrid_stack_spec=spec, hybrid_layer_pattern=pattern,
+                        **_model_kwargs(m))
     if config.use_cpu_initialization and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     table = apply_backend_precision([model], recipe, choice, log=False)
@@ -187,8 +192,6 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     from megatron.core.models.gpt import GPTModel
 
     m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
-    pre = parallel_state.is_pipeline_first_stage()
-    post = parallel_state.is_pipeline_last_stage()
     choice, quantization = None, {}
     if quantized_spec_available():
         from nvfp4_megatron.megatron.backend import backend_config_fields, resolve_backend
@@ -217,17 +220,7 @@ def build_gpt(cfg: dict, recipe, *, log=print):
         log("[model] quantized spec provider not found: Megatron's local spec (BF16 only)")
         spec = get_gpt_layer_local_spec(num_experts=m["num_moe_experts"],
                                         normalization=m["normalization"])
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=m["vocab_size"],
-        max_sequence_length=m["seq_length"],
-        pre_process=pre,
-        post_process=post,
-        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
-        position_embedding_type=m["position_embedding_type"],
-        rotary_base=m["rotary_base"],
-    )
+    model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))
     if config.use_cpu_initialization and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # drawn on the CPU, trained on this rank's GPU
     table = None

@@ -12,21 +12,11 @@ import contextlib
 import functools
 import json
 import os
-import sys
-from collections import Counter
 
 import torch
 
-
-def _ov(key, value) -> str:
-    """One Hydra override, ``key=value`` with YAML spellings (true/false/null, [a,b])."""
-    if isinstance(value, bool):
-        value = str(value).lower()
-    elif value is None:
-        value = "null"
-    elif isinstance(value, (list, tuple)):
-        value = "[" + ",".join(str(v) for v in value) + "]"
-    return f"{key}={value}"
+from _worker_common import override as _ov
+from _worker_common import prepare_run, run_all, train, write_rank_result
 
 
 def _compose(cfg, run) -> dict:
@@ -85,63 +75,21 @@ def _build(cfg, run):
 
 
 def run_one(cfg, run, out):
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from nvfp4_megatron.quant import linear as qlinear
-    from nvfp4_megatron.quant import state as qstate
-
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    qstate.reset_state()
-    if run.get("bf16_switch"):
-        qstate.set_bf16_switch(run["bf16_switch"])
-    if run.get("break_amax_reduction"):  # sensitivity check: the TP test must notice this
-        qlinear.LinearCall.amax_group = property(lambda self: None)
+    prepare_run(run)
     stack = _build(cfg, run)
-    model, ddp, opt = stack.model, stack.ddp, stack.optimizer
+    model, ddp = stack.model, stack.ddp
     table = stack.table  # None for Megatron's local spec
-
-    def forward_step(data_iterator, model):
-        tokens, labels = next(data_iterator)
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        out = model(tokens, pos, None, labels=labels)
-
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss, {"lm loss": loss.detach()}
-
-        return out, loss_func
-
-    calls = Counter()
-    remove = qlinear.add_quantize_observer(lambda key, role, tq: calls.update([f"{key}|{role}"]))
-    fb = get_forward_backward_func()
-    losses = []
-    for step in range(run.get("steps", 1)):
-        qstate.set_step(step)
-        seed = 0 if run.get("repeat_batch", True) else step
-        data = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(seed))
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        res = fb(forward_step_func=forward_step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
-                 model=[ddp], num_microbatches=1, seq_length=32, micro_batch_size=2,
-                 forward_only=False)
-        opt.step()
-        if step == 0:
-            remove()
-        if parallel_state.is_pipeline_last_stage():
-            losses.append(float(res[0]["lm loss"]))
-    rank = torch.distributed.get_rank()
-    result = {
-        "losses": losses, "calls": dict(calls),
+    losses, calls, _ = train(ddp, stack.optimizer, steps=run.get("steps", 1),
+                             repeat_batch=run.get("repeat_batch", True))
+    write_rank_result(out, run, {
+        "losses": losses, "calls": calls,
         "bf16_blocks": list(table.bf16_blocks) if table else None,
         "quantized_blocks": list(table.quantized_blocks()) if table else None,
         "local_blocks": sorted(m.layer_number - 1 for m in model.modules()
                                if type(m).__name__ == "TransformerLayer"),
         "grads": {n: p.main_grad.float().norm().item() for n, p in ddp.module.named_parameters()}
         if run.get("dump_grads") else None,
-    }
-    with open(os.path.join(out, f"{run['name']}.rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+    })
 
 
 def layer_checks(out):
@@ -218,27 +166,12 @@ def layer_checks(out):
         json.dump(result, f)
 
 
-def main() -> None:
-    cfg = json.load(open(sys.argv[1]))
-    out = sys.argv[2]
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
-
-    init_distributed()
-    layout = None
-    for run in cfg["runs"]:
-        lay = {**cfg.get("layout", {}), **run.get("layout", {})}
-        if lay != layout:
-            initialize_model_parallel(tensor_model_parallel_size=lay.get("tp", 1),
-                                      pipeline_model_parallel_size=lay.get("pp", 1),
-                                      expert_model_parallel_size=lay.get("ep", 1),
-                                      expert_tensor_parallel_size=lay.get("etp"))
-            layout = lay
-        if run.get("kind") == "layer_checks":
-            layer_checks(out)
-        else:
-            run_one({"tp": 1, "pp": 1, **lay}, run, out)
-    torch.distributed.destroy_process_group()
+def _run(lay, run, out):
+    if run.get("kind") == "layer_checks":
+        layer_checks(out)
+    else:
+        run_one({"tp": 1, "pp": 1, **lay}, run, out)
 
 
 if __name__ == "__main__":
-    main()
+    run_all(_run)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from _worker_common import override, prepare_run, run_all, train, write_rank_result
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssm"))
 
 SMALL = {  # the hybrid shape of the TP tests: 6 blocks, every kind twice
@@ -30,16 +32,6 @@ SMALL = {  # the hybrid shape of the TP tests: 6 blocks, every kind twice
     "model.seq_length": 32, "model.activation": "gelu", "model.normalization": "RMSNorm",
     "model.position_embedding_type": "none", "model.use_cpu_initialization": True,
 }
-
-
-def _ov(key, value) -> str:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    elif value is None:
-        value = "null"
-    elif isinstance(value, (list, tuple)):
-        value = "[" + ",".join(str(v) for v in value) + "]"
-    return f"{key}={value}"
 
 
 def _compose(lay, run) -> dict:
@@ -53,66 +45,27 @@ def _compose(lay, run) -> dict:
           "train.lr": 3e-3, "train.weight_decay": 0.0, "train.clip_grad": 0.0,
           "train.adam_beta1": 0.9, "train.adam_beta2": 0.999, "train.bf16": False,
           **{f"precision.{k}": v for k, v in run.get("precision", {}).items()}}
-    return to_plain(compose_config([_ov(k, v) for k, v in ov.items()]))
+    return to_plain(compose_config([override(k, v) for k, v in ov.items()]))
 
 
 def run_train(lay, run, out):
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from nvfp4_megatron.quant import linear as qlinear
-    from nvfp4_megatron.quant import state as qstate
     from nvfp4_megatron.training.model import build_training_stack
 
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    qstate.reset_state()
-    if run.get("break_amax_reduction"):  # sensitivity check: the TP test must notice this
-        qlinear.LinearCall.amax_group = property(lambda self: None)
+    prepare_run(run)
     stack = build_training_stack(_compose(lay, run), log=lambda msg: None)
-    ddp, opt, table = stack.ddp, stack.optimizer, stack.table
-
-    def forward_step(data_iterator, model):
-        tokens, labels = next(data_iterator)
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, pos, None, labels=labels)
-
-        def loss_func(o):
-            loss = o.float().mean()
-            return loss, {"lm loss": loss.detach()}
-
-        return output, loss_func
-
-    calls = Counter()
-    remove = qlinear.add_quantize_observer(lambda key, role, tq: calls.update([f"{key}|{role}"]))
-    fb = get_forward_backward_func()
-    losses, grads = [], None
-    for step in range(run.get("steps", 1)):
-        qstate.set_step(step)
-        data = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(step))
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        res = fb(forward_step_func=forward_step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
-                 model=[ddp], num_microbatches=1, seq_length=32, micro_batch_size=2,
-                 forward_only=False)
-        if step == 0:
-            grads = _full_grad_norms(ddp)
-        opt.step()
-        if step == 0:
-            remove()
-        if parallel_state.is_pipeline_last_stage():
-            losses.append(float(res[0]["lm loss"]))
-    rank = torch.distributed.get_rank()
+    table = stack.table
+    losses, calls, grads = train(stack.ddp, stack.optimizer, steps=run.get("steps", 1),
+                                 repeat_batch=False, grads0=_full_grad_norms)
     blocks = {}
     for m in stack.model.modules():
         if type(m).__name__ in ("MambaLayer", "TransformerLayer", "MLPLayer"):
             blocks[m.layer_number - 1] = type(m).__name__
-    result = {"losses": losses, "calls": dict(calls), "grads0": grads,
-              "bf16_blocks": list(table.bf16_blocks),
-              "quantized_blocks": list(table.quantized_blocks()),
-              "rows": sorted({f"{r.block}.{r.layer}" for r in table.rows}),
-              "blocks": {str(k): v for k, v in sorted(blocks.items())}}
-    with open(os.path.join(out, f"{run['name']}.rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+    write_rank_result(out, run, {
+        "losses": losses, "calls": calls, "grads0": grads,
+        "bf16_blocks": list(table.bf16_blocks),
+        "quantized_blocks": list(table.quantized_blocks()),
+        "rows": sorted({f"{r.block}.{r.layer}" for r in table.rows}),
+        "blocks": {str(k): v for k, v in sorted(blocks.items())}})
 
 
 def _full_grad_norms(ddp) -> dict:
@@ -209,28 +162,15 @@ def meta_builds(out, recipes):
         json.dump(result, f)
 
 
-def main() -> None:
-    cfg = json.load(open(sys.argv[1]))
-    out = sys.argv[2]
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
-
-    init_distributed()
-    layout = None
-    for run in cfg["runs"]:
-        lay = {**cfg.get("layout", {}), **run.get("layout", {})}
-        if lay != layout:
-            initialize_model_parallel(tensor_model_parallel_size=lay.get("tp", 1),
-                                      pipeline_model_parallel_size=lay.get("pp", 1))
-            layout = lay
-        kind = run.get("kind", "train")
-        if kind == "mixer_reference":
-            mixer_reference(out)
-        elif kind == "meta_builds":
-            meta_builds(out, run["recipes"])
-        else:
-            run_train(lay, run, out)
-    torch.distributed.destroy_process_group()
+def _run(lay, run, out):
+    kind = run.get("kind", "train")
+    if kind == "mixer_reference":
+        mixer_reference(out)
+    elif kind == "meta_builds":
+        meta_builds(out, run["recipes"])
+    else:
+        run_train(lay, run, out)
 
 
 if __name__ == "__main__":
-    main()
+    run_all(_run)

@@ -5,15 +5,14 @@ several runs inside it (the layout is re-initialised between runs); the tests re
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from _worker_launch import launch
+from _worker_launch import read_rank as _read
+
 WORKER = Path(__file__).with_name("gpt_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 NO_BF16_BLOCKS = {"bf16_first_blocks": 0, "bf16_last_blocks": 0}
 FIRST_LAST = {"bf16_first_blocks": 1, "bf16_last_blocks": 1}
 TP_RECIPES = ("nvfp4_no_sr", "mxfp8", "fp8_cs")
@@ -21,22 +20,8 @@ TP_RECIPES = ("nvfp4_no_sr", "mxfp8", "fp8_cs")
 pytestmark = pytest.mark.slow
 
 
-def _launch(tmp: Path, nproc: int, cfg: dict, timeout: int = 400) -> Path:
-    out = tmp / f"out{nproc}"
-    out.mkdir()
-    cfg_path = tmp / f"cfg{nproc}.json"
-    cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", str(WORKER), str(cfg_path), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return out
-
-
-def _read(out: Path, name: str, rank: int = 0) -> dict:
-    return json.loads((out / f"{name}.rank{rank}.json").read_text())
+def _launch(tmp: Path, nproc: int, cfg: dict) -> Path:
+    return launch(WORKER, tmp, nproc, cfg, timeout=400)
 
 
 def _tp_runs(suffix: str) -> list[dict]:
