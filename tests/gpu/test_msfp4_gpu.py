@@ -2,8 +2,7 @@
 ``torch.use_deterministic_algorithms(True)`` as ``train.deterministic`` runs them:
 
 * OCC's quantile selection (``formats.outlier_clamp``, topk-based) runs in strict mode and picks
-  exactly the CPU's (and ``torch.quantile``'s) thresholds; ``kthvalue``, which it replaced, has
-  no deterministic CUDA kernel (checked, so the reason stays true).
+  exactly the CPU's (and ``torch.quantile``'s) thresholds, also above torch.quantile's 2^24 limit.
 * The msfp4 layer (Fprop, Dgrad, Wgrad) runs in strict mode, twice bit-identically, and matches
   the CPU layer up to FP32 accumulation order; the telemetry records every copy.
 """
@@ -30,12 +29,6 @@ def strict():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(prev)
-
-
-def test_kthvalue_is_refused_in_strict_mode(strict):
-    x = torch.randn(1000, device="cuda")
-    with pytest.raises(RuntimeError, match="deterministic"):
-        torch.kthvalue(x, 10)
 
 
 @pytest.mark.parametrize("n", [4099, 1 << 20, (1 << 24) + 5])
