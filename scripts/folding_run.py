@@ -11,7 +11,8 @@ Cases (world 8; MoE Parallel Folding, arXiv 2504.14960):
 
 ``tiny_folding``   ``+recipe=mixtral_tiny_folding parallel.context_parallel_size=2``: attention
                    TP2 x CP2 x PP2 (DP1), experts ETP1 x EP4 x PP2 -- the layout of the CPU 8-rank
-                   test (tests/megatron/test_folding_8rank.py); EP4 spans each stage's TP x CP block.
+                   test (tests/megatron/test_folding_8rank.py); EP4 spans each stage's TP x CP
+                   block.
 ``tiny_baseline``  ``+recipe=mixtral_tiny_baseline parallel.context_parallel_size=2``: the same
                    model and attention layout, experts ETP2 (= TP) x EP2 x PP2.
 ``wide_folding``   ``+recipe=mixtral_8gpu_folding``: a 4.6B Mixtral-shaped MoE (16 layers, d=2048,
@@ -163,7 +164,8 @@ def run_all(args) -> int:
                 rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                     timeout=args.timeout).returncode
             row = {"case": case, "recipe": recipe, "rc": rc, "wall_s": time.perf_counter() - t0,
-                   "command": "torchrun --standalone --nproc_per_node=8 pretrain.py " + " ".join(ov)}
+                   "command": "torchrun --standalone --nproc_per_node=8 pretrain.py "
+                              + " ".join(ov)}
             if rc == 0:
                 row.update(summarize(run_dir, mem_dir, args.skip))
             else:

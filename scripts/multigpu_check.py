@@ -101,7 +101,8 @@ STEP0_FRACTION = 0.1
 def bound_for(group: str, recipe: str) -> float:
     """The loss bound of check group ``group`` (tp, cp, pp, ep, ckpt) for ``recipe``. EP: an
     expert's GEMMs see the tokens of every EP rank at once, so with a quantized recipe its
-    per-tensor amax (hence its scales) differ from EP1's: quantization noise, not summation order."""
+    per-tensor amax (hence its scales) differ from EP1's: quantization noise, not summation
+    order."""
     if group == "ep":
         return BOUNDS["ep_bf16" if recipe == "bf16" else "ep_quantized"]
     return BOUNDS[group]

@@ -48,7 +48,8 @@ from pathlib import Path
 
 from _train_launch import ROOT, command, env as base_env
 
-_spec = importlib.util.spec_from_file_location("multigpu_check", ROOT / "scripts" / "multigpu_check.py")
+_spec = importlib.util.spec_from_file_location("multigpu_check",
+                                               ROOT / "scripts" / "multigpu_check.py")
 MGC = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(MGC)
 
@@ -56,7 +57,8 @@ RECIPES = ("bf16", "fp8_cs", "nvfp4_no_sr", "nvfp4")
 SR_RECIPES = {"nvfp4"}  # SR draws keyed by rank: only the first compared step is held to a bound
 STEPS = {"cuda": 8, "cpu": 3}
 SAVE_AT = 1  # the checkpoint the PP/EP runs start from and the TP1 resume loads
-MOE_LAYOUT_ONE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+MOE_LAYOUT_ONE = ["parallel.tensor_model_parallel_size=1",
+                  "parallel.pipeline_model_parallel_size=1",
                   "parallel.context_parallel_size=1", "parallel.expert_model_parallel_size=1",
                   "parallel.expert_tensor_parallel_size=1", "parallel.sequence_parallel=false"]
 
@@ -248,7 +250,8 @@ def describe(row: dict) -> str:
         return f"{row['recipe']:12} {row['check']:13} FAIL {row['detail'][-2000:]}"
     return (f"{row['recipe']:12} {row['check']:13} vs {row['ref']:8} max rel {row['rel']:.2e} "
             f"first {row['rel_first']:.2e} bound {row['bound']:.0e} "
-            f"{'PASS' if row['ok'] else 'FAIL'} (trajectory {'checked' if row['trajectory_checked'] else 'not claimed: SR'}; "
+            f"{'PASS' if row['ok'] else 'FAIL'} (trajectory "
+            f"{'checked' if row['trajectory_checked'] else 'not claimed: SR'}; "
             f"layout line {row['layout_ok']}, resumed {row['resumed_ok']}); "
             f"step {row['step_time_s']:.3f} s vs {row['ref_step_time_s']:.3f} s")
 
