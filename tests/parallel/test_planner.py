@@ -24,6 +24,7 @@ REFERENCE_WORLD = {
     "mixtral_8x22b_folding": 128, "mixtral_8x22b_baseline": 128,
     "qwen2_57b_a14b_folding": 64, "qwen2_57b_a14b_baseline": 64,
     "mixtral_tiny_folding": 8, "mixtral_tiny_baseline": 8,
+    "mixtral_8gpu_folding": 8, "mixtral_8gpu_baseline": 8,
 }
 
 
