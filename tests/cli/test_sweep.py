@@ -98,3 +98,14 @@ def test_multirun_runs_skips_and_resumes(tmp_path):
             assert f"seed: {seed}" in cfg and f"recipe: {recipe}" in cfg
             log = (run / "sweep.log").read_text()
             assert ("resumed from" in log) == (seed == 2), log[-2000:]
+    # the comparison report on these CPU runs: 2 arms x 2 seeds, each finished, same tokens
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_runs
+
+    assert compare_runs.main([str(sweep), "--baseline", "bf16", "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "compare.json").read_text())
+    arms = {a["arm"]: a for a in rep["arms"]}
+    assert set(arms) == {"bf16", "nvfp4"} and rep["baseline"] == "bf16"
+    assert all(a["finished"] and a["n"] == 2 and a["tokens"] == [4 * 16 * 64] for a in arms.values())
+    assert arms["bf16"]["gap_nats"] == 0.0 and arms["nvfp4"]["gap_nats"] is not None
+    assert (tmp_path / "rep" / "compare.png").is_file()
