@@ -5,7 +5,7 @@
 
 What it does, every step from the package archive (nothing is downloaded at training time):
 1. ``apt-get download PKG`` for each package (Debian's archive, the ordinary client; a .deb already
-   in ``OUT/debs/`` is reused), ``dpkg-deb -x`` into a temporary directory.
+   in ``OUT/../debs/`` is reused), ``dpkg-deb -x`` into a temporary directory.
 2. Every Sphinx HTML page of the package (``*.html`` outside ``_static/``, ``_sources/``,
    ``_images/``, ``translations/`` and the index/search pages) becomes one document: the text of
    its main body (``<div role="main">``) without ``<pre>`` blocks (code listings), scripts, styles
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "debian_docs")
     ap.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES))
     ap.add_argument("--vocab-size", type=int, default=16384)
+    ap.add_argument("--debs", type=Path, default=None,
+                    help="where the .debs are kept (default OUT/../debs: outside OUT, so OUT alone "
+                         "can be carried to the GPU machine: about 22 MB)")
     ap.add_argument("--name", default="debian_docs", help="prefix of the .bin/.idx/.tokenizer.json")
     args = ap.parse_args(argv)
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sources, docs, seen = [], [], set()
     for pkg in args.packages:
-        deb = download(pkg, out / "debs")
+        deb = download(pkg, args.debs or out.parent / "debs")
         version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True,
                                  capture_output=True, text=True).stdout.strip()
         with tempfile.TemporaryDirectory() as tmp:
