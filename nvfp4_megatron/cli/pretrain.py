@@ -23,7 +23,7 @@ from nvfp4_megatron.cli.compose import (ConfigError, compose_config, composition
 INFO_CHOICES = ("all", "config", "defaults", "searchpath")
 CFG_CHOICES = ("job", "all", "hydra")
 SUPPORTED_FLAGS = "--help/-h, --cfg/-c job|all, --package/-p KEY, --resolve, --info/-i [" + \
-    "|".join(INFO_CHOICES) + "]"
+    "|".join(INFO_CHOICES) + "], --multirun/-m [--nproc N]"
 
 
 class UsageError(ValueError):
@@ -60,12 +60,19 @@ Flags (exit 0 without training):
   --info [all|config|defaults|searchpath], -i
                               config search path, group choices, defaults list, config
 
+Sweeps (Hydra multirun; one job per combination, one after another, each in RUN_DIR/<swept
+overrides>; run the same command again to skip finished jobs and resume the others):
+  --multirun, -m              expand a,b / choice(a,b) / range(a,b) values into jobs
+    --nproc N                 each job under torchrun --standalone --nproc_per_node=N (default 1)
+  run_dir=DIR                 the sweep directory (default multirun/<UTC date>/<UTC time>)
+
 Examples:
   python pretrain.py +recipe=nvfp4_tiny
   torchrun --standalone --nproc_per_node=2 pretrain.py +recipe=nvfp4_tiny train.train_iters=50
   python pretrain.py +recipe=nvfp4_12b dry_run=true world_size=1024
   python pretrain.py model=small precision=nvfp4 train.lr=3e-4 run_dir=runs/try1
   python pretrain.py +recipe=nvfp4_tiny --cfg job --package train
+  python pretrain.py -m +recipe=nvfp4_tiny precision.recipe=bf16,nvfp4 train.seed=1,2 run_dir=runs/sw
 
 Exit codes: 0 done, 2 bad config or input, 3 loss diverged, 17 train.exit_after_step.
 """
@@ -117,8 +124,14 @@ def parse_flags(argv: Sequence[str]) -> tuple[dict, list[str]]:
         elif name in ("-i", "--info"):
             flags["info"] = value_of(name, inline, INFO_CHOICES, default="all")
         elif name in ("-m", "--multirun"):
-            raise UsageError(f"{arg}: multirun sweeps are not supported; start one pretrain.py per "
-                             f"config (supported flags: {SUPPORTED_FLAGS})")
+            if inline is not None:
+                raise UsageError(f"{arg}: -m/--multirun takes no value")
+            flags["multirun"] = True
+        elif name == "--nproc":
+            val = value_of(name, inline)
+            if not val.isdigit() or int(val) < 1:
+                raise UsageError(f"--nproc {val!r}: a number of processes per job >= 1")
+            flags["nproc"] = int(val)
         elif name in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"):
             raise UsageError(f"{arg}: the config is always configs/config.yaml; pick a recipe with "
                              f"+recipe=NAME (see --help)")
@@ -127,6 +140,11 @@ def parse_flags(argv: Sequence[str]) -> tuple[dict, list[str]]:
         i += 1
     if ("package" in flags or "resolve" in flags) and "cfg" not in flags:
         raise UsageError("--package and --resolve go with --cfg job")
+    if "nproc" in flags and "multirun" not in flags:
+        raise UsageError("--nproc goes with -m/--multirun (a single run is started by torchrun "
+                         "--nproc_per_node=N)")
+    if "multirun" in flags and {"cfg", "info"} & set(flags):
+        raise UsageError("-m/--multirun cannot be combined with --cfg or --info")
     return flags, overrides
 
 
@@ -187,6 +205,23 @@ def _dry_run(cfg) -> None:
     planner.run_dry_run(cfg)
 
 
+def _multirun(overrides: list[str], nproc: int) -> int:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: -m/--multirun starts its own processes; run it with plain python "
+              "(--nproc N runs each job under torchrun with N processes)", file=sys.stderr,
+              flush=True)
+        return 2
+    from nvfp4_megatron.cli.sweep import run_sweep
+
+    try:
+        return run_sweep(overrides, nproc=nproc)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # before megatron.core is imported (training.loop): its import-time warnings, once, on rank 0
@@ -201,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if flags.get("help"):
         print(usage(), end="")
         return 0
+    if flags.get("multirun"):
+        return _multirun(overrides, flags.get("nproc", 1))
     try:
         cfg = compose_config(overrides)
     except ConfigError as err:

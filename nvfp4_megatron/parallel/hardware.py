@@ -113,6 +113,12 @@ _RECIPES: dict[str, RecipeCompute] = {
     "nvfp4_no_sr": _NVFP4,
     "nvfp4_no_2d": _NVFP4,
     "nvfp4_all_layers": _NVFP4,
+    # One GEMM class per recipe: "fp4" overstates the speed of these two (one of the three GEMMs /
+    # two of the three run in BF16). fwd_only saves X in BF16 for its BF16 Wgrad and keeps one
+    # NVFP4 weight copy (Fprop); bwd_only saves X's NVFP4 Wgrad copy and the Dgrad weight copy.
+    "nvfp4_fwd_only": RecipeCompute(gemm_class="fp4", act_bytes=2.0, weight_bytes=0.5 + 1 / 16,
+                                    mx=False),
+    "nvfp4_bwd_only": _NVFP4,
     # Microsoft FP4 (msfp4*, fp4_direct): E2M1 with one FP32 scale per token / channel (≈ 0.5 B),
     # the saved Wgrad activation is the Fprop copy plus, with OCC, its ≈ 2 % sparse residual
     # (BF16 value + int32 index ≈ 0.12 B per element). Class "fp4": its Fprop; the backward

@@ -14,6 +14,10 @@ Recipes (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 §4 and App. E for the abla
   blocks BF16 (the 12B run; override with ``bf16_first_blocks`` / ``bf16_last_blocks``).
 - ablations ``nvfp4_no_rht``, ``nvfp4_no_sr``, ``nvfp4_no_2d`` (1x16 weights, Dgrad copy quantized
   independently along out), ``nvfp4_all_layers`` (no BF16 blocks).
+- ``nvfp4_fwd_only`` / ``nvfp4_bwd_only``: the ``nvfp4`` recipe on the Fprop GEMM only (Dgrad and
+  Wgrad in BF16), or on the backward GEMMs only (Fprop in BF16; Dgrad's W copy keeps the 2D tiles,
+  gradients keep SR and Wgrad keeps RHT), same BF16 blocks as ``nvfp4`` (Quartet-II's forward-only /
+  backward-only arms, arXiv 2601.22813).
 - ``mxfp4``: E2M1 with E8M0 scales over 32 (comparison point), same BF16 blocks as ``nvfp4``.
 - ``msfp4``: Microsoft's FP4 training (Wang et al., arXiv 2501.17116): E2M1 Fprop with absmax
   scaling per token (X) and per output channel (W) (``e2m1_vector``), DGE on the weights (k = 5,
@@ -150,6 +154,15 @@ def _register_builtins() -> None:
     register_recipe(PrecisionRecipe(
         name="nvfp4_all_layers", linear=_nvfp4_linear(), layers=LayerPolicy(),
         description="nvfp4 in every block (no BF16 blocks)"))
+    nv = _nvfp4_linear()
+    register_recipe(PrecisionRecipe(
+        name="nvfp4_fwd_only", linear=dataclasses.replace(nv, dgrad=Dgrad(), wgrad=Wgrad()),
+        layers=_PAPER_BF16_BLOCKS,
+        description="nvfp4 on Fprop only; Dgrad and Wgrad in BF16"))
+    register_recipe(PrecisionRecipe(
+        name="nvfp4_bwd_only", linear=dataclasses.replace(nv, fprop=Fprop()),
+        layers=_PAPER_BF16_BLOCKS,
+        description="nvfp4 on Dgrad and Wgrad only (2D W, RHT, SR); Fprop in BF16"))
     mx4 = TensorQuant(format="mxfp4")
     register_recipe(PrecisionRecipe(name="mxfp4", linear=_uniform_linear(mx4, mx4),
                                     layers=_PAPER_BF16_BLOCKS,

@@ -260,7 +260,12 @@ def test_info_defaults_only(no_training, capsys):
     (["--cfg", "jobs"], "choose one of"),
     (["--cfg", "train.lr=1"], "--cfg needs a value"),
     (["--info", "everything"], "choose one of"),
-    (["-m", "train.lr=1,2"], "multirun"),
+    (["-m", "train.lrr=1,2"], "job 'train.lrr=1': invalid config"),
+    (["-m", "precision.recipe=bf16,nvfp5"], "job 'precision.recipe=nvfp5'"),
+    (["-m", "train.lr=1e-3", "run_dir=a,b"], "run_dir is the sweep directory"),
+    (["-m", "train.lr=interval(0.1,1)"], "interval sweeps"),
+    (["--nproc", "2", "train.lr=1"], "--nproc goes with -m"),
+    (["-m", "--nproc", "0", "train.lr=1"], "--nproc '0'"),
     (["--config-name", "other"], "+recipe=NAME"),
 ])
 def test_bad_flags_exit_2(args, expected, no_training, capsys):

@@ -5,6 +5,8 @@ from the transposed high-precision tensor, W's Dgrad copy independently from Wáµ
 block-scaled values, matmul in FP32 and multiply the per-tensor decode scales once.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,10 +72,19 @@ def _generic(name: str) -> bool:
         t.format != "e2m1_vector" for t in r.linear.operands().values())
 
 
+def ref_linear_gemm(a, b, tq_a: TensorQuant, tq_b: TensorQuant, gen=None):
+    """One GEMM of the linear: a BF16 GEMM is torch.matmul in the input dtype (what the layer
+    runs for a GEMM whose operands are bf16), a quantized one the formats reference in FP32."""
+    if not tq_a.is_quantized:
+        return torch.matmul(a, b.t())
+    return ref_gemm(ref_operand(a, tq_a, gen), ref_operand(b, tq_b)).to(a.dtype)
+
+
 @pytest.mark.parametrize("name", [n for n in list_recipes() if _generic(n)])
 def test_matches_formats_reference_exactly(name):
     """Every registry recipe (test_msfp4.py: the msfp4 family); SR recipes replay the same
-    seeds, so they are exact too."""
+    seeds, so they are exact too. A GEMM the recipe leaves in BF16 (nvfp4_fwd_only's backward,
+    nvfp4_bwd_only's Fprop) must be the plain BF16 matmul."""
     lin = get_recipe(name).linear
     x, w, dy = _inputs()
     qstate.reset_state()
@@ -81,18 +92,21 @@ def test_matches_formats_reference_exactly(name):
     y, dx, dw = _run(lin, x, w, dy)
     qstate.reset_state()
     qstate.set_step(11)
-    y_ref = ref_gemm(ref_operand(x, lin.fprop.input), ref_operand(w, lin.fprop.weight)).to(x.dtype)
+    y_ref = ref_linear_gemm(x, w, lin.fprop.input, lin.fprop.weight)
     g_d = _sr_gen("L", "dgrad.grad_output") if lin.dgrad.grad_output.stochastic_rounding else None
-    dx_ref = ref_gemm(ref_operand(dy, lin.dgrad.grad_output, g_d),
-                      ref_operand(w.t().contiguous(), lin.dgrad.weight)).to(x.dtype)
+    dx_ref = ref_linear_gemm(dy, w.t().contiguous(), lin.dgrad.grad_output, lin.dgrad.weight, g_d)
     g_w = _sr_gen("L", "wgrad.grad_output") if lin.wgrad.grad_output.stochastic_rounding else None
-    dw_ref = ref_gemm(ref_operand(dy.t().contiguous(), lin.wgrad.grad_output, g_w),
-                      ref_operand(x.t().contiguous(), lin.wgrad.input)).to(w.dtype)
+    dw_ref = ref_linear_gemm(dy.t().contiguous(), x.t().contiguous(), lin.wgrad.grad_output,
+                             lin.wgrad.input, g_w)
     assert torch.equal(y, y_ref)
     assert torch.equal(dx, dx_ref)
     assert torch.equal(dw, dw_ref)
-    # and the quantization did something: not the BF16 result
-    assert not torch.equal(y, (x.float() @ w.float().t()).to(x.dtype))
+    # and each quantized GEMM did something: not the BF16 result
+    bf16 = (torch.matmul(x, w.t()), torch.matmul(dy, w), torch.matmul(dy.t(), x))
+    for gemm, out, plain in zip((lin.fprop, lin.dgrad, lin.wgrad), (y, dx, dw), bf16):
+        quantized = next(iter(dataclasses.asdict(gemm).values()))["format"] != "bf16"
+        assert torch.equal(out, plain) != quantized, (name, type(gemm).__name__)
+    assert any(t.is_quantized for t in lin.operands().values())
     qstate.reset_state()
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from nvfp4_megatron.quant import state as qstate
 from nvfp4_megatron.quant.recipe import (
@@ -147,3 +148,27 @@ def test_sr_seeds_reproduce_on_resume():
     with pytest.raises(ValueError):
         qstate.set_bf16_switch("wgrad")
     qstate.reset_state()
+
+
+def test_forward_only_and_backward_only_nvfp4():
+    """Quartet-II's arms: nvfp4 on Fprop only / on Dgrad+Wgrad only, the other GEMMs BF16, and the
+    precision table says so GEMM by GEMM."""
+    from nvfp4_megatron.megatron.policy import _rows_for
+
+    nv = get_recipe("nvfp4")
+    fwd, bwd = get_recipe("nvfp4_fwd_only"), get_recipe("nvfp4_bwd_only")
+    assert fwd.linear.fprop == nv.linear.fprop
+    assert not fwd.linear.dgrad.grad_output.is_quantized and not fwd.linear.wgrad.input.is_quantized
+    assert not bwd.linear.fprop.input.is_quantized and not bwd.linear.fprop.weight.is_quantized
+    assert bwd.linear.dgrad == nv.linear.dgrad and bwd.linear.wgrad == nv.linear.wgrad
+    assert fwd.layers == bwd.layers == nv.layers
+    assert bwd.linear == with_fprop_bf16(nv.linear)  # the fprop-scope switch, from step 0
+    cpu = torch.device("cpu")
+    rows = {r.gemm: r for r in _rows_for(3, "mlp.linear_fc1", fwd.linear, cpu)}
+    assert rows["fprop"].quantized and rows["fprop"].operand_b == "weight: nvfp4 16x16"
+    assert rows["dgrad"].backend == rows["wgrad"].backend == "bf16"
+    assert rows["wgrad"].operand_a == "grad_output: bf16"
+    rows = {r.gemm: r for r in _rows_for(3, "mlp.linear_fc1", bwd.linear, cpu)}
+    assert rows["fprop"].backend == "bf16" and not rows["fprop"].quantized
+    assert rows["dgrad"].quantized and rows["dgrad"].operand_a == "grad_output: nvfp4 1x16 SR"
+    assert rows["wgrad"].operand_b == "input: nvfp4 1x16 RHT"

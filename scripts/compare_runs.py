@@ -1,0 +1,259 @@
+"""Compare training runs: loss curves (PNG) and a table (Markdown + JSON) grouped by arm.
+
+    python scripts/compare_runs.py RUN_DIR_OR_SWEEP_DIR... --baseline bf16 --out DIR
+
+Each argument is a run directory (it holds ``metrics.jsonl`` and ``config.yaml``) or a directory
+whose subdirectories are (a sweep, ``pretrain.py -m``). An *arm* is a run's config minus its seed:
+runs whose configs differ only in ``train.seed`` (and in bookkeeping keys: run_dir, data.cache_dir,
+logging.*, checkpoint cadence, resume/load, the test knobs) are seeds of one arm. An arm is named by
+the config keys that differ between arms (``precision.`` dropped: ``recipe=nvfp4,bf16_last_blocks=1``;
+just the recipe name when only ``precision.recipe`` differs), or ``--label RUN_DIR=NAME``.
+
+Per run, from ``metrics.jsonl`` (a step logged twice, before a kill and again after the resume,
+counts once: the last row wins): the final validation loss (the validation row at the last step),
+tokens (the last train row), and train time = the sum of the kept steps' ``step_time_s`` (no
+start-up, evaluation or checkpoint time; a resumed run's repeated steps counted once).
+Per arm: the mean final validation loss over seeds, the spread (max - min and the sample standard
+deviation; n = 1 has none), the gap to the baseline arm's mean in nats and relative (%), tokens,
+mean train time. A run that did not finish (no ``result.json`` with ``stopped_by_signal: null``)
+is listed and marked, and its arm is marked "unfinished".
+
+Writes ``DIR/compare.png`` (train loss, EMA-smoothed; validation loss; validation loss over the
+last half of the tokens), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+SEED_KEY = "train.seed"
+# keys that do not change what is trained (bookkeeping, logging, checkpoints, test knobs)
+IGNORED_PREFIXES = ("run_dir", "data.cache_dir", "logging.", "train.save_interval", "train.keep_last",
+                    "train.save", "train.resume", "train.load", "train.log_interval",
+                    "train.exit_after_step", "train.inject_nan_at_step", "train.allow_precision_change",
+                    "dry_run", "world_size", "planner.")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    return out
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    runs = []
+    for p in paths:
+        if (p / "metrics.jsonl").is_file():
+            runs.append(p)
+            continue
+        sub = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file()) if p.is_dir() else []
+        if not sub:
+            raise SystemExit(f"error: {p} is neither a run directory (metrics.jsonl) nor holds any")
+        runs += sub
+    return runs
+
+
+def read_run(run: Path) -> dict:
+    import yaml
+
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise SystemExit(f"error: {run} has no config.yaml")
+    cfg = _flatten(yaml.safe_load(cfg_path.read_text()))
+    rows: dict[tuple[str, int], dict] = {}
+    for n, line in enumerate((run / "metrics.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SystemExit(f"error: {run}/metrics.jsonl:{n} is not JSON") from None
+        if row.get("kind") in ("train", "valid"):
+            rows[(row["kind"], row["step"])] = row  # the last row of a step wins (resumes)
+    train = sorted((r for (k, _), r in rows.items() if k == "train"), key=lambda r: r["step"])
+    valid = sorted((r for (k, _), r in rows.items() if k == "valid"), key=lambda r: r["step"])
+    tokens_per_step = cfg["train.global_batch_size"] * cfg["model.seq_length"]
+    result = {}
+    if (run / "result.json").is_file():
+        result = json.loads((run / "result.json").read_text())
+    last_step = train[-1]["step"] if train else 0
+    final_valid = valid[-1] if valid and valid[-1]["step"] == last_step else None
+    finished = bool(result) and result.get("stopped_by_signal") is None and final_valid is not None
+    return {
+        "run_dir": str(run), "config": cfg, "seed": cfg.get(SEED_KEY),
+        "train": [(r["step"] * tokens_per_step, r["loss"]) for r in train],
+        "valid": [(r["step"] * tokens_per_step, r["loss"]) for r in valid],
+        "steps": last_step, "tokens": train[-1].get("tokens", last_step * tokens_per_step) if train else 0,
+        "final_valid_loss": final_valid["loss"] if final_valid else None,
+        "train_time_s": sum(r.get("step_time_s", 0.0) for r in train),
+        "finished": finished,
+    }
+
+
+def arm_names(runs: list[dict], labels: dict[str, str]) -> list[str]:
+    keys = sorted({k for r in runs for k in r["config"]})
+    varying = [k for k in keys if k != SEED_KEY and not k.startswith(IGNORED_PREFIXES)
+               and len({json.dumps(r["config"].get(k), default=str) for r in runs}) > 1]
+    names = []
+    for r in runs:
+        if r["run_dir"] in labels:
+            names.append(labels[r["run_dir"]])
+        elif varying == ["precision.recipe"]:
+            names.append(str(r["config"]["precision.recipe"]))
+        elif varying:
+            names.append(",".join(f"{k.removeprefix('precision.')}={r['config'].get(k)}"
+                                  for k in varying))
+        else:
+            names.append(str(r["config"].get("precision.recipe", "run")))
+    return names
+
+
+def summarise(runs: list[dict], names: list[str], baseline: str | None) -> dict:
+    arms: dict[str, dict] = {}
+    for r, name in zip(runs, names):
+        arms.setdefault(name, {"arm": name, "runs": []})["runs"].append(r)
+    for a in arms.values():
+        losses = [r["final_valid_loss"] for r in a["runs"] if r["final_valid_loss"] is not None]
+        a["seeds"] = sorted(str(r["seed"]) for r in a["runs"])
+        a["n"] = len(losses)
+        a["final_valid_loss"] = statistics.fmean(losses) if losses else None
+        a["spread"] = (max(losses) - min(losses)) if len(losses) > 1 else None
+        a["std"] = statistics.stdev(losses) if len(losses) > 1 else None
+        a["tokens"] = sorted({r["tokens"] for r in a["runs"]})
+        a["train_time_s"] = statistics.fmean(r["train_time_s"] for r in a["runs"])
+        a["finished"] = all(r["finished"] for r in a["runs"])
+    base = None
+    if baseline is not None:
+        if baseline in arms:
+            base = arms[baseline]
+        else:
+            hits = [a for a in arms.values()
+                    if {r["config"].get("precision.recipe") for r in a["runs"]} == {baseline}]
+            if len(hits) != 1:
+                raise SystemExit(f"error: --baseline {baseline!r} matches {len(hits)} arms; "
+                                 f"arms: {sorted(arms)}")
+            base = hits[0]
+    for a in arms.values():
+        a["gap_nats"] = a["gap_rel_pct"] = None
+        if base is not None and a["final_valid_loss"] is not None and base["final_valid_loss"]:
+            a["gap_nats"] = a["final_valid_loss"] - base["final_valid_loss"]
+            a["gap_rel_pct"] = 100.0 * a["gap_nats"] / base["final_valid_loss"]
+    return {"baseline": base["arm"] if base else None, "arms": list(arms.values())}
+
+
+def _f(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+def markdown(summary: dict) -> str:
+    base = summary["baseline"]
+    lines = [f"| arm | seeds | final valid loss (mean) | gap to {base or 'baseline'} (nats) | "
+             "gap (%) | spread over seeds (max-min) | std | tokens | train time (s, mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for a in summary["arms"]:
+        flag = "" if a["finished"] else " (unfinished)"
+        tokens = ", ".join(f"{t:,}" for t in a["tokens"])
+        lines.append(f"| {a['arm']}{flag} | {', '.join(a['seeds'])} | {_f(a['final_valid_loss'], '.4f')} "
+                     f"| {_f(a['gap_nats'], '+.4f')} | {_f(a['gap_rel_pct'], '+.2f')} "
+                     f"| {_f(a['spread'], '.4f')} | {_f(a['std'], '.4f')} | {tokens} "
+                     f"| {a['train_time_s']:.1f} |")
+    lines += ["", "| run | arm | seed | steps | tokens | final valid loss | train time (s) | finished |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in summary["arms"]:
+        for r in a["runs"]:
+            lines.append(f"| {r['run_dir']} | {a['arm']} | {r['seed']} | {r['steps']} | "
+                         f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | "
+                         f"{r['train_time_s']:.1f} | {'yes' if r['finished'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ema(points, alpha=0.05):
+    out, m = [], None
+    for x, y in points:
+        if not math.isfinite(y):
+            continue
+        m = y if m is None else (1 - alpha) * m + alpha * y
+        out.append((x, m))
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, a in enumerate(summary["arms"]):
+        c = colors[i % len(colors)]
+        for j, r in enumerate(a["runs"]):
+            lab = a["arm"] if j == 0 else None
+            tr = _ema(r["train"])
+            if tr:
+                axes[0].plot([x for x, _ in tr], [y for _, y in tr], color=c, lw=1, label=lab)
+            va = r["valid"]
+            for ax in axes[1:]:
+                ax.plot([x for x, _ in va], [y for _, y in va], color=c, lw=1.2, marker=".",
+                        label=lab)
+    max_tok = max((r["tokens"] for a in summary["arms"] for r in a["runs"]), default=0)
+    tail = [y for a in summary["arms"] for r in a["runs"] for x, y in r["valid"] if x >= max_tok / 2]
+    if tail:
+        lo, hi = min(tail), max(tail)
+        pad = 0.05 * (hi - lo or 1e-3)
+        axes[2].set_xlim(max_tok / 2, max_tok * 1.01)
+        axes[2].set_ylim(lo - pad, hi + pad)
+    titles = ("train loss (EMA 0.05)", "validation loss", "validation loss, last half of the tokens")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("nats / token")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--baseline", help="arm name or precision recipe of the baseline arm")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--label", action="append", default=[], metavar="RUN_DIR=NAME",
+                    help="name a run's arm explicitly (repeatable)")
+    args = ap.parse_args(argv)
+    labels = {}
+    for item in args.label:
+        run, eq, name = item.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"error: --label {item!r}: expected RUN_DIR=NAME")
+        labels[str(Path(run))] = name
+    runs = [read_run(r) for r in find_runs(args.runs)]
+    summary = summarise(runs, arm_names(runs, labels), args.baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = markdown(summary)
+    (args.out / "compare.md").write_text(md)
+    plain = {"baseline": summary["baseline"], "arms": [
+        {**{k: v for k, v in a.items() if k != "runs"},
+         "runs": [{k: v for k, v in r.items() if k not in ("config", "train", "valid")}
+                  for r in a["runs"]]} for a in summary["arms"]]}
+    (args.out / "compare.json").write_text(json.dumps(plain, indent=2) + "\n")
+    plot(summary, args.out / "compare.png")
+    print(md, end="")
+    print(f"wrote {args.out / 'compare.png'}, compare.md, compare.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

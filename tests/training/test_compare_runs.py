@@ -1,0 +1,72 @@
+"""scripts/compare_runs.py on hand-made run directories: arms, seeds, gaps, resumed rows."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+import compare_runs  # noqa: E402
+
+
+def _run(root: Path, name: str, recipe: str, seed: int, valid: dict[int, float], *,
+         finished=True, extra_rows=(), last_blocks=0) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"model": {"seq_length": 8}, "train": {"seed": seed, "global_batch_size": 2},
+           "precision": {"recipe": recipe, "bf16_last_blocks": last_blocks},
+           "run_dir": str(d), "logging": {"plot": True}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"kind": "train", "step": s, "loss": 5.0 - s / 10, "tokens": s * 16, "step_time_s": 0.5}
+            for s in range(1, 5)]
+    rows += [{"kind": "valid", "step": s, "loss": v} for s, v in valid.items()]
+    rows += list(extra_rows)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (d / "result.json").write_text(json.dumps({"iteration": 4, "stopped_by_signal": None}))
+    return d
+
+
+def test_table_groups_seeds_into_arms_and_measures_the_gap(tmp_path, capsys):
+    sw = tmp_path / "sweep"
+    _run(sw, "a1", "bf16", 1, {2: 4.0, 4: 3.0})
+    _run(sw, "a2", "bf16", 2, {2: 4.0, 4: 3.2})
+    # a resumed run: step 3 and 4 logged twice; the last rows win (train time counts each once)
+    _run(sw, "b1", "nvfp4", 1, {4: 3.5}, extra_rows=[
+        {"kind": "train", "step": 4, "loss": 9.0, "tokens": 64, "step_time_s": 0.5},
+        {"kind": "valid", "step": 4, "loss": 3.3}])
+    _run(sw, "b2", "nvfp4", 2, {4: 3.4})
+    _run(tmp_path, "c1", "mxfp4", 1, {2: 4.1}, finished=False)  # stopped at step 4, no final eval
+    out = tmp_path / "report"
+    assert compare_runs.main([str(sw), str(tmp_path / "c1"), "--baseline", "bf16",
+                              "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    arms = {a["arm"]: a for a in data["arms"]}
+    assert data["baseline"] == "bf16" and set(arms) == {"bf16", "nvfp4", "mxfp4"}
+    assert arms["bf16"]["final_valid_loss"] == pytest.approx(3.1)
+    assert arms["bf16"]["spread"] == pytest.approx(0.2)
+    assert arms["nvfp4"]["final_valid_loss"] == pytest.approx(3.35)
+    assert arms["nvfp4"]["gap_nats"] == pytest.approx(0.25)
+    assert arms["nvfp4"]["gap_rel_pct"] == pytest.approx(100 * 0.25 / 3.1)
+    assert arms["nvfp4"]["tokens"] == [64] and arms["nvfp4"]["train_time_s"] == pytest.approx(2.0)
+    assert arms["nvfp4"]["seeds"] == ["1", "2"] and arms["nvfp4"]["finished"]
+    assert arms["mxfp4"]["final_valid_loss"] is None and not arms["mxfp4"]["finished"]
+    md = (out / "compare.md").read_text()
+    assert "| nvfp4 | 1, 2 | 3.3500 | +0.2500 | +8.06 | 0.1000 |" in md
+    assert "mxfp4 (unfinished)" in md
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert md in capsys.readouterr().out
+
+
+def test_arm_names_from_the_differing_keys_and_baseline_errors(tmp_path):
+    _run(tmp_path, "x", "nvfp4", 1, {4: 3.0})
+    _run(tmp_path, "y", "nvfp4", 1, {4: 3.1}, last_blocks=1)
+    runs = [compare_runs.read_run(tmp_path / n) for n in ("x", "y")]
+    assert compare_runs.arm_names(runs, {}) == ["bf16_last_blocks=0", "bf16_last_blocks=1"]
+    assert compare_runs.arm_names(runs, {str(tmp_path / "y"): "last15"})[1] == "last15"
+    with pytest.raises(SystemExit, match="matches 2 arms"):
+        compare_runs.summarise(runs, compare_runs.arm_names(runs, {}), "nvfp4")
+    with pytest.raises(SystemExit, match="neither a run directory"):
+        compare_runs.find_runs([tmp_path / "nothing"])
