@@ -216,6 +216,22 @@ class LocalMambaMixer(MegatronModule):
             init_method=config.output_layer_init_method, bias=bias, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
             tp_group=self.tp_group, name=(name + ".out_proj") if name is not None else None)
+        self._shard_hints(tp)
+
+    def _shard_hints(self, tp: int) -> None:
+        """Where this rank's ``in_proj`` / ``out_proj`` sizes come from, for the block check of
+        the precision policy (``policy.check_weight_blocks``)."""
+        di, g, n, h = self.d_inner, self.ngroups, self.d_state, self.nheads
+        fix = ("Pick mamba_num_heads / mamba_head_dim / mamba_num_groups / mamba_state_dim (or "
+               "the TP size) so that both are multiples, or keep the Mamba blocks in BF16 "
+               "(precision.bf16_blocks).")
+        self.in_proj.shard_hint = (
+            f"Mamba in_proj rows per TP rank = (2 x d_inner {di} + 2 x groups {g} x state {n} + "
+            f"heads {h}) / TP {tp} = {(2 * di + 2 * g * n + h) // tp}; columns = hidden_size "
+            f"{self.d_model}. {fix}")
+        self.out_proj.shard_hint = (
+            f"Mamba out_proj columns per TP rank = d_inner {di} (heads {h} x head_dim "
+            f"{self.headdim}) / TP {tp} = {di // tp}; rows = hidden_size {self.d_model}. {fix}")
 
     def _init_conv(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         # Megatron's sequence (nn.Conv1d's default init, then the configured one)

@@ -28,7 +28,8 @@ from typing import Any
 
 from .hardware import (DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute,
                        runs_native)
-from .layout import LayoutError, ModelDims, ParallelLayout, make_layout, rank_coordinates, rank_groups
+from .layout import (LayoutError, LocalMambaRules, ModelDims, ParallelLayout, local_mamba_problems,
+                     make_layout, rank_coordinates, rank_groups)
 from .model_stats import (Flops, ModelShape, StageMemory, _get, flops_per_step, memory_per_gpu,
                           meta_param_count, param_count)
 
@@ -149,11 +150,46 @@ def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
     return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
 
 
-def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) -> ParallelLayout:
+def local_mamba_rules(cfg: Any, m: ModelShape) -> LocalMambaRules:
+    """The local Mamba mixer's layout rules for ``cfg``: its recipe's block multiples when any
+    Mamba block is quantized (the BF16 block policy applied to the hybrid pattern)."""
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    prec = _get(cfg, "precision")
+    recipe = str(_get(prec, "recipe", "bf16"))
+    linear = get_recipe(recipe).linear
+    multiples = None
+    if linear.is_quantized:
+        bf16 = set(_bf16_layers(prec, recipe, m.num_layers))
+        if any(k == "M" and i not in bf16 for i, k in enumerate(m.layer_kinds())):
+            multiples = linear.weight_multiples()
+    return LocalMambaRules(recipe=recipe, weight_multiples=multiples)
+
+
+def _model_dims(m: ModelShape) -> ModelDims:
+    return ModelDims(
+        num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+        num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
+        mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
+        hidden_size=m.hidden_size, mamba_head_dim=m.mamba_head_dim,
+        mamba_state_dim=m.mamba_state_dim,
+    )
+
+
+def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
+               local_mamba: bool | None = None) -> ParallelLayout:
     """The layout of ``cfg`` (``parallel``, ``train`` batch sizes, ``model``) over ``world_size``,
     validated by :func:`make_layout` (LayoutError listing every violated rule). Used by the dry
-    run and, before Megatron starts, by the training loop."""
+    run and, before Megatron starts, by the training loop.
+
+    ``local_mamba``: the project's local Mamba mixer will run (the emulated backend), so its rules
+    apply too (no CP, block-multiple in_proj/out_proj shards); None: when
+    ``precision.backend=emulated`` (the training loop passes what ``resolve_backend`` chose)."""
     m = ModelShape.from_cfg(_get(cfg, "model")) if model is None else model
+    if local_mamba is None:
+        local_mamba = str(_get(_get(cfg, "precision"), "backend", "auto")) == "emulated"
     par, train = _get(cfg, "parallel"), _get(cfg, "train")
     gbs = _int(train, "global_batch_size", None)
     if gbs is None:
@@ -168,13 +204,8 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) ->
         sequence_parallel=bool(_get(par, "sequence_parallel", False)),
         micro_batch_size=_int(train, "micro_batch_size", 1),
         global_batch_size=gbs,
-        model=ModelDims(
-            num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-            num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-            seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
-            mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
-        ),
+        model=_model_dims(m),
+        local_mamba=local_mamba_rules(cfg, m) if local_mamba else None,
     )
 
 
@@ -199,6 +230,12 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     if meta is None:
         notes.append("parameter count is analytic (no meta-device build for this model)")
 
+    if m.hybrid_override_pattern and "M" in m.hybrid_override_pattern:
+        local = local_mamba_problems(_model_dims(m), tp=layout.tp, cp=layout.cp,
+                                     rules=local_mamba_rules(cfg, m))
+        for problem in local:  # refused above with precision.backend=emulated
+            notes.append(f"on the emulated backend (local Mamba mixer: no mamba_ssm / TE, e.g. "
+                         f"the H200 and CPU) this layout is refused: {problem}")
     quantized = rc.gemm_class != "bf16"
     bf16_layers = _bf16_layers(prec, recipe, m.num_layers) if quantized else list(range(m.num_layers))
     tokens_per_step = gbs * m.seq_length

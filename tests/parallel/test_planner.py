@@ -169,3 +169,37 @@ def test_every_recipe_composes_against_the_schema_and_plans(name):
     assert composed.params == direct.params
     assert composed.layout == direct.layout
     assert composed.steps == direct.steps and composed.bf16_layers == direct.bf16_layers
+
+
+def test_local_mamba_rules_refuse_on_the_emulated_backend_and_are_notes_otherwise():
+    """fp8_12b at TP8: in_proj shard 2832 rows (not whole 128-blocks) and CP2, which the local
+    mixer cannot run. The dry run plans the Blackwell target (TE + mamba_ssm) with a note each;
+    precision.backend=emulated (what the training loop checks with the local mixer) refuses."""
+    p = plan(load("fp8_12b"), 1024, meta_build=False)
+    notes = "\n".join(p.notes)
+    assert "rows 2832 is not a multiple of 128 (recipe fp8_block" in notes
+    assert "CP=2 > 1 with Mamba layers" in notes
+    cfg = load("fp8_12b")
+    cfg.precision.backend = "emulated"
+    with pytest.raises(LayoutError) as err:
+        plan(cfg, 1024, meta_build=False)
+    assert "rows 2832 is not a multiple of 128" in str(err.value)
+    assert "CP=2 > 1 with Mamba layers" in str(err.value)
+    # NVFP4 blocks are 16: only CP remains; at CP1 the 12B is accepted on the emulated backend
+    cfg = load("nvfp4_12b")
+    cfg.precision.backend = "emulated"
+    cfg.parallel.context_parallel_size = 1
+    assert plan(cfg, 512, meta_build=False).layout.cp == 1
+    # Mamba blocks all in BF16 (bf16 recipe): no block rule
+    p = plan(load("bf16_12b"), 1024, meta_build=False)
+    assert not any("not a multiple" in n for n in p.notes)
+
+
+def test_mamba_num_heads_unset_is_derived_like_megatron():
+    from nvfp4_megatron.parallel.model_stats import ModelShape
+
+    m = dict(OmegaConf.to_container(load("nvfp4_hybrid_tiny").model))
+    m["mamba_num_heads"] = None
+    assert ModelShape.from_cfg(m).mamba_num_heads == 2 * 64 // 4
+    with pytest.raises(ValueError, match="not a multiple of mamba_head_dim=5"):
+        ModelShape.from_cfg({**m, "mamba_head_dim": 5})
