@@ -19,7 +19,8 @@ globals of a third-party module is more fragile than one class with the document
 What runs (Megatron's ``_ssm_prefill`` path, Mamba-2 arXiv 2405.21060 §7):
 ``in_proj`` (quantized: the project's ``QuantizedColumnParallelLinear`` from the spec) ->
 split ``[z, xBC, dt]`` -> causal depthwise conv1d over the sequence + SiLU -> split
-``[x, B, C]`` -> :func:`nvfp4_megatron.ssm.mamba_chunk_scan_combined` (``A = -exp(A_log)``,
+``[x, B, C]`` -> :func:`nvfp4_megatron.ssm.mamba_chunk_scan_combined` (``A = -exp(A_log)``;
+``scan_impl="compiled"``: the same function through ``torch.compile``,
 ``D``, ``dt_bias``, softplus) -> gated RMSNorm ``norm(y, z)`` (``norm_before_gate=False``,
 one group per Mamba group) -> ``out_proj`` (quantized row-parallel). The conv, the scan and the
 norm stay in high precision (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 keeps only the linear
@@ -53,7 +54,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
                                              make_sharded_tensors_for_checkpoint)
 
-from nvfp4_megatron.ssm import RMSNormGated, mamba_chunk_scan_combined
+from nvfp4_megatron.ssm import RMSNormGated, chunk_scan_fn
 
 __all__ = ["LocalMambaMixer", "MambaMixerSubmodules", "TPGatedRMSNorm", "tp_block_slices"]
 
@@ -95,7 +96,7 @@ class LocalMambaMixer(MegatronModule):
                  dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
                  dt_init_floor: float = 1e-4, bias: bool = False, conv_bias: bool = True,
                  chunk_size: int = 128, layer_number=None, pg_collection=None,
-                 pp_layer_offset: int = 0, name: str | None = None):
+                 pp_layer_offset: int = 0, name: str | None = None, scan_impl: str = "eager"):
         super().__init__(config)
         if pg_collection is None:
             raise ValueError("LocalMambaMixer needs pg_collection (Megatron's MambaLayer "
@@ -119,6 +120,8 @@ class LocalMambaMixer(MegatronModule):
         self.d_model, self.d_conv, self.conv_init, self.expand = d_model, d_conv, conv_init, expand
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
         self.chunk_size, self.layer_number = chunk_size, layer_number
+        self.scan_impl = scan_impl
+        self._scan = chunk_scan_fn(scan_impl)  # eager (the oracle) or torch.compile'd
         self.pp_layer_offset = pp_layer_offset
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
@@ -271,7 +274,7 @@ class LocalMambaMixer(MegatronModule):
         def bl(t, *shape):  # [s, b, ...] -> [b, s, *shape]
             return t.transpose(0, 1).reshape(b, s, *shape)
 
-        y = mamba_chunk_scan_combined(
+        y = self._scan(
             bl(x, nh, hd), bl(dt, nh), -torch.exp(self.A_log.float()), bl(B, g, n), bl(C, g, n),
             self.chunk_size,
             D=self.D.float().reshape(nh, hd) if self.D_has_hdim else self.D,

@@ -203,3 +203,65 @@ def test_mamba_num_heads_unset_is_derived_like_megatron():
     assert ModelShape.from_cfg(m).mamba_num_heads == 2 * 64 // 4
     with pytest.raises(ValueError, match="not a multiple of mamba_head_dim=5"):
         ModelShape.from_cfg({**m, "mamba_head_dim": 5})
+
+
+def _layer_times_file(tmp_path, **over) -> str:
+    lt = {"format": "nvfp4_megatron.layer_times.v1", "gpu": "NVIDIA H200", "seq_length": 8192,
+          "micro_batch_size": 1, "tensor_model_parallel_size": 1,
+          "model": {"hidden_size": 5120, "mamba_num_heads": 128, "ffn_hidden_size": 20480},
+          "fwd_bwd_ms": {"bf16": {"M": 10.0, "*": 4.0, "-": 6.0},
+                         "nvfp4": {"M": 20.0, "*": 8.0, "-": 12.0}}}
+    lt.update(over)
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"meta": {}, "layer_times": lt}))
+    return str(path)
+
+
+def test_step_estimate_from_measured_layer_times(tmp_path, capsys):
+    """12B on 64 H200 at TP8 CP1 PP2: per micro-batch each GPU holds 1/8 of 8192 tokens of every
+    layer of its stage. Stage 0 = blocks 0-30: BF16 0-1 (M, -), NVFP4 2-30; stage 1 = blocks
+    31-61: NVFP4 31-53, BF16 54-61."""
+    cfg = load("nvfp4_12b")
+    cfg.parallel.context_parallel_size = 1
+    cfg.planner = {"gpu_type": "H200", "layer_times": _layer_times_file(tmp_path)}
+    p = plan(cfg, 64, meta_build=False)
+    pat = cfg.model.hybrid_override_pattern
+    ms = {"bf16": {"M": 10.0, "*": 4.0, "-": 6.0}, "nvfp4": {"M": 20.0, "*": 8.0, "-": 12.0}}
+    bf16 = {0, 1, *range(54, 62)}
+    stage = [sum(ms["bf16" if i in bf16 else "nvfp4"][pat[i]] for i in rng) * 1e-3 / 8
+             for rng in (range(0, 31), range(31, 62))]
+    head = 3 * 2 * 5120 * 131072 * 8192 / 8 / (989.5e12 * 0.4)  # LM head, BF16 at 40 %
+    assert p.gpu.bf16_tflops == 989.5
+    nmb = p.layout.num_microbatches
+    expect = max(stage[0], stage[1] + head) * nmb * (1 + 1 / nmb)
+    assert p.measured["step_time_s"] == pytest.approx(expect, rel=1e-12)
+    assert p.measured["gpu_mismatch"] is None
+    assert "at nvfp4 and bf16 on NVIDIA H200, seq 8192, micro-batch 1, TP1" in p.measured["measured"]
+    assert "no communication" in p.measured["assumed"]
+    out = run_dry_run(OmegaConf.merge(cfg, {"world_size": 64, "run_dir": str(tmp_path)}))
+    text = capsys.readouterr().out
+    assert "from layers: step" in text and "  measured  : " in text and "  assumed   : " in text
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["step_time_from_layer_times"]["step_time_s"] == pytest.approx(expect)
+    assert out.measured is not None
+    # planning another GPU with H200 figures says so
+    cfg.planner.gpu_type = "B200"
+    assert any("measured on NVIDIA H200, planning for B200" in n
+               for n in plan(cfg, 64, meta_build=False).notes)
+
+
+def test_layer_times_that_do_not_fit_are_refused(tmp_path):
+    cfg = load("nvfp4_12b")
+    cfg.parallel.context_parallel_size = 1
+    cfg.planner = {"gpu_type": "H200",
+                   "layer_times": _layer_times_file(tmp_path, fwd_bwd_ms={"bf16": {"M": 1.0}})}
+    # the BF16 blocks 0-1 and 54-61 hold no attention layer: bf16/* is not needed
+    with pytest.raises(ValueError, match=r"has no time for \['bf16/-', 'nvfp4/\*', 'nvfp4/-', "
+                                         r"'nvfp4/M'\] \(recipe/layer kind; it has \['bf16/M'\]\)"):
+        plan(cfg, 64, meta_build=False)
+    cfg.planner.layer_times = _layer_times_file(tmp_path, model={"hidden_size": 512})
+    with pytest.raises(ValueError, match=r"another layer shape: hidden_size=512 \(plan: 5120\)"):
+        plan(cfg, 64, meta_build=False)
+    cfg.planner.layer_times = _layer_times_file(tmp_path, format="other")
+    with pytest.raises(ValueError, match="not a layer-times file"):
+        plan(cfg, 64, meta_build=False)
