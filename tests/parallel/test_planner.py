@@ -24,6 +24,7 @@ REFERENCE_WORLD = {
     "mixtral_8x22b_folding": 128, "mixtral_8x22b_baseline": 128,
     "qwen2_57b_a14b_folding": 64, "qwen2_57b_a14b_baseline": 64,
     "mixtral_tiny_folding": 8, "mixtral_tiny_baseline": 8,
+    "nvfp4_hybrid_proxy": 1, "bf16_hybrid_proxy": 1,
 }
 
 
@@ -265,3 +266,16 @@ def test_layer_times_that_do_not_fit_are_refused(tmp_path):
     cfg.planner.layer_times = _layer_times_file(tmp_path, format="other")
     with pytest.raises(ValueError, match="not a layer-times file"):
         plan(cfg, 64, meta_build=False)
+
+
+def test_hybrid_proxy_has_the_12b_pattern_and_passes_the_local_mixer_rules():
+    """The one-GPU proxy: the 12B's 62-block pattern and BF16 blocks at reduced width, accepted by
+    the layout rules of the emulated backend (the local Mamba mixer runs on the H200)."""
+    big = load("nvfp4_12b")
+    for name in ("nvfp4_hybrid_proxy", "bf16_hybrid_proxy"):
+        cfg = load(name)
+        assert cfg.model.hybrid_override_pattern == big.model.hybrid_override_pattern
+        cfg.precision.backend = "emulated"
+        p = plan(cfg, 1)
+        assert p.meta_params == 118_964_352 and not p.notes, p.notes
+    assert plan(load("nvfp4_hybrid_proxy"), 1).bf16_layers == plan(big, 1024).bf16_layers
