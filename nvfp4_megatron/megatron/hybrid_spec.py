@@ -79,7 +79,8 @@ class LocalHybridStack(HybridStack):
 
 
 def quantized_hybrid_stack_spec(*, d_conv: int = 4, expand: int = 2, chunk_size: int = 128,
-                                sdpa_attention: bool = True, scan_impl: str = "eager") -> ModuleSpec:
+                                sdpa_attention: bool = True,
+                                scan_impl: str = "eager") -> ModuleSpec:
     """The ``HybridStack`` spec for ``HybridModel`` with quantized linears (see module doc).
 
     ``d_conv`` / ``expand`` / ``chunk_size`` are the Mamba mixer's constructor arguments

@@ -26,7 +26,9 @@ def test_spec_wires_quantized_linears_into_the_mamba_mixer():
     assert spec.module is LocalHybridStack
     mixer = spec.submodules.mamba_layer.submodules.mixer
     assert mixer.module is LocalMambaMixer
-    assert mixer.params == {"d_conv": 3, "expand": 2, "chunk_size": 64}
+    assert mixer.params == {"d_conv": 3, "expand": 2, "chunk_size": 64, "scan_impl": "eager"}
+    compiled = quantized_hybrid_stack_spec(scan_impl="compiled").submodules.mamba_layer
+    assert compiled.submodules.mixer.params["scan_impl"] == "compiled"
     assert mixer.submodules.in_proj is QuantizedColumnParallelLinear
     assert mixer.submodules.out_proj is QuantizedRowParallelLinear
     attn = spec.submodules.attention_layer.submodules.self_attention.submodules

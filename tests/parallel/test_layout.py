@@ -171,6 +171,7 @@ def test_local_mamba_rules_blocks_and_context_parallel():
     # a model without Mamba blocks has no such rules
     make_layout(world_size=2, cp=2, global_batch_size=2, local_mamba=nv,
                 model=_hybrid(hybrid_override_pattern="*-*-", mamba_num_heads=24))
-    with pytest.raises(LayoutError, match="mamba_num_heads=24 not a multiple of mamba_num_groups=5"):
+    with pytest.raises(LayoutError,
+                       match="mamba_num_heads=24 not a multiple of mamba_num_groups=5"):
         make_layout(world_size=1, global_batch_size=1, model=_hybrid(mamba_num_heads=24,
                                                                      mamba_num_groups=5))

@@ -237,7 +237,8 @@ def test_step_estimate_from_measured_layer_times(tmp_path, capsys):
     expect = max(stage[0], stage[1] + head) * nmb * (1 + 1 / nmb)
     assert p.measured["step_time_s"] == pytest.approx(expect, rel=1e-12)
     assert p.measured["gpu_mismatch"] is None
-    assert "at nvfp4 and bf16 on NVIDIA H200, seq 8192, micro-batch 1, TP1" in p.measured["measured"]
+    assert ("at nvfp4 and bf16 on NVIDIA H200, seq 8192, micro-batch 1, TP1"
+            in p.measured["measured"])
     assert "no communication" in p.measured["assumed"]
     out = run_dry_run(OmegaConf.merge(cfg, {"world_size": 64, "run_dir": str(tmp_path)}))
     text = capsys.readouterr().out
