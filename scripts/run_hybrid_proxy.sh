@@ -22,6 +22,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 WORK=${WORK:-/tmp/hybrid_proxy}
 rm -rf "$WORK/nvfp4" "$WORK/bf16"
+mkdir -p "$WORK"
 for arm in nvfp4 bf16; do
   start=$(date +%s)
   if [ "$arm" = nvfp4 ]; then limit=${NVFP4_TIMEOUT:-300}; else limit=${BF16_TIMEOUT:-230}; fi
