@@ -16,7 +16,9 @@ start-up, evaluation or checkpoint time; a resumed run's repeated steps counted 
 Per arm: the mean final validation loss over seeds, the spread (max - min and the sample standard
 deviation; n = 1 has none), the gap to the baseline arm's mean in nats and relative (%), tokens,
 mean train time. A run that did not finish (no ``result.json`` with ``stopped_by_signal: null``)
-is listed and marked, and its arm is marked "unfinished".
+is listed and marked, and its arm is marked "unfinished". A last table gives each arm's train loss
+(mean over seeds) at the steps all runs reached, every ``--every`` steps, minus the baseline's: the
+comparison for runs cut off by a time limit (``scripts/run_hybrid_proxy.sh``).
 
 Writes ``DIR/compare.png`` (train loss, EMA-smoothed; validation loss; validation loss over the
 last half of the tokens), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
@@ -92,6 +94,7 @@ def read_run(run: Path) -> dict:
     return {
         "run_dir": str(run), "config": cfg, "seed": cfg.get(SEED_KEY),
         "train": [(r["step"] * tokens_per_step, r["loss"]) for r in train],
+        "train_by_step": {r["step"]: r["loss"] for r in train},
         "valid": [(r["step"] * tokens_per_step, r["loss"]) for r in valid],
         "steps": last_step, "tokens": train[-1].get("tokens", last_step * tokens_per_step) if train else 0,
         "final_valid_loss": final_valid["loss"] if final_valid else None,
@@ -151,11 +154,34 @@ def summarise(runs: list[dict], names: list[str], baseline: str | None) -> dict:
     return {"baseline": base["arm"] if base else None, "arms": list(arms.values())}
 
 
+def step_table(summary: dict, every: int) -> list[str]:
+    """Train loss per arm (mean over its seeds) at the steps every run reached, every ``every``
+    steps plus the first and the last common step, and each arm minus the baseline: the comparison
+    that still means something when runs were cut off by a time limit before their final evaluation."""
+    arms = summary["arms"]
+    steps = sorted(set.intersection(*(set(r["train_by_step"]) for a in arms for r in a["runs"])))
+    if not steps:
+        return ["No step was reached by every run: no train-loss table."]
+    picked = [s for s in steps if s % every == 0 or s in (steps[0], steps[-1])]
+    base = next((a for a in arms if a["arm"] == summary["baseline"]), None)
+    others = [a for a in arms if a is not base] if base else []
+    head = "| step | " + " | ".join(a["arm"] for a in arms)
+    head += "".join(f" | {a['arm']} - {base['arm']}" for a in others) + " |"
+    lines = [f"Train loss at the steps every run reached (last common step {steps[-1]}):", "", head,
+             "|" + "---|" * (1 + len(arms) + len(others))]
+    for s in picked:
+        mean = {a["arm"]: statistics.fmean(r["train_by_step"][s] for r in a["runs"]) for a in arms}
+        cells = [f"{mean[a['arm']]:.4f}" for a in arms]
+        cells += [f"{mean[a['arm']] - mean[base['arm']]:+.4f}" for a in others]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, every: int = 10) -> str:
     base = summary["baseline"]
     lines = [f"| arm | seeds | final valid loss (mean) | gap to {base or 'baseline'} (nats) | "
              "gap (%) | spread over seeds (max-min) | std | tokens | train time (s, mean) |",
@@ -174,6 +200,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['run_dir']} | {a['arm']} | {r['seed']} | {r['steps']} | "
                          f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | "
                          f"{r['train_time_s']:.1f} | {'yes' if r['finished'] else 'no'} |")
+    lines += [""] + step_table(summary, every)
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--label", action="append", default=[], metavar="RUN_DIR=NAME",
                     help="name a run's arm explicitly (repeatable)")
+    ap.add_argument("--every", type=int, default=10,
+                    help="train-loss table: every N steps of those all runs reached (default 10)")
     args = ap.parse_args(argv)
     labels = {}
     for item in args.label:
@@ -242,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [read_run(r) for r in find_runs(args.runs)]
     summary = summarise(runs, arm_names(runs, labels), args.baseline)
     args.out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary)
+    if args.every < 1:
+        raise SystemExit(f"error: --every {args.every}: expected a positive number of steps")
+    md = markdown(summary, args.every)
     (args.out / "compare.md").write_text(md)
     plain = {"baseline": summary["baseline"], "arms": [
         {**{k: v for k, v in a.items() if k != "runs"},
-         "runs": [{k: v for k, v in r.items() if k not in ("config", "train", "valid")}
+         "runs": [{k: v for k, v in r.items() if k not in ("config", "train", "valid", "train_by_step")}
                   for r in a["runs"]]} for a in summary["arms"]]}
     (args.out / "compare.json").write_text(json.dumps(plain, indent=2) + "\n")
     plot(summary, args.out / "compare.png")

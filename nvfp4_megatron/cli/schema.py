@@ -121,6 +121,11 @@ class TokenizerType(enum.Enum):
     bpe = "bpe"  # byte-level BPE trained locally with Hugging Face `tokenizers`
 
 
+class MambaScan(enum.Enum):
+    eager = "eager"
+    compiled = "compiled"
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     num_layers: int = num(2, ge=1)
@@ -149,6 +154,9 @@ class ModelConfig:
     mamba_num_groups: int = num(8, ge=1)
     mamba_conv_kernel: int = num(4, ge=1)
     mamba_expand: int = num(2, ge=1)
+    # SSD scan of the local Mamba mixer: eager (plain PyTorch, the oracle) or compiled
+    # (torch.compile of the same chunked form; for GPUs). Megatron's TE path ignores it.
+    mamba_scan: MambaScan = MambaScan.eager
     init_method_std: float = num(0.02, gt=0)
     hidden_dropout: float = num(0.0, ge=0, lt=1)
     attention_dropout: float = num(0.0, ge=0, lt=1)
@@ -290,6 +298,9 @@ class PlannerConfig:
     gpu_type: str = "B200"  # B200 | GB200 | H100 | H200 (peak table in parallel/hardware.py)
     # fraction of each GEMM class's datasheet peak assumed reachable
     assumed_mfu: float = num(0.4, gt=0, le=1)
+    # JSON of measured per-layer forward+backward times (scripts/bench_layer.py --json): adds a
+    # step estimate built from them, saying which figures are measured and which assumed
+    layer_times: Optional[str] = None
 
 
 @dataclass(kw_only=True)

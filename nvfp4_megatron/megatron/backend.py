@@ -214,11 +214,13 @@ def apply_backend_precision(model_chunks, recipe: PrecisionRecipe, choice: Backe
     return table
 
 
-def hybrid_stack_spec_for(choice: BackendChoice, *, d_conv: int = 4, expand: int = 2):
+def hybrid_stack_spec_for(choice: BackendChoice, *, d_conv: int = 4, expand: int = 2,
+                          scan_impl: str = "eager"):
     """The hybrid (Mamba) stack spec for the resolved backend: Megatron's TE hybrid spec, or the
     project's local one with quantized linears (``megatron/hybrid_spec.py``)."""
     from nvfp4_megatron.megatron import hybrid_spec
 
     if choice.backend == "te":
         return hybrid_spec.te_hybrid_stack_spec()
-    return hybrid_spec.quantized_hybrid_stack_spec(d_conv=d_conv, expand=expand)
+    return hybrid_spec.quantized_hybrid_stack_spec(d_conv=d_conv, expand=expand,
+                                                   scan_impl=scan_impl)

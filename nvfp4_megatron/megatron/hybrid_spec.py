@@ -79,7 +79,8 @@ class LocalHybridStack(HybridStack):
 
 
 def quantized_hybrid_stack_spec(*, d_conv: int = 4, expand: int = 2, chunk_size: int = 128,
-                                sdpa_attention: bool = True) -> ModuleSpec:
+                                sdpa_attention: bool = True,
+                                scan_impl: str = "eager") -> ModuleSpec:
     """The ``HybridStack`` spec for ``HybridModel`` with quantized linears (see module doc).
 
     ``d_conv`` / ``expand`` / ``chunk_size`` are the Mamba mixer's constructor arguments
@@ -94,7 +95,7 @@ def quantized_hybrid_stack_spec(*, d_conv: int = 4, expand: int = 2, chunk_size:
             norm=norm,
             mixer=ModuleSpec(module=LocalMambaMixer,
                              params={"d_conv": d_conv, "expand": expand,
-                                     "chunk_size": chunk_size},
+                                     "chunk_size": chunk_size, "scan_impl": scan_impl},
                              submodules=MambaMixerSubmodules(in_proj=col, out_proj=row)),
             mamba_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},

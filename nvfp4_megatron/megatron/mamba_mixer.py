@@ -19,7 +19,8 @@ globals of a third-party module is more fragile than one class with the document
 What runs (Megatron's ``_ssm_prefill`` path, Mamba-2 arXiv 2405.21060 §7):
 ``in_proj`` (quantized: the project's ``QuantizedColumnParallelLinear`` from the spec) ->
 split ``[z, xBC, dt]`` -> causal depthwise conv1d over the sequence + SiLU -> split
-``[x, B, C]`` -> :func:`nvfp4_megatron.ssm.mamba_chunk_scan_combined` (``A = -exp(A_log)``,
+``[x, B, C]`` -> :func:`nvfp4_megatron.ssm.mamba_chunk_scan_combined` (``A = -exp(A_log)``;
+``scan_impl="compiled"``: the same function through ``torch.compile``,
 ``D``, ``dt_bias``, softplus) -> gated RMSNorm ``norm(y, z)`` (``norm_before_gate=False``,
 one group per Mamba group) -> ``out_proj`` (quantized row-parallel). The conv, the scan and the
 norm stay in high precision (DESIGN.md §2; NVFP4 paper arXiv 2509.25149 keeps only the linear
@@ -53,7 +54,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
                                              make_sharded_tensors_for_checkpoint)
 
-from nvfp4_megatron.ssm import RMSNormGated, mamba_chunk_scan_combined
+from nvfp4_megatron.ssm import RMSNormGated, chunk_scan_fn
 
 __all__ = ["LocalMambaMixer", "MambaMixerSubmodules", "TPGatedRMSNorm", "tp_block_slices"]
 
@@ -95,7 +96,7 @@ class LocalMambaMixer(MegatronModule):
                  dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
                  dt_init_floor: float = 1e-4, bias: bool = False, conv_bias: bool = True,
                  chunk_size: int = 128, layer_number=None, pg_collection=None,
-                 pp_layer_offset: int = 0, name: str | None = None):
+                 pp_layer_offset: int = 0, name: str | None = None, scan_impl: str = "eager"):
         super().__init__(config)
         if pg_collection is None:
             raise ValueError("LocalMambaMixer needs pg_collection (Megatron's MambaLayer "
@@ -119,6 +120,8 @@ class LocalMambaMixer(MegatronModule):
         self.d_model, self.d_conv, self.conv_init, self.expand = d_model, d_conv, conv_init, expand
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
         self.chunk_size, self.layer_number = chunk_size, layer_number
+        self.scan_impl = scan_impl
+        self._scan = chunk_scan_fn(scan_impl)  # eager (the oracle) or torch.compile'd
         self.pp_layer_offset = pp_layer_offset
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
@@ -216,6 +219,22 @@ class LocalMambaMixer(MegatronModule):
             init_method=config.output_layer_init_method, bias=bias, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
             tp_group=self.tp_group, name=(name + ".out_proj") if name is not None else None)
+        self._shard_hints(tp)
+
+    def _shard_hints(self, tp: int) -> None:
+        """Where this rank's ``in_proj`` / ``out_proj`` sizes come from, for the block check of
+        the precision policy (``policy.check_weight_blocks``)."""
+        di, g, n, h = self.d_inner, self.ngroups, self.d_state, self.nheads
+        fix = ("Pick mamba_num_heads / mamba_head_dim / mamba_num_groups / mamba_state_dim (or "
+               "the TP size) so that both are multiples, or keep the Mamba blocks in BF16 "
+               "(precision.bf16_blocks).")
+        self.in_proj.shard_hint = (
+            f"Mamba in_proj rows per TP rank = (2 x d_inner {di} + 2 x groups {g} x state {n} + "
+            f"heads {h}) / TP {tp} = {(2 * di + 2 * g * n + h) // tp}; columns = hidden_size "
+            f"{self.d_model}. {fix}")
+        self.out_proj.shard_hint = (
+            f"Mamba out_proj columns per TP rank = d_inner {di} (heads {h} x head_dim "
+            f"{self.headdim}) / TP {tp} = {di // tp}; rows = hidden_size {self.d_model}. {fix}")
 
     def _init_conv(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         # Megatron's sequence (nn.Conv1d's default init, then the configured one)
@@ -255,7 +274,7 @@ class LocalMambaMixer(MegatronModule):
         def bl(t, *shape):  # [s, b, ...] -> [b, s, *shape]
             return t.transpose(0, 1).reshape(b, s, *shape)
 
-        y = mamba_chunk_scan_combined(
+        y = self._scan(
             bl(x, nh, hd), bl(dt, nh), -torch.exp(self.A_log.float()), bl(B, g, n), bl(C, g, n),
             self.chunk_size,
             D=self.D.float().reshape(nh, hd) if self.D_has_hdim else self.D,

@@ -142,6 +142,30 @@ def _rows_for(block: int, name: str, recipe, device: torch.device) -> list[Preci
     return rows
 
 
+def check_weight_blocks(linear: torch.nn.Module, lin_recipe, *, layer_key: str,
+                        recipe_name: str) -> None:
+    """Refuse, when the model is built, a quantized linear whose weight shard (this TP rank's
+    ``[out, in]``) is not a multiple of the recipe's blocks (``LinearRecipe.weight_multiples``):
+    the quantizers would otherwise fail in the first forward or backward pass. A layer may carry a
+    ``shard_hint`` (the Mamba mixer's projections do) that explains where its sizes come from."""
+    if not lin_recipe.is_quantized:
+        return
+    out_m, in_m = lin_recipe.weight_multiples()
+    out_f, in_f = (int(n) for n in linear.weight.shape)
+    bad = [f"{what}={n} is not a multiple of {m}"
+           for what, n, m in (("out_features", out_f, out_m), ("in_features", in_f, in_m))
+           if n % m]
+    if bad:
+        hint = getattr(linear, "shard_hint", None)
+        raise ValueError(
+            f"{layer_key}: this tensor-parallel rank's weight shard is [{out_f}, {in_f}] and "
+            f"recipe {recipe_name!r} quantizes it in blocks that need multiples of [{out_m}, "
+            f"{in_m}]: " + "; ".join(bad) + "."
+            + (f" {hint}" if hint else " Change the layer's size or the TP size, or keep this "
+               "block in BF16 (precision.bf16_blocks).")
+        )
+
+
 def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                     recipe: PrecisionRecipe, *, log: bool = True) -> PrecisionTable:
     """Configure every quantized linear in ``model_chunks``; return (and log) the table."""
@@ -164,6 +188,8 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
         lin_recipe = BF16_LINEAR if block in bf16 else recipe.linear
         for name, mod in layer.named_modules():
             if isinstance(mod, QUANTIZED_LINEAR_TYPES):
+                check_weight_blocks(mod, lin_recipe, layer_key=f"{block}.{name}",
+                                    recipe_name=recipe.name)
                 mod.set_precision(LinearPrecision(recipe=lin_recipe, layer_key=f"{block}.{name}",
                                                   block=block, backend=backend))
                 seen.add(id(mod))

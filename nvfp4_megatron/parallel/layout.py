@@ -34,9 +34,12 @@ from dataclasses import dataclass
 
 __all__ = [
     "LayoutError",
+    "LocalMambaRules",
     "ModelDims",
     "ParallelLayout",
+    "local_mamba_problems",
     "make_layout",
+    "mamba_proj_shards",
     "rank_coordinates",
     "rank_groups",
     "split_hybrid_pattern",
@@ -71,6 +74,61 @@ class ModelDims:
     hybrid_override_pattern: str | None = None
     mamba_num_heads: int | None = None
     mamba_num_groups: int | None = None
+    hidden_size: int | None = None
+    mamba_head_dim: int | None = None
+    mamba_state_dim: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalMambaRules:
+    """What the project's local Mamba mixer (the emulated backend; no mamba_ssm) adds to the
+    layout rules: no context parallelism, and quantized ``in_proj`` / ``out_proj`` shards that are
+    multiples of the recipe's blocks (``weight_multiples`` = ``LinearRecipe.weight_multiples()``
+    of the recipe the Mamba blocks run; None when every Mamba block stays in BF16)."""
+
+    recipe: str
+    weight_multiples: tuple[int, int] | None
+
+
+def mamba_proj_shards(m: ModelDims, tp: int) -> dict[str, tuple[int, int]]:
+    """One TP rank's ``[out, in]`` weight shard of a Mamba block's ``in_proj`` and ``out_proj``
+    (Megatron's MambaMixer: in_proj packs ``[z, x, B, C, dt]``, each block split over TP)."""
+    di = m.mamba_num_heads * m.mamba_head_dim
+    rows = 2 * di + 2 * m.mamba_num_groups * m.mamba_state_dim + m.mamba_num_heads
+    return {"in_proj": (rows // tp, m.hidden_size), "out_proj": (m.hidden_size, di // tp)}
+
+
+def local_mamba_problems(m: ModelDims, *, tp: int, cp: int, rules: LocalMambaRules) -> list[str]:
+    """The rules of :class:`LocalMambaRules` for a model with Mamba blocks (else none)."""
+    if not m.hybrid_override_pattern or "M" not in m.hybrid_override_pattern:
+        return []
+    problems = []
+    if cp > 1:
+        problems.append(
+            f"CP={cp} > 1 with Mamba layers: the local Mamba mixer (emulated backend, no mamba_ssm)"
+            " has no context parallelism; use context_parallel_size=1 (or TE + mamba_ssm, "
+            "precision.backend=te, where Megatron's MambaMixer splits heads over CP)")
+    if rules.weight_multiples is None or m.mamba_num_heads is None or m.hidden_size is None:
+        return problems
+    if m.mamba_num_heads % tp or m.mamba_num_groups % tp:
+        return problems  # reported by the head / group rules
+    out_m, in_m = rules.weight_multiples
+    di = m.mamba_num_heads * m.mamba_head_dim
+    for name, (rows, cols) in mamba_proj_shards(m, tp).items():
+        bad = [f"{what} {n} is not a multiple of {mult}"
+               for what, n, mult in (("rows", rows, out_m), ("columns", cols, in_m)) if n % mult]
+        if not bad:
+            continue
+        how = (f"(2 x d_inner {di} + 2 x groups {m.mamba_num_groups} x state "
+               f"{m.mamba_state_dim} + heads {m.mamba_num_heads}) / TP {tp}"
+               if name == "in_proj" else f"d_inner {di} / TP {tp}")
+        which = "rows" if name == "in_proj" else "columns"
+        problems.append(
+            f"Mamba {name} shard [{rows}, {cols}] per TP rank ({which} = {how}): "
+            + ", ".join(bad) + f" (recipe {rules.recipe} quantizes in blocks of "
+            f"[{out_m}, {in_m}]); change mamba_num_heads / mamba_head_dim / mamba_num_groups / "
+            "mamba_state_dim or TP, or keep the Mamba blocks in BF16")
+    return problems
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,11 +222,13 @@ def make_layout(
     micro_batch_size: int = 1,
     global_batch_size: int,
     model: ModelDims,
+    local_mamba: LocalMambaRules | None = None,
 ) -> ParallelLayout:
     """Validate a layout over ``world_size`` and return it with DP and EDP derived.
 
     ``etp=None`` means "same as TP" (Megatron's default when expert_tensor_parallel_size is
-    unset). Raises :class:`LayoutError` listing every violated rule with the sizes involved.
+    unset). ``local_mamba``: the local Mamba mixer's rules apply (it runs: emulated backend).
+    Raises :class:`LayoutError` listing every violated rule with the sizes involved.
     """
     etp = tp if etp is None else etp
     sizes = {
@@ -229,6 +289,12 @@ def make_layout(
                 problems.append(f"mamba_num_heads={m.mamba_num_heads} not divisible by TP={tp}")
             if m.mamba_num_groups and m.mamba_num_groups % tp:
                 problems.append(f"mamba_num_groups={m.mamba_num_groups} not divisible by TP={tp}")
+            if (m.mamba_num_heads and m.mamba_num_groups
+                    and m.mamba_num_heads % m.mamba_num_groups):
+                problems.append(f"mamba_num_heads={m.mamba_num_heads} not a multiple of "
+                                f"mamba_num_groups={m.mamba_num_groups}")
+            if local_mamba is not None:
+                problems.extend(local_mamba_problems(m, tp=tp, cp=cp, rules=local_mamba))
     elif m.num_layers % pp:
         problems.append(
             f"num_layers={m.num_layers} not divisible by PP={pp} "

@@ -135,6 +135,13 @@ class ModelShape:
             kw[name] = int(_get(model, name, ModelShape.__dataclass_fields__[name].default))
         pat = _get(model, "hybrid_override_pattern")
         kw["hybrid_override_pattern"] = None if pat in (None, "") else str(pat)
+        if kw["mamba_num_heads"] is None and pat and "M" in str(pat):
+            # Megatron's MambaMixer without mamba_num_heads: d_inner = expand x hidden_size
+            d_inner = kw["mamba_expand"] * h
+            if d_inner % kw["mamba_head_dim"]:
+                raise ValueError(f"mamba_expand x hidden_size = {d_inner} is not a multiple of "
+                                 f"mamba_head_dim={kw['mamba_head_dim']} (mamba_num_heads unset)")
+            kw["mamba_num_heads"] = d_inner // kw["mamba_head_dim"]
         shape = ModelShape(**kw)
         shape.check()
         return shape

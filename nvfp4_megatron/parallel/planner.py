@@ -13,8 +13,10 @@ Launches nothing and needs no GPU. From the composed config it
 4. prints all of it (plus the rank -> group table when ``world_size <= 64``) and writes the same
    numbers to ``plan.json`` in ``cfg.run_dir`` (or the working directory).
 
-Config keys read (besides model/parallel/train/precision): ``planner.gpu_type`` (default B200)
-and ``planner.assumed_mfu`` (default 0.40). ``docs/planner.md`` explains the estimates.
+Config keys read (besides model/parallel/train/precision): ``planner.gpu_type`` (default B200),
+``planner.assumed_mfu`` (default 0.40) and ``planner.layer_times`` (a JSON of measured per-layer
+forward+backward times from ``scripts/bench_layer.py``: a second step estimate built from them,
+printed with what is measured and what is assumed). ``docs/planner.md`` explains the estimates.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 from .hardware import (DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute,
                        runs_native)
-from .layout import LayoutError, ModelDims, ParallelLayout, make_layout, rank_coordinates, rank_groups
+from .layout import (LayoutError, LocalMambaRules, ModelDims, ParallelLayout, local_mamba_problems,
+                     make_layout, rank_coordinates, rank_groups)
 from .model_stats import (Flops, ModelShape, StageMemory, _get, flops_per_step, memory_per_gpu,
                           meta_param_count, param_count)
 
@@ -56,6 +59,7 @@ class Plan:
     bubble_factor: float
     bf16_layers: list[int]
     notes: list[str] = field(default_factory=list)
+    measured: dict | None = None  # step estimate from measured per-layer times (layer_times)
 
     @property
     def tokens_per_s(self) -> float:
@@ -111,6 +115,7 @@ class Plan:
             "wall_time_s": self.wall_time_s,
             "wall_time_days": None if self.wall_time_s is None else self.wall_time_s / 86400,
             "notes": self.notes,
+            "step_time_from_layer_times": self.measured,
         }
         if self.layout.world_size <= RANK_TABLE_MAX_WORLD:
             d["rank_groups"] = rank_groups(self.layout)
@@ -149,11 +154,46 @@ def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
     return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
 
 
-def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) -> ParallelLayout:
+def local_mamba_rules(cfg: Any, m: ModelShape) -> LocalMambaRules:
+    """The local Mamba mixer's layout rules for ``cfg``: its recipe's block multiples when any
+    Mamba block is quantized (the BF16 block policy applied to the hybrid pattern)."""
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    prec = _get(cfg, "precision")
+    recipe = str(_get(prec, "recipe", "bf16"))
+    linear = get_recipe(recipe).linear
+    multiples = None
+    if linear.is_quantized:
+        bf16 = set(_bf16_layers(prec, recipe, m.num_layers))
+        if any(k == "M" and i not in bf16 for i, k in enumerate(m.layer_kinds())):
+            multiples = linear.weight_multiples()
+    return LocalMambaRules(recipe=recipe, weight_multiples=multiples)
+
+
+def _model_dims(m: ModelShape) -> ModelDims:
+    return ModelDims(
+        num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+        num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
+        mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
+        hidden_size=m.hidden_size, mamba_head_dim=m.mamba_head_dim,
+        mamba_state_dim=m.mamba_state_dim,
+    )
+
+
+def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
+               local_mamba: bool | None = None) -> ParallelLayout:
     """The layout of ``cfg`` (``parallel``, ``train`` batch sizes, ``model``) over ``world_size``,
     validated by :func:`make_layout` (LayoutError listing every violated rule). Used by the dry
-    run and, before Megatron starts, by the training loop."""
+    run and, before Megatron starts, by the training loop.
+
+    ``local_mamba``: the project's local Mamba mixer will run (the emulated backend), so its rules
+    apply too (no CP, block-multiple in_proj/out_proj shards); None: when
+    ``precision.backend=emulated`` (the training loop passes what ``resolve_backend`` chose)."""
     m = ModelShape.from_cfg(_get(cfg, "model")) if model is None else model
+    if local_mamba is None:
+        local_mamba = str(_get(_get(cfg, "precision"), "backend", "auto")) == "emulated"
     par, train = _get(cfg, "parallel"), _get(cfg, "train")
     gbs = _int(train, "global_batch_size", None)
     if gbs is None:
@@ -168,13 +208,8 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) ->
         sequence_parallel=bool(_get(par, "sequence_parallel", False)),
         micro_batch_size=_int(train, "micro_batch_size", 1),
         global_batch_size=gbs,
-        model=ModelDims(
-            num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-            num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-            seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
-            mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
-        ),
+        model=_model_dims(m),
+        local_mamba=local_mamba_rules(cfg, m) if local_mamba else None,
     )
 
 
@@ -199,6 +234,12 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     if meta is None:
         notes.append("parameter count is analytic (no meta-device build for this model)")
 
+    if m.hybrid_override_pattern and "M" in m.hybrid_override_pattern:
+        local = local_mamba_problems(_model_dims(m), tp=layout.tp, cp=layout.cp,
+                                     rules=local_mamba_rules(cfg, m))
+        for problem in local:  # refused above with precision.backend=emulated
+            notes.append(f"on the emulated backend (local Mamba mixer: no mamba_ssm / TE, e.g. "
+                         f"the H200 and CPU) this layout is refused: {problem}")
     quantized = rc.gemm_class != "bf16"
     bf16_layers = _bf16_layers(prec, recipe, m.num_layers) if quantized else list(range(m.num_layers))
     tokens_per_step = gbs * m.seq_length
@@ -239,11 +280,106 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
             f"stage {worst.stage} needs ~{worst.total_gib:.1f} GiB per GPU, more than the "
             f"{gpu.name}'s {gpu.memory_gib:g} GiB: raise TP/PP/CP or use activation recomputation"
         )
+    measured = None
+    lt_path = _get(planner_cfg, "layer_times", None)
+    if lt_path:
+        measured = measured_step_time(m, layout, recipe, bf16_layers, load_layer_times(lt_path),
+                                      gpu=gpu, mfu=mfu, source=str(lt_path))
+        if measured["gpu_mismatch"]:
+            notes.append(f"layer times {measured['gpu_mismatch']}")
     return Plan(recipe=recipe, layout=layout, params=params, meta_params=meta, stages=stages,
                 tokens_per_step=tokens_per_step, train_tokens=train_tokens, steps=steps,
                 flops=flops, gpu=gpu, assumed_mfu=mfu, native=native, step_time_s=step_time,
                 step_time_bf16_bound_s=bound_s,
-                bubble_factor=bubble, bf16_layers=bf16_layers, notes=notes)
+                bubble_factor=bubble, bf16_layers=bf16_layers, notes=notes, measured=measured)
+
+
+LAYER_TIMES_FORMAT = "nvfp4_megatron.layer_times.v1"
+# model fields a layer-times file must agree on with the plan's model (when it records them)
+_LAYER_SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+                     "mamba_state_dim", "mamba_conv_kernel", "activation")
+
+
+def load_layer_times(path: str) -> dict:
+    """Read a layer-times JSON (``scripts/bench_layer.py --json``: its ``layer_times`` key, or
+    the object itself): forward+backward ms of one layer per recipe and layer kind."""
+    with open(path) as f:
+        data = json.load(f)
+    lt = data.get("layer_times", data)
+    if lt.get("format") != LAYER_TIMES_FORMAT:
+        raise ValueError(f"planner.layer_times={path}: not a layer-times file (format "
+                         f"{lt.get('format')!r}, expected {LAYER_TIMES_FORMAT!r}; write it with "
+                         "scripts/bench_layer.py --json)")
+    for key in ("fwd_bwd_ms", "seq_length", "micro_batch_size"):
+        if key not in lt:
+            raise ValueError(f"planner.layer_times={path}: missing {key!r}")
+    if lt.get("tensor_model_parallel_size", 1) != 1:
+        raise ValueError(f"planner.layer_times={path}: measured at TP="
+                         f"{lt['tensor_model_parallel_size']}; the estimate expects TP1 figures")
+    return lt
+
+
+def measured_step_time(m: ModelShape, layout: ParallelLayout, recipe: str, bf16_layers: list[int],
+                       lt: dict, *, gpu: GpuPeak, mfu: float, source: str) -> dict:
+    """The step time from measured per-layer times, and which figures are measured or assumed.
+
+    Measured: each layer's forward+backward on one GPU at the file's sequence length and
+    micro-batch (TP1), at the layer's own precision (the recipe, or ``bf16`` for BF16 blocks).
+    Assumed: time proportional to the tokens each GPU processes (micro-batch x seq / (TP x CP))
+    -- perfect TP/CP scaling, and attention's quadratic part is exact only at the measured seq
+    length; the LM head (+ embedding) at ``assumed_mfu`` of the BF16 peak; the pipeline bubble
+    of 1F1B; no time for TP/CP/PP/DP communication or the optimizer step (not measured).
+    """
+    times = lt["fwd_bwd_ms"]
+    shape = lt.get("model", {})
+    bad = [f"{k}={shape[k]!r} (plan: {getattr(m, k)!r})" for k in _LAYER_SHAPE_KEYS
+           if k in shape and shape[k] is not None and shape[k] != getattr(m, k)]
+    if bad:
+        raise ValueError(f"planner.layer_times={source} was measured on another layer shape: "
+                         + ", ".join(bad))
+    bf16 = set(bf16_layers)
+    need = set()
+    kinds = m.layer_kinds()
+    for i, k in enumerate(kinds):
+        need.add(("bf16" if i in bf16 else recipe, k))
+    missing = sorted(f"{r}/{k}" for r, k in need if k not in times.get(r, {}))
+    if missing:
+        have = sorted(f"{r}/{k}" for r, ks in times.items() for k in ks)
+        raise ValueError(f"planner.layer_times={source} has no time for {missing} (recipe/layer "
+                         f"kind; it has {have}); run scripts/bench_layer.py with those recipes")
+    scale = (layout.micro_batch_size * m.seq_length / (layout.tp * layout.cp)) / (
+        lt["micro_batch_size"] * lt["seq_length"])
+    stage_s = []
+    offset = 0
+    for stage, stage_kinds in enumerate(m.stage_kinds(layout.pp)):
+        t = sum(times["bf16" if offset + j in bf16 else recipe][k]
+                for j, k in enumerate(stage_kinds)) * 1e-3 * scale
+        offset += len(stage_kinds)
+        head = 0.0
+        if stage == layout.pp - 1:  # LM head fwd+bwd, BF16, at the assumed MFU
+            tokens = layout.micro_batch_size * m.seq_length / layout.cp
+            head = 3 * 2 * m.hidden_size * m.vocab_size * tokens / layout.tp / (
+                gpu.bf16_tflops * 1e12 * mfu)
+        stage_s.append(t + head)
+    nmb = layout.num_microbatches
+    bubble = 1.0 + (layout.pp - 1) / nmb
+    step = max(stage_s) * nmb * bubble
+    return {
+        "step_time_s": step,
+        "per_microbatch_stage_s": stage_s,
+        "scale_from_measured": scale,
+        "source": source,
+        "measured": (f"forward+backward of one layer per kind ({', '.join(sorted(set(kinds)))}) "
+                     f"at {recipe} and bf16 on {lt.get('gpu', '?')}, seq {lt['seq_length']}, "
+                     f"micro-batch {lt['micro_batch_size']}, TP1"),
+        "assumed": ("time proportional to tokens per GPU (x%.4g: micro-batch x seq / (TP x CP) "
+                    "against the measured shape), LM head at %.0f%% of the BF16 peak, 1F1B "
+                    "bubble x%.3f; no communication (TP/SP, CP, PP, DP) and no optimizer step"
+                    % (scale, 100 * mfu, bubble)),
+        "gpu_mismatch": None if gpu.name.lower() in str(lt.get("gpu", "")).lower() else
+        f"measured on {lt.get('gpu', '?')}, planning for {gpu.name}",
+    }
 
 
 def _fmt_count(n: float) -> str:
@@ -310,6 +446,16 @@ def format_plan(p: Plan) -> str:
             f"tokens/s" + ("" if p.steps is None else
                            f", {p.steps * p.step_time_bf16_bound_s / 86400:.1f} days")
         )
+    if p.measured is not None:
+        ms = p.measured
+        lines += [
+            f"from layers: step {ms['step_time_s']:.4g} s, "
+            f"{p.tokens_per_step / ms['step_time_s']:,.0f} tokens/s"
+            + ("" if p.steps is None else f", {p.steps * ms['step_time_s'] / 86400:.1f} days")
+            + f" ({ms['source']})",
+            f"  measured  : {ms['measured']}",
+            f"  assumed   : {ms['assumed']}",
+        ]
     for n in p.notes:
         lines.append(f"note        : {n}")
     if lay.world_size <= RANK_TABLE_MAX_WORLD:

@@ -26,6 +26,7 @@ made with functions returning new objects (:func:`with_layer_policy`, ...), neve
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -261,6 +262,31 @@ class LinearRecipe:
     @property
     def is_quantized(self) -> bool:
         return any(t.is_quantized for t in self.operands().values())
+
+    def weight_multiples(self) -> tuple[int, int]:
+        """``(out_features, in_features)``: what a weight ``[out, in]`` (one TP rank's shard) must
+        be a multiple of for the block-scaled operand copies of this recipe (1: no constraint).
+
+        A tile ``(r, k)`` runs along the copy's last (reduction) dimension ``k``: Fprop's input
+        ``X [T, in]`` and weight ``W [out, in]`` along ``in`` (W's rows by ``r``), Dgrad's
+        gradient ``dY [T, out]`` and weight ``Wᵀ [in, out]`` along ``out`` (``in`` by ``r``),
+        Wgrad's ``dYᵀ [out, T]`` / ``Xᵀ [in, T]`` along the tokens (padded) with rows by ``r``.
+        Formats without blocks (bf16, per-tensor fp8, e2m1_vector) add nothing."""
+        out_m = in_m = 1
+        ops = self.operands()
+        uses = (("fprop.input", None, "in"), ("fprop.weight", "out", "in"),
+                ("dgrad.grad_output", None, "out"), ("dgrad.weight", "in", "out"),
+                ("wgrad.grad_output", "out", None), ("wgrad.input", "in", None))
+        for role, row_dim, col_dim in uses:
+            tq = ops[role]
+            if not tq.is_quantized or tq.tile is None:
+                continue
+            for dim, size in ((row_dim, tq.tile[0]), (col_dim, tq.tile[1])):
+                if dim == "out":
+                    out_m = math.lcm(out_m, size)
+                elif dim == "in":
+                    in_m = math.lcm(in_m, size)
+        return out_m, in_m
 
     def operands(self) -> dict[str, TensorQuant]:
         """``{"fprop.input": ..., ...}`` for all six operand copies."""

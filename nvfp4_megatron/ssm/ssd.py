@@ -34,8 +34,10 @@ values above 20 through unchanged (PyTorch's ``threshold=20`` has the same rule)
 (FP64 for FP64 inputs). Not supported (refused with a ``ValueError``): ``seq_idx`` /
 ``cu_seqlens`` (packed sequences) and ``return_varlen_states``.
 
-This is the CPU / reference path; its speed on a GPU is not the point (the intra-chunk product
-materialises ``[batch, chunks, heads, Q, Q]``).
+This is the CPU / reference path and the oracle. On a GPU the same function runs through
+``torch.compile`` (:func:`mamba_chunk_scan_combined_compiled`, ``model.mamba_scan=compiled``):
+Inductor fuses the elementwise work around the einsums; the arithmetic is the same chunked form
+(equal to the eager path within FP32 round-off, tested in ``tests/ssm/test_ssd_scan.py``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mamba_chunk_scan_combined", "segsum"]
+__all__ = ["SCAN_IMPLS", "chunk_scan_fn", "mamba_chunk_scan_combined",
+           "mamba_chunk_scan_combined_compiled", "segsum"]
+
+SCAN_IMPLS = ("eager", "compiled")
 
 SOFTPLUS_THRESHOLD = 20.0  # mamba_ssm: softplus(dt) for dt <= 20, dt itself above
 
@@ -185,3 +190,24 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if return_final_states:
         return out, final.reshape(b, h, p, n)
     return out
+
+
+_COMPILED = None
+
+
+def mamba_chunk_scan_combined_compiled(*args, **kwargs):
+    """:func:`mamba_chunk_scan_combined` through ``torch.compile`` (compiled once per process,
+    recompiled by Dynamo for new shapes); the eager function stays the oracle."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(mamba_chunk_scan_combined, dynamic=False)
+    return _COMPILED(*args, **kwargs)
+
+
+def chunk_scan_fn(impl: str):
+    """The scan for ``model.mamba_scan``: ``eager`` (plain PyTorch) or ``compiled``."""
+    if impl == "eager":
+        return mamba_chunk_scan_combined
+    if impl == "compiled":
+        return mamba_chunk_scan_combined_compiled
+    raise ValueError(f"mamba scan implementation {impl!r}; use one of {SCAN_IMPLS}")

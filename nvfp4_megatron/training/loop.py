@@ -270,6 +270,20 @@ class QuantStats:
                           f"{worst['format']})")
 
 
+def local_mamba_runs(c: dict) -> bool:
+    """Whether this run's hybrid model uses the project's local Mamba mixer: it has Mamba layers
+    and the backend ``build_hybrid`` resolves is not TE (``megatron.backend.resolve_backend``)."""
+    from nvfp4_megatron.megatron.backend import resolve_backend
+    from nvfp4_megatron.training.model import is_hybrid
+
+    m = c["model"]
+    if not is_hybrid(m) or "M" not in m["hybrid_override_pattern"]:
+        return False
+    choice = resolve_backend(recipe_from_config(c["precision"]), num_layers=m["num_layers"],
+                             hybrid=True)
+    return choice.backend != "te"
+
+
 def run(cfg) -> RunResult:
     """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
     c = to_plain(cfg)
@@ -279,7 +293,9 @@ def run(cfg) -> RunResult:
     # TP / PP / EP / ETP, sequence and batch divisibility) checked at once, before Megatron's own
     # asserts, by the same code as the dry run: a LayoutError (ValueError) lists each violated
     # rule and pretrain.py exits 2.
-    layout = run_layout(c, info.world_size)
+    # With Mamba layers on the emulated backend (the local mixer) its own rules apply too: no CP,
+    # in_proj/out_proj shards in whole quantization blocks (the backend build_hybrid will choose).
+    layout = run_layout(c, info.world_size, local_mamba=local_mamba_runs(c))
     dp = initialize_model_parallel(
         tensor_model_parallel_size=p["tensor_model_parallel_size"],
         pipeline_model_parallel_size=p["pipeline_model_parallel_size"],

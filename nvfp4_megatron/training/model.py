@@ -177,7 +177,8 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
         from nvfp4_megatron.megatron.hybrid_spec import check_local_hybrid_pattern
 
         check_local_hybrid_pattern(pattern)
-    spec = hybrid_stack_spec_for(choice, d_conv=m["mamba_conv_kernel"], expand=m["mamba_expand"])
+    spec = hybrid_stack_spec_for(choice, d_conv=m["mamba_conv_kernel"], expand=m["mamba_expand"],
+                                 scan_impl=m.get("mamba_scan", "eager"))
     model = HybridModel(config=config, hybrid_stack_spec=spec, hybrid_layer_pattern=pattern,
                         **_model_kwargs(m))
     if config.use_cpu_initialization and torch.cuda.is_available():

@@ -10,6 +10,10 @@ Runs (``kind``):
   Megatron's mixer in ``tests/ssm/ssd_reference.py``: output and every gradient.
 * ``meta_builds``: the 12B / 8B hybrid recipes built by the training builder on the meta device
   (TP1): parameter count, BF16 blocks and the Mamba rows of the precision table.
+* ``build_refusal``: a model the builder must refuse (the error message is written).
+
+``train`` runs may save their initial weights by global name (``save_init``) or start from such
+a file (``load_init``), so that layouts whose CPU initialisation differs (PP) compare.
 """
 
 import json
@@ -44,7 +48,8 @@ def _compose(lay, run) -> dict:
           "precision.recipe": run.get("recipe", "bf16"), "precision.backend": "emulated",
           "train.lr": 3e-3, "train.weight_decay": 0.0, "train.clip_grad": 0.0,
           "train.adam_beta1": 0.9, "train.adam_beta2": 0.999, "train.bf16": False,
-          **{f"precision.{k}": v for k, v in run.get("precision", {}).items()}}
+          **{f"precision.{k}": v for k, v in run.get("precision", {}).items()},
+          **run.get("model", {})}
     return to_plain(compose_config([override(k, v) for k, v in ov.items()]))
 
 
@@ -54,6 +59,14 @@ def run_train(lay, run, out):
     prepare_run(run)
     stack = build_training_stack(_compose(lay, run), log=lambda msg: None)
     table = stack.table
+    params = _global_params(stack.model)
+    if run.get("save_init"):  # the initial weights by global name, for another layout to load
+        torch.save({k: p.detach().clone() for k, p in params.items()}, run["save_init"])
+    if run.get("load_init"):  # start from them: CPU initialisation differs between PP layouts
+        init = torch.load(run["load_init"])
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(init[k])
     losses, calls, grads = train(stack.ddp, stack.optimizer, steps=run.get("steps", 1),
                                  repeat_batch=False, grads0=_full_grad_norms)
     blocks = {}
@@ -68,14 +81,31 @@ def run_train(lay, run, out):
         "blocks": {str(k): v for k, v in sorted(blocks.items())}})
 
 
+def _global_params(model) -> dict:
+    """Parameters keyed by a name every layout shares: ``layers.<global block>.<name>`` (a
+    pipeline stage numbers its ``decoder.layers`` from 0; ``layer_number`` is global)."""
+    blocks = {name: m.layer_number - 1 for name, m in model.named_modules()
+              if type(m).__name__ in ("MambaLayer", "TransformerLayer", "MLPLayer")}
+    out = {}
+    for name, p in model.named_parameters():
+        key = name
+        for prefix, b in blocks.items():
+            if name.startswith(prefix + "."):
+                key = f"layers.{b}.{name[len(prefix) + 1:]}"
+                break
+        out[key] = p
+    return out
+
+
 def _full_grad_norms(ddp) -> dict:
-    """Step-0 gradient norm of every parameter as one logical tensor: TP shards combined (a
-    TP-sharded parameter's squared shard norms summed over the TP group), so TP1 and TP2 compare."""
+    """Step-0 gradient norm of every parameter as one logical tensor, by global name: TP shards
+    combined (a TP-sharded parameter's squared shard norms summed over the TP group), so TP1 and
+    TP2 compare; pipeline stages hold disjoint names."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     norms = {}
-    for name, p in ddp.module.named_parameters():
+    for name, p in _global_params(ddp.module).items():
         sq = p.main_grad.double().square().sum()
         if getattr(p, "tensor_model_parallel", False):
             torch.distributed.all_reduce(sq, group=group)
@@ -162,9 +192,24 @@ def meta_builds(out, recipes):
         json.dump(result, f)
 
 
+def build_refusal(lay, run, out):
+    """Build a hybrid model that the precision policy must refuse; record the message."""
+    from nvfp4_megatron.training.model import build_training_stack
+
+    prepare_run(run)
+    try:
+        build_training_stack(_compose(lay, run), log=lambda msg: None)
+        msg = None
+    except ValueError as e:
+        msg = str(e)
+    write_rank_result(out, run, {"error": msg})
+
+
 def _run(lay, run, out):
     kind = run.get("kind", "train")
-    if kind == "mixer_reference":
+    if kind == "build_refusal":
+        build_refusal(lay, run, out)
+    elif kind == "mixer_reference":
         mixer_reference(out)
     elif kind == "meta_builds":
         meta_builds(out, run["recipes"])

@@ -29,26 +29,46 @@ def _launch(tmp: Path, nproc: int, cfg: dict) -> Path:
     return launch(WORKER, tmp, nproc, cfg, timeout=900)
 
 
+# 24 Mamba heads x 4: in_proj rows 2 x 96 + 2 x 2 x 16 + 24 = 280, not whole NVFP4 blocks of 16
+BAD_BLOCKS = {"model.mamba_num_heads": 24}
+
+
 def _tp_runs(suffix: str) -> list[dict]:
     return [{"name": f"{r}_{suffix}", "recipe": r, "steps": 5, "precision": NO_BF16}
             for r in TP_RECIPES]
 
 
+def _init_file(tmp: Path, recipe: str) -> str:
+    return str(tmp / f"init_{recipe}.pt")
+
+
 @pytest.fixture(scope="module")
-def world1(tmp_path_factory):
+def init_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hinit")
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory, init_dir):
     runs = [
         {"kind": "mixer_reference"},
         {"name": "nv_first_last", "recipe": "nvfp4",
          "precision": {"bf16_first_blocks": 1, "bf16_last_blocks": 1}, "steps": 1},
-        *_tp_runs("tp1"),
+        *[{**r, "save_init": _init_file(init_dir, r["recipe"])} for r in _tp_runs("tp1")],
         {"kind": "meta_builds", "recipes": list(BIG)},
+        {"kind": "build_refusal", "name": "bad_blocks", "recipe": "nvfp4", "model": BAD_BLOCKS,
+         "precision": NO_BF16},
+        {"kind": "build_refusal", "name": "bad_blocks_bf16", "recipe": "bf16",
+         "model": BAD_BLOCKS},
     ]
     return _launch(tmp_path_factory.mktemp("h1"), 1, {"runs": runs})
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
+def world2(tmp_path_factory, world1, init_dir):
     runs = [{**r, "layout": {"tp": 2, "sp": True}} for r in _tp_runs("tp2")]
+    # PP2 from the TP1 runs' initial weights (world1 wrote them), 5 steps each
+    runs += [{**r, "layout": {"pp": 2}, "load_init": _init_file(init_dir, r["recipe"])}
+             for r in _tp_runs("pp2")]
     runs.append({"name": "pp2", "recipe": "nvfp4", "steps": 1, "layout": {"pp": 2},
                  "precision": {"bf16_first_blocks": 1, "bf16_last_blocks": 1}})
     # last: it disables the amax reduction for the rest of the process
@@ -130,6 +150,37 @@ def test_tp2_sp_matches_tp1(world1, world2):
         for b in (0, 3):
             for lin in ("mixer.in_proj", "mixer.out_proj"):
                 assert all(f"{b}.{lin}|{role}" in calls for role in MIXER_ROLES), (rank, b, lin)
+
+
+def test_pp2_matches_pp1(world1, world2):
+    """PP2 (stages M-* | M-*, Megatron's 1F1B schedule over gloo) from the same initial weights
+    as PP1, with the bounds of the TP test above: BF16 five steps within 1e-5; NVFP4 the step-0
+    loss and every step-0 gradient within 1e-5, five steps within 1e-3."""
+    for r in TP_RECIPES:
+        l1 = _read(world1, f"{r}_tp1")["losses"]
+        assert _read(world2, f"{r}_pp2", 0)["losses"] == []  # the first stage has no loss
+        l2 = _read(world2, f"{r}_pp2", 1)["losses"]
+        assert len(l1) == len(l2) == 5
+        rel = [_rel(a, b) for a, b in zip(l1, l2)]
+        assert max(rel) < (1e-5 if r == "bf16" else 1e-3), (r, rel)
+        assert rel[0] < 1e-5, (r, rel)
+        g2 = {**_read(world2, f"{r}_pp2", 0)["grads0"], **_read(world2, f"{r}_pp2", 1)["grads0"]}
+        g = _grad_rel(_read(world1, f"{r}_tp1")["grads0"], g2)
+        assert max(g.values()) < 1e-5, (r, sorted(g.items(), key=lambda kv: -kv[1])[:5])
+        # both stages' blocks are in the comparison (global names: layers.0-2 | layers.3-5)
+        assert any(k.startswith("layers.0.mixer.") for k in g)
+        assert any(k.startswith("layers.3.mixer.") for k in g)
+        assert l2[-1] < l2[0], (r, l2)
+
+
+def test_build_refuses_mamba_projections_that_are_not_whole_blocks(world1):
+    err = _read(world1, "bad_blocks")["error"]
+    assert err is not None and "0.mixer.in_proj: this tensor-parallel rank's weight shard is " \
+        "[280, 64]" in err, err
+    assert "out_features=280 is not a multiple of 16" in err
+    assert "(2 x d_inner 96 + 2 x groups 2 x state 16 + heads 24) / TP 1 = 280" in err
+    assert "precision.bf16_blocks" in err  # the ways out are named
+    assert _read(world1, "bad_blocks_bf16")["error"] is None  # nothing quantized: builds
 
 
 def test_pipeline_stages_keep_global_block_indices(world2):

@@ -26,7 +26,9 @@ def test_spec_wires_quantized_linears_into_the_mamba_mixer():
     assert spec.module is LocalHybridStack
     mixer = spec.submodules.mamba_layer.submodules.mixer
     assert mixer.module is LocalMambaMixer
-    assert mixer.params == {"d_conv": 3, "expand": 2, "chunk_size": 64}
+    assert mixer.params == {"d_conv": 3, "expand": 2, "chunk_size": 64, "scan_impl": "eager"}
+    compiled = quantized_hybrid_stack_spec(scan_impl="compiled").submodules.mamba_layer
+    assert compiled.submodules.mixer.params["scan_impl"] == "compiled"
     assert mixer.submodules.in_proj is QuantizedColumnParallelLinear
     assert mixer.submodules.out_proj is QuantizedRowParallelLinear
     attn = spec.submodules.attention_layer.submodules.self_attention.submodules
@@ -76,3 +78,21 @@ def test_te_branch_is_megatrons_hybrid_spec_and_needs_mamba_ssm():
     te = dataclasses.replace(auto, backend="te")
     assert hybrid_stack_spec_for(te) is hybrid_stack_spec
     assert hybrid_stack_spec_for(auto).module is LocalHybridStack
+
+
+def test_training_loop_applies_the_local_mixer_rules_before_megatron_starts():
+    """The loop's layout check (``run_layout`` before Megatron initialises) knows whether the
+    local Mamba mixer will run (here: no TE / mamba_ssm, so it will) and refuses CP > 1."""
+    from nvfp4_megatron.cli.compose import compose_config, to_plain
+    from nvfp4_megatron.parallel.layout import LayoutError
+    from nvfp4_megatron.parallel.planner import run_layout
+    from nvfp4_megatron.training.loop import local_mamba_runs
+
+    c = to_plain(compose_config(["+recipe=nvfp4_hybrid_tiny", "parallel.context_parallel_size=2"]))
+    assert local_mamba_runs(c)
+    with pytest.raises(LayoutError, match="CP=2 > 1 with Mamba layers"):
+        run_layout(c, 2, local_mamba=local_mamba_runs(c))
+    assert not local_mamba_runs(to_plain(compose_config(["+recipe=nvfp4_tiny"])))
+    attn_only = to_plain(compose_config(["+recipe=nvfp4_hybrid_tiny", "model.num_layers=4",
+                                         "model.hybrid_override_pattern=*-*-"]))
+    assert not local_mamba_runs(attn_only)

@@ -7,8 +7,9 @@ implementation of the "tp-cp-ep-dp-pp" ordering), so a wrong stride or order fai
 import pytest
 from megatron.core.parallel_state import RankGenerator
 
-from nvfp4_megatron.parallel.layout import (LayoutError, ModelDims, is_partition, make_layout,
-                                            rank_coordinates, rank_groups, split_hybrid_pattern)
+from nvfp4_megatron.parallel.layout import (LayoutError, LocalMambaRules, ModelDims, is_partition,
+                                            make_layout, mamba_proj_shards, rank_coordinates,
+                                            rank_groups, split_hybrid_pattern)
 
 MIXTRAL = ModelDims(num_layers=56, num_attention_heads=48, num_query_groups=8, ffn_hidden_size=16384,
                     num_moe_experts=8, moe_ffn_hidden_size=16384, seq_length=4096)
@@ -125,3 +126,52 @@ def test_hybrid_pattern_across_pipeline():
     with pytest.raises(LayoutError, match="mamba_num_groups=8 not divisible by TP=16"):
         make_layout(world_size=1024, tp=16, pp=2, sequence_parallel=True,
                     global_batch_size=1024, model=model)
+
+
+def _hybrid(**kw):
+    base = dict(num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
+                seq_length=64, hybrid_override_pattern="M-*-", mamba_num_heads=32,
+                mamba_num_groups=2, hidden_size=64, mamba_head_dim=4, mamba_state_dim=16)
+    return ModelDims(**{**base, **kw})
+
+
+def test_mamba_projection_shards_per_tp_rank():
+    # in_proj packs [z, x, B, C, dt]: 2 x 128 + 2 x 2 x 16 + 32 = 352 rows, split over TP
+    assert mamba_proj_shards(_hybrid(), 1) == {"in_proj": (352, 64), "out_proj": (64, 128)}
+    assert mamba_proj_shards(_hybrid(), 2) == {"in_proj": (176, 64), "out_proj": (64, 64)}
+    pat = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+    m12 = _hybrid(num_layers=62, hybrid_override_pattern=pat, mamba_num_heads=128,
+                  mamba_num_groups=8, hidden_size=5120, mamba_head_dim=80, mamba_state_dim=128)
+    assert mamba_proj_shards(m12, 8) == {"in_proj": (2832, 5120), "out_proj": (5120, 1280)}
+
+
+def test_local_mamba_rules_blocks_and_context_parallel():
+    nv = LocalMambaRules(recipe="nvfp4", weight_multiples=(16, 16))
+    mx = LocalMambaRules(recipe="mxfp4", weight_multiples=(32, 32))
+    lay = make_layout(world_size=2, tp=2, global_batch_size=2, model=_hybrid(), local_mamba=nv)
+    assert lay.tp == 2
+    # 24 heads x 4: in_proj rows 2 x 96 + 64 + 24 = 280 (17.5 blocks of 16); out_proj columns 96
+    bad = _hybrid(mamba_num_heads=24)
+    with pytest.raises(LayoutError, match=r"Mamba in_proj shard \[280, 64\] per TP rank .*rows "
+                                          r"280 is not a multiple of 16"):
+        make_layout(world_size=1, global_batch_size=1, model=bad, local_mamba=nv)
+    # the same model is not refused where the local mixer does not run (TE + mamba_ssm) ...
+    make_layout(world_size=1, global_batch_size=1, model=bad)
+    # ... or when every Mamba block stays in BF16
+    make_layout(world_size=1, global_batch_size=1, model=bad,
+                local_mamba=LocalMambaRules(recipe="nvfp4", weight_multiples=None))
+    # MX blocks are 32: TP2 halves 352 rows to 176 (5.5 blocks), out_proj 64 columns is fine
+    with pytest.raises(LayoutError) as err:
+        make_layout(world_size=2, tp=2, global_batch_size=2, model=_hybrid(), local_mamba=mx)
+    assert "rows 176 is not a multiple of 32" in str(err.value)
+    assert "out_proj" not in str(err.value)
+    with pytest.raises(LayoutError, match=r"CP=2 > 1 with Mamba layers: the local Mamba mixer"):
+        make_layout(world_size=2, cp=2, global_batch_size=2, model=_hybrid(), local_mamba=nv)
+    make_layout(world_size=2, cp=2, global_batch_size=2, model=_hybrid())  # Megatron's mixer
+    # a model without Mamba blocks has no such rules
+    make_layout(world_size=2, cp=2, global_batch_size=2, local_mamba=nv,
+                model=_hybrid(hybrid_override_pattern="*-*-", mamba_num_heads=24))
+    with pytest.raises(LayoutError,
+                       match="mamba_num_heads=24 not a multiple of mamba_num_groups=5"):
+        make_layout(world_size=1, global_batch_size=1, model=_hybrid(mamba_num_heads=24,
+                                                                     mamba_num_groups=5))

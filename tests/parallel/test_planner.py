@@ -25,6 +25,7 @@ REFERENCE_WORLD = {
     "qwen2_57b_a14b_folding": 64, "qwen2_57b_a14b_baseline": 64,
     "mixtral_tiny_folding": 8, "mixtral_tiny_baseline": 8,
     "mixtral_8gpu_folding": 8, "mixtral_8gpu_baseline": 8,
+    "nvfp4_hybrid_proxy": 1, "bf16_hybrid_proxy": 1,
 }
 
 
@@ -170,3 +171,113 @@ def test_every_recipe_composes_against_the_schema_and_plans(name):
     assert composed.params == direct.params
     assert composed.layout == direct.layout
     assert composed.steps == direct.steps and composed.bf16_layers == direct.bf16_layers
+
+
+def test_local_mamba_rules_refuse_on_the_emulated_backend_and_are_notes_otherwise():
+    """fp8_12b at TP8: in_proj shard 2832 rows (not whole 128-blocks) and CP2, which the local
+    mixer cannot run. The dry run plans the Blackwell target (TE + mamba_ssm) with a note each;
+    precision.backend=emulated (what the training loop checks with the local mixer) refuses."""
+    p = plan(load("fp8_12b"), 1024, meta_build=False)
+    notes = "\n".join(p.notes)
+    assert "rows 2832 is not a multiple of 128 (recipe fp8_block" in notes
+    assert "CP=2 > 1 with Mamba layers" in notes
+    cfg = load("fp8_12b")
+    cfg.precision.backend = "emulated"
+    with pytest.raises(LayoutError) as err:
+        plan(cfg, 1024, meta_build=False)
+    assert "rows 2832 is not a multiple of 128" in str(err.value)
+    assert "CP=2 > 1 with Mamba layers" in str(err.value)
+    # NVFP4 blocks are 16: only CP remains; at CP1 the 12B is accepted on the emulated backend
+    cfg = load("nvfp4_12b")
+    cfg.precision.backend = "emulated"
+    cfg.parallel.context_parallel_size = 1
+    assert plan(cfg, 512, meta_build=False).layout.cp == 1
+    # Mamba blocks all in BF16 (bf16 recipe): no block rule
+    p = plan(load("bf16_12b"), 1024, meta_build=False)
+    assert not any("not a multiple" in n for n in p.notes)
+
+
+def test_mamba_num_heads_unset_is_derived_like_megatron():
+    from nvfp4_megatron.parallel.model_stats import ModelShape
+
+    m = dict(OmegaConf.to_container(load("nvfp4_hybrid_tiny").model))
+    m["mamba_num_heads"] = None
+    assert ModelShape.from_cfg(m).mamba_num_heads == 2 * 64 // 4
+    with pytest.raises(ValueError, match="not a multiple of mamba_head_dim=5"):
+        ModelShape.from_cfg({**m, "mamba_head_dim": 5})
+
+
+def _layer_times_file(tmp_path, **over) -> str:
+    lt = {"format": "nvfp4_megatron.layer_times.v1", "gpu": "NVIDIA H200", "seq_length": 8192,
+          "micro_batch_size": 1, "tensor_model_parallel_size": 1,
+          "model": {"hidden_size": 5120, "mamba_num_heads": 128, "ffn_hidden_size": 20480},
+          "fwd_bwd_ms": {"bf16": {"M": 10.0, "*": 4.0, "-": 6.0},
+                         "nvfp4": {"M": 20.0, "*": 8.0, "-": 12.0}}}
+    lt.update(over)
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"meta": {}, "layer_times": lt}))
+    return str(path)
+
+
+def test_step_estimate_from_measured_layer_times(tmp_path, capsys):
+    """12B on 64 H200 at TP8 CP1 PP2: per micro-batch each GPU holds 1/8 of 8192 tokens of every
+    layer of its stage. Stage 0 = blocks 0-30: BF16 0-1 (M, -), NVFP4 2-30; stage 1 = blocks
+    31-61: NVFP4 31-53, BF16 54-61."""
+    cfg = load("nvfp4_12b")
+    cfg.parallel.context_parallel_size = 1
+    cfg.planner = {"gpu_type": "H200", "layer_times": _layer_times_file(tmp_path)}
+    p = plan(cfg, 64, meta_build=False)
+    pat = cfg.model.hybrid_override_pattern
+    ms = {"bf16": {"M": 10.0, "*": 4.0, "-": 6.0}, "nvfp4": {"M": 20.0, "*": 8.0, "-": 12.0}}
+    bf16 = {0, 1, *range(54, 62)}
+    stage = [sum(ms["bf16" if i in bf16 else "nvfp4"][pat[i]] for i in rng) * 1e-3 / 8
+             for rng in (range(0, 31), range(31, 62))]
+    head = 3 * 2 * 5120 * 131072 * 8192 / 8 / (989.5e12 * 0.4)  # LM head, BF16 at 40 %
+    assert p.gpu.bf16_tflops == 989.5
+    nmb = p.layout.num_microbatches
+    expect = max(stage[0], stage[1] + head) * nmb * (1 + 1 / nmb)
+    assert p.measured["step_time_s"] == pytest.approx(expect, rel=1e-12)
+    assert p.measured["gpu_mismatch"] is None
+    assert ("at nvfp4 and bf16 on NVIDIA H200, seq 8192, micro-batch 1, TP1"
+            in p.measured["measured"])
+    assert "no communication" in p.measured["assumed"]
+    out = run_dry_run(OmegaConf.merge(cfg, {"world_size": 64, "run_dir": str(tmp_path)}))
+    text = capsys.readouterr().out
+    assert "from layers: step" in text and "  measured  : " in text and "  assumed   : " in text
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["step_time_from_layer_times"]["step_time_s"] == pytest.approx(expect)
+    assert out.measured is not None
+    # planning another GPU with H200 figures says so
+    cfg.planner.gpu_type = "B200"
+    assert any("measured on NVIDIA H200, planning for B200" in n
+               for n in plan(cfg, 64, meta_build=False).notes)
+
+
+def test_layer_times_that_do_not_fit_are_refused(tmp_path):
+    cfg = load("nvfp4_12b")
+    cfg.parallel.context_parallel_size = 1
+    cfg.planner = {"gpu_type": "H200",
+                   "layer_times": _layer_times_file(tmp_path, fwd_bwd_ms={"bf16": {"M": 1.0}})}
+    # the BF16 blocks 0-1 and 54-61 hold no attention layer: bf16/* is not needed
+    with pytest.raises(ValueError, match=r"has no time for \['bf16/-', 'nvfp4/\*', 'nvfp4/-', "
+                                         r"'nvfp4/M'\] \(recipe/layer kind; it has \['bf16/M'\]\)"):
+        plan(cfg, 64, meta_build=False)
+    cfg.planner.layer_times = _layer_times_file(tmp_path, model={"hidden_size": 512})
+    with pytest.raises(ValueError, match=r"another layer shape: hidden_size=512 \(plan: 5120\)"):
+        plan(cfg, 64, meta_build=False)
+    cfg.planner.layer_times = _layer_times_file(tmp_path, format="other")
+    with pytest.raises(ValueError, match="not a layer-times file"):
+        plan(cfg, 64, meta_build=False)
+
+
+def test_hybrid_proxy_has_the_12b_pattern_and_passes_the_local_mixer_rules():
+    """The one-GPU proxy: the 12B's 62-block pattern and BF16 blocks at reduced width, accepted by
+    the layout rules of the emulated backend (the local Mamba mixer runs on the H200)."""
+    big = load("nvfp4_12b")
+    for name in ("nvfp4_hybrid_proxy", "bf16_hybrid_proxy"):
+        cfg = load(name)
+        assert cfg.model.hybrid_override_pattern == big.model.hybrid_override_pattern
+        cfg.precision.backend = "emulated"
+        p = plan(cfg, 1)
+        assert p.meta_params == 118_964_352 and not p.notes, p.notes
+    assert plan(load("nvfp4_hybrid_proxy"), 1).bf16_layers == plan(big, 1024).bf16_layers

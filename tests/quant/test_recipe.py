@@ -172,3 +172,41 @@ def test_forward_only_and_backward_only_nvfp4():
     assert rows["fprop"].backend == "bf16" and not rows["fprop"].quantized
     assert rows["dgrad"].quantized and rows["dgrad"].operand_a == "grad_output: nvfp4 1x16 SR"
     assert rows["wgrad"].operand_b == "input: nvfp4 1x16 RHT"
+
+
+def test_weight_multiples_follow_each_operands_tile():
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    assert get_recipe("nvfp4").linear.weight_multiples() == (16, 16)
+    assert get_recipe("nvfp4_no_2d").linear.weight_multiples() == (16, 16)  # Dgrad: along out
+    assert get_recipe("mxfp8").linear.weight_multiples() == (32, 32)
+    assert get_recipe("fp8_block").linear.weight_multiples() == (128, 128)
+    for name in ("bf16", "fp8_cs", "msfp4"):  # no blocks (per-tensor / per-row scales)
+        assert get_recipe(name).linear.weight_multiples() == (1, 1), name
+    # Fprop only (input (1, 16), weight (1, 16)): the reduction dim `in` only
+    fprop_only = LinearRecipe(fprop=Fprop(input=TensorQuant(format="nvfp4"),
+                                          weight=TensorQuant(format="nvfp4")))
+    assert fprop_only.weight_multiples() == (1, 16)
+    # a 2D weight tile in Fprop adds the rows
+    fprop_2d = LinearRecipe(fprop=Fprop(input=TensorQuant(format="nvfp4"),
+                                        weight=TensorQuant(format="nvfp4", tile=(16, 16))))
+    assert fprop_2d.weight_multiples() == (16, 16)
+
+
+def test_policy_refuses_a_weight_shard_that_is_not_whole_blocks():
+    import torch
+
+    from nvfp4_megatron.megatron.policy import check_weight_blocks
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    lin = torch.nn.Linear(64, 280, bias=False)  # weight [280, 64]
+    nv = get_recipe("nvfp4").linear
+    with pytest.raises(ValueError, match=r"3\.mixer\.in_proj: this tensor-parallel rank's weight "
+                                         r"shard is \[280, 64\] .*multiples of \[16, 16\]: "
+                                         r"out_features=280 is not a multiple of 16\. Change"):
+        check_weight_blocks(lin, nv, layer_key="3.mixer.in_proj", recipe_name="nvfp4")
+    lin.shard_hint = "Mamba in_proj rows per TP rank = ..."
+    with pytest.raises(ValueError, match=r"multiple of 16\. Mamba in_proj rows per TP rank"):
+        check_weight_blocks(lin, nv, layer_key="3.mixer.in_proj", recipe_name="nvfp4")
+    check_weight_blocks(lin, get_recipe("bf16").linear, layer_key="k", recipe_name="bf16")
+    check_weight_blocks(torch.nn.Linear(64, 288), nv, layer_key="k", recipe_name="nvfp4")

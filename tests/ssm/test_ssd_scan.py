@@ -235,3 +235,50 @@ def test_every_chunk_size_gives_the_same_result():
     for (y, s), (y0, s0) in itertools.pairwise(outs):
         torch.testing.assert_close(y, y0, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(s, s0, rtol=1e-10, atol=1e-10)
+
+
+def _compiled_vs_eager(device: str, dtype, tol: float):
+    """The torch.compile'd scan (``model.mamba_scan=compiled``) against the eager oracle: output,
+    final state and every input gradient, within ``tol`` relative to the largest value."""
+    from nvfp4_megatron.ssm import chunk_scan_fn
+
+    args, kw = make_inputs(b=2, L=45, h=8, g=2, p=4, n=8, D="head", z=True, dt_bias=True,
+                           init=True, dtype=dtype, seed=5)
+    results = []
+    for impl in ("eager", "compiled"):
+        leaves = {k: v.detach().to(device).requires_grad_(True) for k, v in args.items()}
+        kw_dev = {k: (v.detach().to(device).requires_grad_(True) if torch.is_tensor(v) else v)
+                  for k, v in kw.items()}
+        out, final = chunk_scan_fn(impl)(**leaves, **kw_dev, chunk_size=16,
+                                         return_final_states=True)
+        (out.float().square().sum() + final.float().sum()).backward()
+        grads = {k: v.grad for k, v in {**leaves, **kw_dev}.items() if torch.is_tensor(v)}
+        results.append((out.detach(), final.detach(), grads))
+    (o1, f1, g1), (o2, f2, g2) = results
+
+    def rel(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+    assert rel(o2, o1) < tol and rel(f2, f1) < tol
+    for k in g1:
+        assert rel(g2[k], g1[k]) < tol, k
+
+
+@pytest.mark.slow
+def test_compiled_scan_matches_eager_on_cpu():
+    _compiled_vs_eager("cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_scan_matches_eager_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _compiled_vs_eager("cuda", torch.float32, 1e-5)
+    _compiled_vs_eager("cuda", torch.bfloat16, 2e-2)
+
+
+def test_unknown_scan_impl_is_refused():
+    from nvfp4_megatron.ssm import chunk_scan_fn
+
+    with pytest.raises(ValueError, match="'fast'; use one of"):
+        chunk_scan_fn("fast")

@@ -58,6 +58,12 @@ def test_table_groups_seeds_into_arms_and_measures_the_gap(tmp_path, capsys):
     assert "mxfp4 (unfinished)" in md
     assert (out / "compare.png").stat().st_size > 10_000
     assert md in capsys.readouterr().out
+    # train loss at the steps all runs reached (1..4; every 10 -> first and last): the seeds' mean,
+    # arm minus baseline; b1's step 4 is the resumed row (9.0), so nvfp4's mean is (9.0 + 4.6) / 2
+    assert "| step | bf16 | nvfp4 | mxfp4 | nvfp4 - bf16 | mxfp4 - bf16 |" in md
+    assert "| 1 | 4.9000 | 4.9000 | 4.9000 | +0.0000 | +0.0000 |" in md
+    assert "| 4 | 4.6000 | 6.8000 | 4.6000 | +2.2000 | +0.0000 |" in md
+    assert "| 2 |" not in md.split("Train loss at the steps")[1]
 
 
 def test_arm_names_from_the_differing_keys_and_baseline_errors(tmp_path):
