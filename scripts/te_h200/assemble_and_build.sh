@@ -117,9 +117,14 @@ grep -iE "error|fatal" "$EXT/build.log" 2>/dev/null | head -20
 H200_WHL=$(ls "$EXT"/transformer_engine_torch-*.whl 2>/dev/null | head -1)
 PRE_WHL=$(ls .te0/whl/transformer_engine_torch-*.whl 2>/dev/null | head -1)
 try_ext() {  # wheel, label
-  rm -rf "$TE"/transformer_engine_torch*
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$TE" --upgrade "$1" || return 1
-  "$PY" -c "import transformer_engine.pytorch as te, transformer_engine as t; print('[te-h200] import ok:', t.__version__)" \
+  # the wheel holds transformer_engine/wheel_lib/transformer_engine_torch*.so + its dist-info.
+  # Not `pip install --target --upgrade`: that replaces the whole transformer_engine/ folder of
+  # the core wheel (seen on the CPU host). Unzipped into it instead.
+  rm -rf "$TE"/transformer_engine/wheel_lib/transformer_engine_torch* "$TE"/transformer_engine_torch-*.dist-info
+  "$PY" -m zipfile -e "$1" "$TE" || return 1
+  # torch first, as in every real use: libtorch_cuda brings libnccl.so.2 (the image's nvidia-nccl
+  # wheel), which libtransformer_engine.so needs and TE itself does not preload
+  "$PY" -c "import torch, transformer_engine.pytorch as te, transformer_engine as t; print('[te-h200] import ok:', t.__version__)" \
     > "$OUT/te_import_$2.log" 2>&1
   local rc=$?
   cat "$OUT/te_import_$2.log" | tail -25
