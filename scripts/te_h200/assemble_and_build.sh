@@ -11,11 +11,12 @@
 #               nvcc, ninja); writes /tmp/te_ext/{status,build.log,*.whl}. Meant to run in the
 #               background from the first call (setsid), while the other chunks travel.
 #   final       (default) check + join the chunks, install TE into /tmp/te, wait for build-ext
-#               (or build now), choose the extension (H200 build, else the prebuilt one), run
+#               (see TE_BUILD), choose the extension (H200 build, else the prebuilt one), run
 #               scripts/te_h200/te_check.py. Everything is logged under $OUT.
 # Environment: OUT (default /tmp/te_out), PYTHON (python3), TE_TARGET (/tmp/te),
 #   TE_BUILD_TIMEOUT (330 s: hard limit of the sdist build), TE_BUILD_WAIT (240 s: how long `final`
-#   waits for a background build), TE_BUILD (1; 0: never build, use the prebuilt wheel), TE_CHECK_ARGS ("--layer --gpt fp8_cs,fp8_block --steps 10"),
+#   waits for a background build), TE_BUILD (bg: use the build that call 1 started in the
+#   background, if any; now: build here, synchronously; 0: never build, use the prebuilt wheel), TE_CHECK_ARGS ("--layer --gpt fp8_cs,fp8_block --steps 10"),
 #   TE_DEADLINE (epoch seconds by which te_check.py must have started its last pretrain run).
 set -uo pipefail
 MODE=${1:-final}
@@ -36,17 +37,28 @@ build_ext() {
   # the nvidia-nccl wheel, not in /usr/local/cuda/include, which TE's build uses when nvcc exists
   local nccl_inc
   nccl_inc=$("$PY" -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'include'))" 2>/dev/null)
+  # headers the toolkit folder lacks (cudnn.h is never in it; cusparse.h may not be): the image's
+  # nvidia-* wheels, which torch was built with (CPATH is searched after every -I folder). On the
+  # CPU host the build stopped at cudnn.h (from torch's ATen/cudnn) without these.
+  local wheel_inc
+  wheel_inc=$("$PY" -c "import nvidia, glob, os; print(':'.join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'include')))))" 2>/dev/null)
+  nccl_inc=${nccl_inc}${wheel_inc:+:$wheel_inc}
   local extra_pp=""
   if ! "$PY" -c "from wheel.bdist_wheel import bdist_wheel" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --target /tmp/te_buildtools .te0/build/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --upgrade --target /tmp/te_buildtools .te0/build/*.whl
     extra_pp=/tmp/te_buildtools
+  fi
+  # TE's build takes the CUDA headers from $CUDA_HOME/include, else from nvcc's folder: name the
+  # toolkit when nvcc is a wrapper outside it
+  if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime_api.h ]; then
+    export CUDA_HOME=/usr/local/cuda
   fi
   local t0 rc
   t0=$(date +%s)
   ( export NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS=90 MAX_JOBS=${MAX_JOBS:-16} \
       NVTE_PYTORCH_FORCE_BUILD=TRUE CPATH=${nccl_inc}${CPATH:+:$CPATH} \
       PYTHONPATH=${extra_pp}${PYTHONPATH:+:$PYTHONPATH}
-    echo "build env: NVTE_FRAMEWORK=$NVTE_FRAMEWORK NVTE_CUDA_ARCHS=$NVTE_CUDA_ARCHS MAX_JOBS=$MAX_JOBS CPATH=$CPATH PYTHONPATH=$PYTHONPATH nvcc=$(command -v nvcc) ninja=$(command -v ninja)"
+    echo "build env: NVTE_FRAMEWORK=$NVTE_FRAMEWORK NVTE_CUDA_ARCHS=$NVTE_CUDA_ARCHS MAX_JOBS=$MAX_JOBS CPATH=$CPATH PYTHONPATH=$PYTHONPATH CUDA_HOME=${CUDA_HOME:-} nvcc=$(command -v nvcc) ninja=$(command -v ninja)"
     exec timeout -k 10 "${TE_BUILD_TIMEOUT:-330}" "$PY" -m pip wheel -v --no-build-isolation \
       --no-deps --no-index -w "$EXT" "$sdist" ) > "$EXT/build.log" 2>&1
   rc=$?
@@ -99,15 +111,19 @@ export PYTHONPATH=$TE:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED
 say "installed: $(ls "$TE" | grep -i dist-info | tr '\n' ' ')"
 
 # 3. the PyTorch extension: the H200 build (background from the first call, else now), else prebuilt
-if [ "${TE_BUILD:-1}" = 0 ]; then
-  say "TE_BUILD=0: no H200 build of transformer_engine_torch; the prebuilt wheel only"
-  mkdir -p "$EXT"; [ -f "$EXT/status" ] || echo "rc=not-built(TE_BUILD=0)" > "$EXT/status"
-elif [ ! -f "$EXT/status" ] && ! pgrep -f "pip wheel -v --no-build-isolation" >/dev/null; then
-  say "no background build found: building transformer_engine_torch now (timeout ${TE_BUILD_TIMEOUT:-330} s)"
-  build_ext
-fi
+building() { pgrep -f "pip wheel -v --no-build-isolation" >/dev/null; }
+case "${TE_BUILD:-bg}" in
+  0)   say "TE_BUILD=0: no H200 build of transformer_engine_torch; the prebuilt wheel only"
+       mkdir -p "$EXT"; [ -f "$EXT/status" ] || echo "rc=not-built(TE_BUILD=0)" > "$EXT/status" ;;
+  now) say "TE_BUILD=now: building transformer_engine_torch now (timeout ${TE_BUILD_TIMEOUT:-330} s)"
+       build_ext ;;
+  *)   if [ ! -f "$EXT/status" ] && ! building; then
+         say "no background build (call 1 did not start 'build-ext', or the machine was restarted)"
+         mkdir -p "$EXT"; echo "rc=no-background-build" > "$EXT/status"
+       fi ;;
+esac
 waited=0
-while [ ! -f "$EXT/status" ] && [ "$waited" -lt "${TE_BUILD_WAIT:-240}" ]; do
+while [ ! -f "$EXT/status" ] && building && [ "$waited" -lt "${TE_BUILD_WAIT:-240}" ]; do
   sleep 5; waited=$((waited + 5))
 done
 cp -f "$EXT/build.log" "$OUT/te_build.log" 2>/dev/null

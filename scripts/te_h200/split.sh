@@ -64,7 +64,7 @@ tracked = subprocess.run(git + ["ls-files", "-z", "--cached", "--others", "--exc
 files = [dest / f.decode() for f in tracked if f]
 files = [p for p in files if not p.relative_to(dest).parts[0].startswith(".te")]  # ours
 tree = sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
-te0 = du([dest / ".te0"])
+te0 = du([dest / ".te0"]) + 65536   # + MANIFEST and SHA256SUMS, written below
 whl = du([dest / ".whl"]) if (dest / ".whl").exists() else 0
 # room for chunk bytes in each of n calls: call 1 also carries .te0, the last one also .whl
 def room(n):
