@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
-from nvfp4_megatron.formats._checks import (
-    amax_tensor,
+from nvfp4_megatron.formats.inputs import (
+    global_amax,
     check_float_input,
     check_tile,
 )
@@ -178,12 +178,7 @@ def quantize_nvfp4(
     else:
         x_fp32 = x.float().reshape(rows, k)
 
-    if amax is not None:
-        amax_fp32 = amax_tensor(amax, device=x.device)
-    elif x_fp32.numel() == 0:
-        amax_fp32 = torch.zeros((), dtype=torch.float32, device=x.device)
-    else:
-        amax_fp32 = x_fp32.abs().amax()
+    amax_fp32 = global_amax(x_fp32, amax)
     s_enc, s_dec = nvfp4_global_scales(amax_fp32)
 
     inv6_fp32 = torch.tensor(1.0 / F4_E2M1_MAX, dtype=torch.float32, device=x.device)

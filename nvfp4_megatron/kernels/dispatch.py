@@ -23,6 +23,7 @@ import logging
 import torch
 
 from nvfp4_megatron import formats
+from nvfp4_megatron.formats.inputs import global_amax
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,7 @@ def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
 
         s = rht_signs_on(x.device, rht_signs) if rht else None
         return amax_2d(as_2d(x), signs_fp32=s)
-    x_fp32 = formats.apply_rht(x, rht_signs) if rht else x.float()
-    if x_fp32.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    return x_fp32.abs().amax()
+    return global_amax(formats.apply_rht(x, rht_signs) if rht else x.float())
 
 
 def quantize_nvfp4(x: torch.Tensor, **kwargs) -> formats.NVFP4Tensor:

@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the one list of model-shape fields; imported for the annotation only
+    from .model_stats import ModelShape
 
 __all__ = [
     "LayoutError",
-    "ModelDims",
+    "check_world",
     "ParallelLayout",
     "make_layout",
     "rank_coordinates",
@@ -55,22 +59,6 @@ class LayoutError(ValueError):
         self.problems = list(problems)
         text = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid parallel layout ({summary}):\n{text}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelDims:
-    """The model sizes a layout must divide (Megatron field names)."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int | None = None
-    num_moe_experts: int | None = None
-    moe_ffn_hidden_size: int | None = None
-    seq_length: int
-    hybrid_override_pattern: str | None = None
-    mamba_num_heads: int | None = None
-    mamba_num_groups: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +140,62 @@ def split_hybrid_pattern(pattern: str, pp: int) -> list[str]:
     return [pattern[i * n : (i + 1) * n] for i in range(pp)]
 
 
+def _world_problems(world_size: int, *, tp: int, cp: int, pp: int, ep: int, etp: int,
+                    **other_sizes: int) -> tuple[list[str], int | None, int | None]:
+    """The rules between the group sizes and the world: (problems, DP, EDP).
+
+    Every size must be a positive integer (DP and EDP are None otherwise); TP x CP x PP and
+    ETP x EP x PP must divide ``world_size`` (DP / EDP are 0 where they do not).
+    """
+    sizes = {
+        "world_size": world_size,
+        "tensor_model_parallel_size (TP)": tp,
+        "context_parallel_size (CP)": cp,
+        "pipeline_model_parallel_size (PP)": pp,
+        "expert_model_parallel_size (EP)": ep,
+        "expert_tensor_parallel_size (ETP)": etp,
+        **other_sizes,
+    }
+    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
+           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        return bad, None, None
+    problems: list[str] = []
+    attn = tp * cp * pp
+    if world_size % attn:
+        problems.append(
+            f"attention group TP={tp} x CP={cp} x PP={pp} = {attn} does not divide "
+            f"world_size={world_size} (data-parallel size would be {world_size / attn:.3g}); "
+            f"change the layout or launch a multiple of {attn} processes"
+        )
+    expert = etp * ep * pp
+    if world_size % expert:
+        problems.append(
+            f"expert group ETP={etp} x EP={ep} x PP={pp} = {expert} does not divide "
+            f"world_size={world_size} (expert data-parallel size would be "
+            f"{world_size / expert:.3g}); change the layout or launch a multiple of {expert} "
+            f"processes"
+        )
+    dp = world_size // attn if not world_size % attn else 0
+    edp = world_size // expert if not world_size % expert else 0
+    return problems, dp, edp
+
+
+def check_world(world_size: int, *, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None) -> int:
+    """Check that the group sizes fit ``world_size``; return the (attention) data-parallel size.
+
+    The world-size part of :func:`make_layout`, for callers that know no model (the process-group
+    start-up). Raises :class:`LayoutError` naming every size.
+    """
+    etp = tp if etp is None else etp
+    problems, dp, _ = _world_problems(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+    if problems:
+        raise LayoutError(problems, summary=f"world={world_size} TP={tp} CP={cp} PP={pp} "
+                                            f"EP={ep} ETP={etp}")
+    return dp
+
+
 def make_layout(
     *,
     world_size: int,
@@ -163,49 +207,26 @@ def make_layout(
     sequence_parallel: bool = False,
     micro_batch_size: int = 1,
     global_batch_size: int,
-    model: ModelDims,
+    model: "ModelShape",
 ) -> ParallelLayout:
     """Validate a layout over ``world_size`` and return it with DP and EDP derived.
 
     ``etp=None`` means "same as TP" (Megatron's default when expert_tensor_parallel_size is
-    unset). Raises :class:`LayoutError` listing every violated rule with the sizes involved.
+    unset). ``model`` is a :class:`~nvfp4_megatron.parallel.model_stats.ModelShape`. Raises
+    :class:`LayoutError` listing every violated rule with the sizes involved. The world-size rules
+    are :func:`check_world`'s, the one check ``platform.distributed`` runs before Megatron builds
+    its groups.
     """
     etp = tp if etp is None else etp
-    sizes = {
-        "world_size": world_size,
-        "tensor_model_parallel_size (TP)": tp,
-        "context_parallel_size (CP)": cp,
-        "pipeline_model_parallel_size (PP)": pp,
-        "expert_model_parallel_size (EP)": ep,
-        "expert_tensor_parallel_size (ETP)": etp,
-        "micro_batch_size": micro_batch_size,
-        "global_batch_size": global_batch_size,
-    }
+    problems, dp, edp = _world_problems(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp,
+                                        micro_batch_size=micro_batch_size,
+                                        global_batch_size=global_batch_size)
     summary = (
         f"world={world_size} TP={tp} CP={cp} PP={pp} EP={ep} ETP={etp} "
         f"MBS={micro_batch_size} GBS={global_batch_size}"
     )
-    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
-           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    if bad:
-        raise LayoutError(bad, summary=summary)
-
-    problems: list[str] = []
-    attn = tp * cp * pp
-    if world_size % attn:
-        problems.append(
-            f"attention group TP={tp} x CP={cp} x PP={pp} = {attn} does not divide "
-            f"world_size={world_size} (data-parallel size would be {world_size / attn:.3g})"
-        )
-    expert = etp * ep * pp
-    if world_size % expert:
-        problems.append(
-            f"expert group ETP={etp} x EP={ep} x PP={pp} = {expert} does not divide "
-            f"world_size={world_size} (expert data-parallel size would be "
-            f"{world_size / expert:.3g})"
-        )
-    dp = world_size // attn if not world_size % attn else 0
-    edp = world_size // expert if not world_size % expert else 0
+    if dp is None:  # a size is not a positive integer: nothing else can be checked
+        raise LayoutError(problems, summary=summary)
 
     m = model
     if m.num_attention_heads % tp:
@@ -345,14 +366,6 @@ def rank_groups(layout: ParallelLayout) -> dict[str, list[list[int]]]:
         "edp": _groups(e, EXPERT_ORDER, ("edp",)),
         "etp_ep": _groups(e, EXPERT_ORDER, ("etp", "ep")),
     }
-
-
-def group_of(groups: list[list[int]], rank: int) -> int:
-    """Index of the group in ``groups`` containing ``rank``."""
-    for i, g in enumerate(groups):
-        if rank in g:
-            return i
-    raise ValueError(f"rank {rank} is in no group")
 
 
 def is_partition(groups: list[list[int]], world: int) -> bool:

@@ -26,10 +26,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hardware import (DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute,
-                       runs_native)
-from .layout import LayoutError, ModelDims, ParallelLayout, make_layout, rank_coordinates, rank_groups
-from .model_stats import (Flops, ModelShape, StageMemory, _get, flops_per_step, memory_per_gpu,
+from .hardware import DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute, runs_native
+from .layout import LayoutError, ParallelLayout, make_layout, rank_coordinates, rank_groups
+from .model_stats import (Flops, ModelShape, StageMemory, cfg_get, flops_per_step, memory_per_gpu,
                           meta_param_count, param_count)
 
 __all__ = ["Plan", "plan", "run_dry_run", "format_plan", "RANK_TABLE_MAX_WORLD"]
@@ -118,7 +117,7 @@ class Plan:
 
 
 def _int(node: Any, key: str, default: Any) -> Any:
-    v = _get(node, key, default)
+    v = cfg_get(node, key, default)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
@@ -126,35 +125,12 @@ def _int(node: Any, key: str, default: Any) -> Any:
     return int(v)
 
 
-def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
-    """Global 0-based BF16 block indices: the config's first/last/explicit blocks, where a key
-    left at None takes the registered recipe's default (as the training code does)."""
-    from nvfp4_megatron.quant.registry import get_recipe
-
-    default = get_recipe(recipe).layers
-    first = _int(precision, "bf16_first_blocks", None)
-    last = _int(precision, "bf16_last_blocks", None)
-    explicit = _get(precision, "bf16_blocks", None)
-    first = default.bf16_first_blocks if first is None else first
-    last = default.bf16_last_blocks if last is None else last
-    explicit = list(default.bf16_blocks if explicit is None else explicit)
-    if first < 0 or last < 0 or first + last > num_layers:
-        raise ValueError(
-            f"precision.bf16_first_blocks={first} + bf16_last_blocks={last} must be >= 0 and at "
-            f"most num_layers={num_layers}"
-        )
-    bad = [i for i in explicit if not isinstance(i, int) or not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"precision.bf16_blocks has indices {bad} outside 0..{num_layers - 1}")
-    return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
-
-
 def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) -> ParallelLayout:
     """The layout of ``cfg`` (``parallel``, ``train`` batch sizes, ``model``) over ``world_size``,
     validated by :func:`make_layout` (LayoutError listing every violated rule). Used by the dry
     run and, before Megatron starts, by the training loop."""
-    m = ModelShape.from_cfg(_get(cfg, "model")) if model is None else model
-    par, train = _get(cfg, "parallel"), _get(cfg, "train")
+    m = ModelShape.from_cfg(cfg_get(cfg, "model")) if model is None else model
+    par, train = cfg_get(cfg, "parallel"), cfg_get(cfg, "train")
     gbs = _int(train, "global_batch_size", None)
     if gbs is None:
         raise ValueError("train.global_batch_size is required")
@@ -165,27 +141,26 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None) ->
         pp=_int(par, "pipeline_model_parallel_size", 1),
         ep=_int(par, "expert_model_parallel_size", 1),
         etp=_int(par, "expert_tensor_parallel_size", None),
-        sequence_parallel=bool(_get(par, "sequence_parallel", False)),
+        sequence_parallel=bool(cfg_get(par, "sequence_parallel", False)),
         micro_batch_size=_int(train, "micro_batch_size", 1),
         global_batch_size=gbs,
-        model=ModelDims(
-            num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-            num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-            seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
-            mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
-        ),
+        model=m,
     )
 
 
 def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     """Validate and estimate one run. Raises LayoutError (a ValueError) for a layout that does not
     fit, ValueError for bad config values."""
-    m = ModelShape.from_cfg(cfg.model)
-    train, prec = _get(cfg, "train"), _get(cfg, "precision")
-    planner_cfg = _get(cfg, "planner")
-    recipe = str(_get(prec, "recipe", "bf16"))
-    rc = recipe_compute(recipe)
+    from nvfp4_megatron.quant.recipe import bf16_block_set
+    from nvfp4_megatron.quant.registry import recipe_from_config
+
+    m = ModelShape.from_cfg(cfg_get(cfg, "model"))
+    train = cfg_get(cfg, "train")
+    planner_cfg = cfg_get(cfg, "planner")
+    # the training code's reading of the precision group: BF16 blocks, overrides, defaults
+    prec = recipe_from_config(cfg_get(cfg, "precision", {}))
+    recipe = prec.name
+    rc = recipe_compute(prec)
     layout = run_layout(cfg, world_size, model=m)
     gbs = layout.global_batch_size
     notes: list[str] = []
@@ -200,14 +175,15 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
         notes.append("parameter count is analytic (no meta-device build for this model)")
 
     quantized = rc.gemm_class != "bf16"
-    bf16_layers = _bf16_layers(prec, recipe, m.num_layers) if quantized else list(range(m.num_layers))
+    bf16_layers = (sorted(bf16_block_set(prec.layers, m.num_layers)) if quantized
+                   else list(range(m.num_layers)))
     tokens_per_step = gbs * m.seq_length
     flops = flops_per_step(m, tokens_per_step, bf16_layers=set(bf16_layers), quantized=quantized)
     stages = memory_per_gpu(m, layout, act_bytes=rc.act_bytes, weight_bytes=rc.weight_bytes,
                             bf16_layers=set(bf16_layers))
 
-    gpu = get_gpu(_get(planner_cfg, "gpu_type", DEFAULT_GPU))
-    mfu = float(_get(planner_cfg, "assumed_mfu", DEFAULT_ASSUMED_MFU))
+    gpu = get_gpu(cfg_get(planner_cfg, "gpu_type", DEFAULT_GPU))
+    mfu = float(cfg_get(planner_cfg, "assumed_mfu", DEFAULT_ASSUMED_MFU))
     if not 0 < mfu <= 1:
         raise ValueError(f"planner.assumed_mfu={mfu} must be in (0, 1]")
     native = runs_native(gpu, rc)
@@ -223,8 +199,8 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     step_time = compute_s * bubble
     bound_s = bubble * (flops.total / w) / (gpu.bf16_tflops * 1e12 * mfu)
 
-    train_tokens = _get(train, "train_tokens")
-    train_iters = _get(train, "train_iters")
+    train_tokens = cfg_get(train, "train_tokens")
+    train_iters = cfg_get(train, "train_iters")
     if train_tokens is not None:
         train_tokens = int(float(train_tokens))
         steps = math.ceil(train_tokens / tokens_per_step)
@@ -335,7 +311,7 @@ def run_dry_run(cfg: Any) -> Plan:
 
     A layout that does not fit is printed to stderr and the process exits with status 2.
     """
-    world = _get(cfg, "world_size")
+    world = cfg_get(cfg, "world_size")
     if world is None:
         raise ValueError("dry_run=true needs world_size=N (the number of GPUs to plan for)")
     try:
@@ -344,7 +320,7 @@ def run_dry_run(cfg: Any) -> Plan:
         print(f"dry run refused: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from err
     print(format_plan(p), flush=True)
-    run_dir = _get(cfg, "run_dir") or os.getcwd()
+    run_dir = cfg_get(cfg, "run_dir") or os.getcwd()
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(str(run_dir), "plan.json")
     with open(path, "w") as f:

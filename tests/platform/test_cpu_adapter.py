@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nvfp4_megatron.platform import cpu_adapter
-from nvfp4_megatron.platform.distributed import validate_layout
+from nvfp4_megatron.parallel.layout import LayoutError, check_world
 
 HERE = Path(__file__).parent
 
@@ -107,20 +107,20 @@ def test_cpu_rng_tracker_fork_is_reproducible():
 
 
 @pytest.mark.parametrize(
-    "sizes, world",
-    [(dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6),
-     (dict(expert_model_parallel_size=4, expert_tensor_parallel_size=1), 6)],
+    "sizes, world, rule",
+    [(dict(tp=2, pp=2), 6, "attention group TP=2 x CP=1 x PP=2 = 4 does not divide world_size=6"),
+     (dict(ep=4, etp=1), 6, "expert group ETP=1 x EP=4 x PP=1 = 4 does not divide world_size=6")],
 )
-def test_layout_that_does_not_divide_names_every_size(sizes, world):
-    with pytest.raises(ValueError) as e:
-        validate_layout(world_size=world, **sizes)
+def test_layout_that_does_not_divide_names_every_size(sizes, world, rule):
+    with pytest.raises(LayoutError) as e:
+        check_world(world, **sizes)
     msg = str(e.value)
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "context_parallel_size", "expert_model_parallel_size",
-                 "expert_tensor_parallel_size", f"world size {world}"):
-        assert name in msg
+    assert rule in msg
+    assert f"world={world} TP={sizes.get('tp', 1)} CP=1 PP={sizes.get('pp', 1)} " \
+           f"EP={sizes.get('ep', 1)} ETP={sizes.get('etp', sizes.get('tp', 1))}" in msg
 
 
 def test_layout_fits():
-    assert validate_layout(world_size=8, tensor_model_parallel_size=2,
-                           pipeline_model_parallel_size=2) == 2
+    assert check_world(8, tp=2, pp=2) == 2
+    with pytest.raises(LayoutError, match="tensor_model_parallel_size \\(TP\\)=0 must be a positive"):
+        check_world(8, tp=0)
