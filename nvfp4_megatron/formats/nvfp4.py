@@ -157,15 +157,20 @@ def quantize_nvfp4(
     rand: torch.Tensor | None = None,
     amax: torch.Tensor | float | None = None,
 ) -> NVFP4Tensor:
-    """Quantize ``x`` (BF16/FP16/FP32, any rank >= 1) to NVFP4 along its last dimension.
+    """Quantize ``x`` to NVFP4 along its last dimension (docs/formats.md "NVFP4").
 
-    tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
-    rht: apply the 16x16 RHT (``rht_signs``, default ``DEFAULT_RHT_SIGNS``) first, its output
-        rounded to ``x.dtype`` (``apply_rht``).
-    stochastic_rounding: SR with ``generator`` or explicit uniforms ``rand`` (shape of ``x``,
-        in the RHT basis order when ``rht``); otherwise round-to-nearest-even.
-    amax: a pre-reduced global amax (e.g. max over the TP group); default ``amax(|x|)``
-        (post-RHT when ``rht``).
+    Args:
+        x: BF16/FP16/FP32, rank >= 1, last dimension a multiple of 16.
+        tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
+        rht, rht_signs: apply the 16x16 RHT first (signs default ``DEFAULT_RHT_SIGNS``), its
+            output rounded to ``x.dtype`` (``apply_rht``).
+        stochastic_rounding, generator, rand: SR with ``generator`` or explicit uniforms ``rand``
+            (shape of ``x``, RHT basis order when ``rht``); otherwise round-to-nearest-even.
+        amax: a pre-reduced global amax (e.g. over the TP group); default ``max |x|`` (post-RHT
+            when ``rht``), 0 for an empty tensor.
+
+    Returns:
+        ``NVFP4Tensor``: packed E2M1 codes, E4M3 block scales, FP32 global scales.
     """
     tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
                                      generator=generator, rand=rand)
