@@ -65,18 +65,11 @@ def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
     return global_amax(formats.apply_rht(x, rht_signs) if rht else x.float())
 
 
-def quantize_nvfp4(
-    x: torch.Tensor,
-    *,
-    tile: tuple[int, int] = (1, 16),
-    rht: bool = False,
-    rht_signs=None,
-    stochastic_rounding: bool = False,
-    generator: torch.Generator | None = None,
-    rand: torch.Tensor | None = None,
-    amax: torch.Tensor | float | None = None,
-    config: dict | None = None,
-) -> formats.NVFP4Tensor:
+def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: bool = False,
+                   rht_signs=None, stochastic_rounding: bool = False,
+                   generator: torch.Generator | None = None, rand: torch.Tensor | None = None,
+                   amax: torch.Tensor | float | None = None,
+                   config: dict | None = None) -> formats.NVFP4Tensor:
     """NVFP4 of ``x`` along its last dimension (docs/formats.md "NVFP4").
 
     Args:
