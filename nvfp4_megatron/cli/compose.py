@@ -21,6 +21,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from nvfp4_megatron.cli import schema
+from nvfp4_megatron.training.config import to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -225,8 +226,3 @@ def composition_info(overrides: Sequence[str] = ()) -> dict:
                      for d in defaults.defaults
                      if not (d.config_path or "").startswith("hydra/")],
     }
-
-
-def to_plain(cfg: DictConfig) -> dict:
-    """The config as plain Python (enums as their names) for code that should not see OmegaConf."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -13,7 +13,6 @@ searchpath]`` (config search path, group choices, defaults list, config). Any ot
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Sequence
 
@@ -193,18 +192,6 @@ def _print_info(cfg, overrides: list[str], what: str) -> int:
     return 0
 
 
-def _dry_run(cfg) -> None:
-    if importlib.util.find_spec("nvfp4_megatron.parallel.planner") is None:
-        raise NotImplementedError(
-            "dry_run=true needs nvfp4_megatron.parallel.planner.run_dry_run, which is not present"
-        )
-    from nvfp4_megatron.parallel import planner
-
-    if not hasattr(planner, "run_dry_run"):
-        raise NotImplementedError("nvfp4_megatron.parallel.planner has no run_dry_run(cfg) yet")
-    planner.run_dry_run(cfg)
-
-
 def _multirun(overrides: list[str], nproc: int) -> int:
     import os
 
@@ -248,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "info" in flags:
         return _print_info(cfg, overrides, flags["info"])
     if cfg.dry_run:
-        _dry_run(cfg)  # launches nothing
+        from nvfp4_megatron.parallel.planner import run_dry_run
+
+        run_dry_run(cfg)  # launches nothing
         return 0
     from nvfp4_megatron.training.checkpoint import CheckpointSaveError
     from nvfp4_megatron.training.loop import SimulatedCrash, TrainingDiverged, run

@@ -70,55 +70,25 @@ def num(default: Any, *, ge: float | None = None, gt: float | None = None,
                  metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt, note=note)})
 
 
-class Activation(enum.Enum):
-    gelu = "gelu"
-    swiglu = "swiglu"
-    squared_relu = "squared_relu"
+def _choices(name: str, *values: str) -> type[enum.Enum]:
+    """An Enum whose members are named as their values (OmegaConf lists them in its errors)."""
+    return enum.Enum(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-class Normalization(enum.Enum):
-    RMSNorm = "RMSNorm"
-    LayerNorm = "LayerNorm"
-
-
-class PositionEmbedding(enum.Enum):
-    rope = "rope"
-    none = "none"
-    learned_absolute = "learned_absolute"
-
-
-class LRSchedule(enum.Enum):
-    wsd = "wsd"
-    cosine = "cosine"
-    constant = "constant"
-
-
-class CkptOptimFormat(enum.Enum):
-    """Distributed-optimizer checkpoint format (training/checkpoint.py)."""
-    dp_reshardable = "dp_reshardable"  # fast; loads only into the same TP/PP/EP/expert-TP
-    fully_reshardable = "fully_reshardable"  # loads into any layout (e.g. saved TP2, loaded TP1)
-
-
-class SwitchScope(enum.Enum):
-    all = "all"
-    fprop = "fprop"
-
-
-class Backend(enum.Enum):
-    auto = "auto"
-    te = "te"
-    emulated = "emulated"
-
-
-class TokenDispatcher(enum.Enum):
-    alltoall = "alltoall"
-    allgather = "allgather"
-    flex = "flex"
-
-
-class TokenizerType(enum.Enum):
-    byte = "byte"  # 256 byte values + end-of-document
-    bpe = "bpe"  # byte-level BPE trained locally with Hugging Face `tokenizers`
+Activation = _choices("Activation", "gelu", "swiglu", "squared_relu")
+Normalization = _choices("Normalization", "RMSNorm", "LayerNorm")
+PositionEmbedding = _choices("PositionEmbedding", "rope", "none", "learned_absolute")
+LRSchedule = _choices("LRSchedule", "wsd", "cosine", "constant")
+# distributed-optimizer checkpoint format (training/checkpoint.py): dp_reshardable is fast and
+# loads only into the same TP/PP/EP/expert-TP; fully_reshardable loads into any layout (e.g.
+# saved TP2, loaded TP1)
+CkptOptimFormat = _choices("CkptOptimFormat", "dp_reshardable", "fully_reshardable")
+SwitchScope = _choices("SwitchScope", "all", "fprop")
+Backend = _choices("Backend", "auto", "te", "emulated")
+TokenDispatcher = _choices("TokenDispatcher", "alltoall", "allgather", "flex")
+# byte: 256 byte values + end-of-document; bpe: byte-level BPE trained locally with Hugging
+# Face `tokenizers`
+TokenizerType = _choices("TokenizerType", "byte", "bpe")
 
 
 class MambaScan(enum.Enum):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 F4_E2M1_MAX = 6.0  # largest E2M1 magnitude: 1.5 * 2^2
-F4_E2M1_MAX_POW2 = 2  # exponent of the largest E2M1 power of two (4 = 2^2)
 F8E4M3_MAX = 448.0  # largest float8_e4m3fn: 1.75 * 2^8
-F8E4M3_MIN_SUBNORMAL = 2.0**-9  # smallest positive float8_e4m3fn: 0.125 * 2^-6
 F8E5M2_MAX = 57344.0  # largest float8_e5m2: 1.75 * 2^15
 FP32_MAX = torch.finfo(torch.float32).max  # 3.4028234663852886e38
 

@@ -24,8 +24,8 @@ import dataclasses
 
 import torch
 
-from nvfp4_megatron.formats._checks import (
-    amax_tensor,
+from nvfp4_megatron.formats.inputs import (
+    global_amax,
     check_float_input,
     check_tile,
     check_fp8_dtype,
@@ -74,12 +74,7 @@ def quantize_fp8_current(
     check_float_input(x, min_ndim=0)
     check_fp8_dtype(fp8_dtype)
     x_fp32 = x.float()
-    if amax is not None:
-        amax_fp32 = amax_tensor(amax, device=x.device)
-    elif x_fp32.numel() == 0:
-        amax_fp32 = torch.zeros((), dtype=torch.float32, device=x.device)
-    else:
-        amax_fp32 = x_fp32.abs().amax()
+    amax_fp32 = global_amax(x_fp32, amax)
     scale = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
     return FP8Tensor(
         data=fp8_rne_satfinite(x_fp32 * scale, fp8_dtype),

@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from nvfp4_megatron.formats._checks import check_float_input
+from nvfp4_megatron.formats.inputs import check_float_input
 from nvfp4_megatron.formats.constants import E2M1_GRID, F4_E2M1_MAX
 from nvfp4_megatron.formats.e2m1 import decode_e2m1, encode_e2m1_rne
 

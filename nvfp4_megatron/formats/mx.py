@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from nvfp4_megatron.formats._checks import check_float_input, check_last_dim_divisible
+from nvfp4_megatron.formats.inputs import check_float_input, check_last_dim_divisible
 from nvfp4_megatron.formats.constants import F4_E2M1_MAX, FP8_DTYPES, FP8_MAX, MX_BLOCK_SIZE
 from nvfp4_megatron.formats.e2m1 import decode_e2m1, encode_e2m1_rne, pack_e2m1, unpack_e2m1
 from nvfp4_megatron.formats.rounding import (

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
-from nvfp4_megatron.formats._checks import (
-    amax_tensor,
+from nvfp4_megatron.formats.inputs import (
+    global_amax,
     check_float_input,
     check_tile,
 )
@@ -157,15 +157,20 @@ def quantize_nvfp4(
     rand: torch.Tensor | None = None,
     amax: torch.Tensor | float | None = None,
 ) -> NVFP4Tensor:
-    """Quantize ``x`` (BF16/FP16/FP32, any rank >= 1) to NVFP4 along its last dimension.
+    """Quantize ``x`` to NVFP4 along its last dimension (docs/formats.md "NVFP4").
 
-    tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
-    rht: apply the 16x16 RHT (``rht_signs``, default ``DEFAULT_RHT_SIGNS``) first, its output
-        rounded to ``x.dtype`` (``apply_rht``).
-    stochastic_rounding: SR with ``generator`` or explicit uniforms ``rand`` (shape of ``x``,
-        in the RHT basis order when ``rht``); otherwise round-to-nearest-even.
-    amax: a pre-reduced global amax (e.g. max over the TP group); default ``amax(|x|)``
-        (post-RHT when ``rht``).
+    Args:
+        x: BF16/FP16/FP32, rank >= 1, last dimension a multiple of 16.
+        tile: ``(1, 16)`` or ``(16, 16)`` (2D; rows = prod(leading dims) must divide by 16).
+        rht, rht_signs: apply the 16x16 RHT first (signs default ``DEFAULT_RHT_SIGNS``), its
+            output rounded to ``x.dtype`` (``apply_rht``).
+        stochastic_rounding, generator, rand: SR with ``generator`` or explicit uniforms ``rand``
+            (shape of ``x``, RHT basis order when ``rht``); otherwise round-to-nearest-even.
+        amax: a pre-reduced global amax (e.g. over the TP group); default ``max |x|`` (post-RHT
+            when ``rht``), 0 for an empty tensor.
+
+    Returns:
+        ``NVFP4Tensor``: packed E2M1 codes, E4M3 block scales, FP32 global scales.
     """
     tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
                                      generator=generator, rand=rand)
@@ -178,12 +183,7 @@ def quantize_nvfp4(
     else:
         x_fp32 = x.float().reshape(rows, k)
 
-    if amax is not None:
-        amax_fp32 = amax_tensor(amax, device=x.device)
-    elif x_fp32.numel() == 0:
-        amax_fp32 = torch.zeros((), dtype=torch.float32, device=x.device)
-    else:
-        amax_fp32 = x_fp32.abs().amax()
+    amax_fp32 = global_amax(x_fp32, amax)
     s_enc, s_dec = nvfp4_global_scales(amax_fp32)
 
     inv6_fp32 = torch.tensor(1.0 / F4_E2M1_MAX, dtype=torch.float32, device=x.device)

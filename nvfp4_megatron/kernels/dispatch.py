@@ -23,6 +23,7 @@ import logging
 import torch
 
 from nvfp4_megatron import formats
+from nvfp4_megatron.formats.inputs import global_amax
 
 logger = logging.getLogger(__name__)
 
@@ -61,39 +62,96 @@ def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
 
         s = rht_signs_on(x.device, rht_signs) if rht else None
         return amax_2d(as_2d(x), signs_fp32=s)
-    x_fp32 = formats.apply_rht(x, rht_signs) if rht else x.float()
-    if x_fp32.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    return x_fp32.abs().amax()
+    return global_amax(formats.apply_rht(x, rht_signs) if rht else x.float())
 
 
-def quantize_nvfp4(x: torch.Tensor, **kwargs) -> formats.NVFP4Tensor:
+def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: bool = False,
+                   rht_signs=None, stochastic_rounding: bool = False,
+                   generator: torch.Generator | None = None, rand: torch.Tensor | None = None,
+                   amax: torch.Tensor | float | None = None,
+                   config: dict | None = None) -> formats.NVFP4Tensor:
+    """NVFP4 of ``x`` along its last dimension (docs/formats.md "NVFP4").
+
+    Args:
+        x: BF16/FP16/FP32, last dimension a multiple of 16.
+        tile: ``(1, 16)`` or ``(16, 16)`` (2D weight tiles).
+        rht, rht_signs: random Hadamard transform on 16-element chunks, and its signs.
+        stochastic_rounding, generator, rand: SR to E2M1; ``rand`` gives the uniforms explicitly.
+        amax: a global amax to use instead of ``max |x|`` (e.g. TP-reduced).
+        config: Triton tile sizes (kernel path only).
+
+    Returns:
+        ``formats.NVFP4Tensor`` (packed codes, E4M3 block scales, global scales).
+    """
+    kw = dict(tile=tile, rht=rht, rht_signs=rht_signs, stochastic_rounding=stochastic_rounding,
+              generator=generator, rand=rand, amax=amax)
     if uses_kernel(x):
         from nvfp4_megatron.kernels import nvfp4
 
-        return nvfp4.quantize_nvfp4(x, **kwargs)
-    return formats.quantize_nvfp4(x, **kwargs)
+        return nvfp4.quantize_nvfp4(x, **kw, config=config)
+    return formats.quantize_nvfp4(x, **kw)
 
 
-def quantize_mx(x: torch.Tensor, elem_dtype, **kwargs) -> formats.MXTensor:
+def quantize_mx(x: torch.Tensor, elem_dtype, *, block: int = 32,
+                config: dict | None = None) -> formats.MXTensor:
+    """MX (E8M0-scaled) quantization of ``x`` along its last dimension.
+
+    Args:
+        x: BF16/FP16/FP32, last dimension a multiple of ``block``.
+        elem_dtype: ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` (MXFP8) or ``"e2m1"`` (MXFP4).
+        block: elements per scale (32 in OCP MX; other sizes run the reference on CUDA too).
+        config: Triton tile sizes (kernel path only).
+
+    Returns:
+        ``formats.MXTensor``.
+    """
     if uses_kernel(x):
-        if kwargs.get("block", 32) == 32:
+        if block == 32:
             from nvfp4_megatron.kernels import mx
 
-            return mx.quantize_mx(x, elem_dtype, **kwargs)
-        _log_reference_once(f"quantize_mx(block={kwargs['block']})")
-    return formats.quantize_mx(x, elem_dtype, **kwargs)
+            return mx.quantize_mx(x, elem_dtype, block=block, config=config)
+        _log_reference_once(f"quantize_mx(block={block})")
+    return formats.quantize_mx(x, elem_dtype, block=block)
 
 
-def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs) -> formats.FP8Tensor:
+def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, *, pow2_scale: bool = False,
+                         amax: torch.Tensor | float | None = None,
+                         config: dict | None = None) -> formats.FP8Tensor:
+    """Per-tensor current-scaling FP8 of ``x``.
+
+    Args:
+        x: BF16/FP16/FP32, any shape.
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        pow2_scale: round the scale down to a power of two.
+        amax: a global amax to use instead of ``max |x|``.
+        config: Triton tile sizes (kernel path only).
+
+    Returns:
+        ``formats.FP8Tensor``.
+    """
     if uses_kernel(x):
         from nvfp4_megatron.kernels import fp8
 
-        return fp8.quantize_fp8_current(x, fp8_dtype, **kwargs)
-    return formats.quantize_fp8_current(x, fp8_dtype, **kwargs)
+        return fp8.quantize_fp8_current(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax,
+                                        config=config)
+    return formats.quantize_fp8_current(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax)
 
 
-def quantize_fp8_block(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs) -> formats.FP8BlockTensor:
+def quantize_fp8_block(x: torch.Tensor, fp8_dtype: torch.dtype, *,
+                       tile: tuple[int, int] = (1, 128),
+                       pow2_scale: bool = False) -> formats.FP8BlockTensor:
+    """Block-scaled FP8 of ``x`` (one FP32 scale per 1x128 or 128x128 tile). No kernel: the
+    reference runs on CUDA too (logged once).
+
+    Args:
+        x: BF16/FP16/FP32, last dimension a multiple of 128 (rows too for 128x128).
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        tile: ``(1, 128)`` or ``(128, 128)``.
+        pow2_scale: round the scales down to powers of two.
+
+    Returns:
+        ``formats.FP8BlockTensor``.
+    """
     if uses_kernel(x):
         _log_reference_once("quantize_fp8_block")
-    return formats.quantize_fp8_block(x, fp8_dtype, **kwargs)
+    return formats.quantize_fp8_block(x, fp8_dtype, tile=tile, pow2_scale=pow2_scale)

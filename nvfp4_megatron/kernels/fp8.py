@@ -69,7 +69,7 @@ def quantize_fp8_current(
     config: dict | None = None,
 ) -> FP8Tensor:
     """Triton twin of ``formats.quantize_fp8_current`` (same arguments, same ``FP8Tensor``, same bits)."""
-    from nvfp4_megatron.formats._checks import amax_tensor, check_float_input, check_fp8_dtype
+    from nvfp4_megatron.formats.inputs import amax_tensor, check_float_input, check_fp8_dtype
 
     check_float_input(x, min_ndim=0)
     check_fp8_dtype(fp8_dtype)

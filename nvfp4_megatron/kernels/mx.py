@@ -93,7 +93,7 @@ def quantize_mx(
     x: torch.Tensor, elem_dtype, *, block: int = 32, config: dict | None = None
 ) -> MXTensor:
     """Triton twin of ``formats.quantize_mx`` (same arguments, same ``MXTensor``, same bits)."""
-    from nvfp4_megatron.formats._checks import check_float_input, check_last_dim_divisible
+    from nvfp4_megatron.formats.inputs import check_float_input, check_last_dim_divisible
     from nvfp4_megatron.kernels.nvfp4 import as_2d
 
     what = "quantize_mx"

@@ -195,7 +195,7 @@ def quantize_nvfp4(
     config: dict | None = None,
 ) -> NVFP4Tensor:
     """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Tensor``, same bits for RNE)."""
-    from nvfp4_megatron.formats._checks import amax_tensor
+    from nvfp4_megatron.formats.inputs import amax_tensor
     from nvfp4_megatron.formats.nvfp4 import check_nvfp4_args
 
     tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,

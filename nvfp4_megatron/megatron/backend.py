@@ -207,9 +207,9 @@ def apply_backend_precision(model_chunks, recipe: PrecisionRecipe, choice: Backe
                                 log=False)
     table = dataclasses.replace(table, choice=choice.describe())
     if log:
-        from nvfp4_megatron.megatron.policy import _rank
+        from nvfp4_megatron.megatron.policy import process_rank
 
-        if _rank() == 0:
+        if process_rank() == 0:
             _log.info("\n%s", table.format())
     return table
 

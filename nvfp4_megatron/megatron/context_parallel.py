@@ -182,4 +182,7 @@ def route_megatron_rope_slice_to_cpu_safe() -> None:
         raise RuntimeError("route_megatron_rope_slice_to_cpu_safe is for CPU-only processes")
     from megatron.core.models.common.embeddings import rotary_pos_embedding
 
+    if not hasattr(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank"):
+        raise RuntimeError("rotary_pos_embedding.get_pos_emb_on_this_cp_rank does not exist in this "
+                           "Megatron-Core; re-check route_megatron_rope_slice_to_cpu_safe")
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank

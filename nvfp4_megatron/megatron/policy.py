@@ -88,14 +88,6 @@ def _chunks(model_chunks) -> list[torch.nn.Module]:
     return list(model_chunks)
 
 
-def _schedule_text(recipe: PrecisionRecipe) -> str:
-    s = recipe.schedule
-    if not s.enabled:
-        return "none"
-    when = f"step {s.at_step}" if s.at_step is not None else f"{s.at_tokens} tokens"
-    return f"bf16 switch ({s.scope}) at {when}"
-
-
 def _gemm_backend(tq_a, tq_b, device: torch.device) -> str:
     """What multiplies this GEMM on ``device``: a real FP8 GEMM or which emulation (quant.gemm)."""
     if not tq_a.is_quantized:
@@ -205,25 +197,26 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
         raise ValueError(f"recipe {recipe.name!r} quantizes GEMMs but the model has no quantized "
                          "linear layers; build it with nvfp4_megatron.megatron.spec_provider."
                          "quantized_gpt_layer_spec")
-    rows = _gather_rows(rows)
+    rows = gather_rows(rows)
     used = sorted({r.backend for r in rows if r.quantized})
     # name what runs: e.g. "emulated:fp32_reference" on CPU, "native:fp8_scaled_mm" on H100;
     # "bf16" when no GEMM is quantized (the bf16 recipe: Megatron's own linears multiply)
     backend = ",".join(used) if used else "bf16"
     table = PrecisionTable(recipe=recipe.name, backend=backend, num_blocks=num_blocks,
-                           bf16_blocks=tuple(sorted(bf16)), schedule=_schedule_text(recipe),
+                           bf16_blocks=tuple(sorted(bf16)), schedule=recipe.schedule.describe(),
                            rows=tuple(rows))
-    if log and _rank() == 0:
+    if log and process_rank() == 0:
         _log.info("\n%s", table.format())
     return table
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank in the default group (0 when torch.distributed is not started)."""
     d = torch.distributed
     return d.get_rank() if d.is_available() and d.is_initialized() else 0
 
 
-def _gather_rows(rows: Iterable[PrecisionRow]) -> list[PrecisionRow]:
+def gather_rows(rows: Iterable[PrecisionRow]) -> list[PrecisionRow]:
     """All ranks' rows, deduplicated (TP/DP replicas hold the same layers), sorted by block."""
     rows = list(rows)
     d = torch.distributed

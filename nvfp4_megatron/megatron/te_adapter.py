@@ -68,7 +68,6 @@ from typing import Any
 from nvfp4_megatron.quant.recipe import PrecisionRecipe, TensorQuant, bf16_block_set
 
 TE_MIN_VERSION = (2, 8)  # first release with NVFP4BlockScaling
-TE_FORMAT = {"e4m3": "E4M3", "e5m2": "E5M2"}
 # dispatchers that can pad the routing map (TransformerConfig refuses allgather / alltoall_seq)
 _ROUTER_PADDING_DISPATCHERS = ("alltoall", "flex")
 
@@ -656,7 +655,7 @@ def apply_te_precision(model_chunks, recipe: PrecisionRecipe, *, log: bool = Tru
     from megatron.core.fp8_utils import is_first_last_bf16_layer
 
     from nvfp4_megatron.megatron.policy import (
-        BLOCK_TYPES, PrecisionRow, PrecisionTable, _gather_rows, _rank, _schedule_text)
+        BLOCK_TYPES, PrecisionRow, PrecisionTable, gather_rows, process_rank)
     from nvfp4_megatron.quant import state as qstate
 
     chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
@@ -727,8 +726,8 @@ def apply_te_precision(model_chunks, recipe: PrecisionRecipe, *, log: bool = Tru
     table = PrecisionTable(recipe=recipe.name,
                            backend=f"te:{desc['te_class']}" if kind else "te-bf16",
                            num_blocks=num_blocks, bf16_blocks=bf16,
-                           schedule=_schedule_text(recipe), rows=tuple(_gather_rows(rows)),
+                           schedule=recipe.schedule.describe(), rows=tuple(gather_rows(rows)),
                            te_recipe=te_text)
-    if log and _rank() == 0:
+    if log and process_rank() == 0:
         _log.info("\n%s", table.format())
     return table

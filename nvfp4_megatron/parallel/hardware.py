@@ -1,4 +1,4 @@
-"""GPU peak rates and the precision class of each recipe, for the planner's time estimates.
+"""GPU peak rates and what a recipe's formats mean for compute, for the planner's estimates.
 
 Peak numbers are **dense** tensor-core rates per GPU in TFLOP/s (vendor datasheets quote the
 2:4-sparse rate for Hopper/Blackwell; dense = sparse / 2). Sources:
@@ -33,19 +33,18 @@ __all__ = [
     "RecipeCompute",
     "get_gpu",
     "recipe_compute",
+    "runs_native",
 ]
-
-DEFAULT_GPU = "B200"
-DEFAULT_ASSUMED_MFU = 0.40
-
 
 @dataclass(frozen=True, kw_only=True)
 class GpuPeak:
+    """One GPU's dense tensor-core peaks (TFLOP/s), its memory, and the datasheet they are from."""
+
     name: str
     bf16_tflops: float
     fp8_tflops: float
-    fp4_tflops: float | None  # None: no FP4 tensor cores
-    mxfp8_native: bool  # block-scaled (E8M0) MX GEMMs in hardware
+    fp4_tflops: float | None = None  # None: no FP4 tensor cores
+    mxfp8_native: bool = False  # block-scaled (E8M0) MX GEMMs in hardware
     memory_gib: float
     source: str
 
@@ -81,6 +80,10 @@ GPU_PEAKS: dict[str, GpuPeak] = {
 }
 
 
+DEFAULT_GPU = "B200"
+DEFAULT_ASSUMED_MFU = 0.40
+
+
 def get_gpu(name: str) -> GpuPeak:
     key = str(name).upper()
     if key not in GPU_PEAKS:
@@ -98,47 +101,57 @@ class RecipeCompute:
     mx: bool  # block-scaled MX (E8M0) format: native only where GpuPeak.mxfp8_native
 
 
-# Storage per element: NVFP4 = 4-bit code + one E4M3 scale per 16; MXFP4 = 4 bit + E8M0 per 32;
-# MXFP8 = 8 bit + E8M0 per 32; FP8 block = 8 bit + FP32 scale per 128 (1x128 activation tiles).
-_NVFP4 = RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 1 / 16, weight_bytes=0.5 + 1 / 16, mx=False)
-_RECIPES: dict[str, RecipeCompute] = {
-    "bf16": RecipeCompute(gemm_class="bf16", act_bytes=2.0, weight_bytes=0.0, mx=False),
-    "fp8_cs": RecipeCompute(gemm_class="fp8", act_bytes=1.0, weight_bytes=1.0, mx=False),
-    "fp8_block": RecipeCompute(gemm_class="fp8", act_bytes=1.0 + 4 / 128, weight_bytes=1.0 + 4 / 16384,
-                               mx=False),
-    "mxfp8": RecipeCompute(gemm_class="fp8", act_bytes=1.0 + 1 / 32, weight_bytes=1.0 + 1 / 32, mx=True),
-    "mxfp4": RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 1 / 32, weight_bytes=0.5 + 1 / 32, mx=True),
-    "nvfp4": _NVFP4,
-    "nvfp4_no_rht": _NVFP4,
-    "nvfp4_no_sr": _NVFP4,
-    "nvfp4_no_2d": _NVFP4,
-    "nvfp4_all_layers": _NVFP4,
-    # One GEMM class per recipe: "fp4" overstates the speed of these two (one of the three GEMMs /
-    # two of the three run in BF16). fwd_only saves X in BF16 for its BF16 Wgrad and keeps one
-    # NVFP4 weight copy (Fprop); bwd_only saves X's NVFP4 Wgrad copy and the Dgrad weight copy.
-    "nvfp4_fwd_only": RecipeCompute(gemm_class="fp4", act_bytes=2.0, weight_bytes=0.5 + 1 / 16,
-                                    mx=False),
-    "nvfp4_bwd_only": _NVFP4,
-    # Microsoft FP4 (msfp4*, fp4_direct): E2M1 with one FP32 scale per token / channel (≈ 0.5 B),
-    # the saved Wgrad activation is the Fprop copy plus, with OCC, its ≈ 2 % sparse residual
-    # (BF16 value + int32 index ≈ 0.12 B per element). Class "fp4": its Fprop; the backward
-    # multiplies FP8 gradients by the FP4 copies, which Blackwell's mixed FP8 x FP4 MMA runs at
-    # the FP8 rate, so the planner's one class overstates the backward's speed by up to 2x.
-    "msfp4": RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 0.12, weight_bytes=0.5, mx=False),
-    "msfp4_no_dge": RecipeCompute(gemm_class="fp4", act_bytes=0.5 + 0.12, weight_bytes=0.5,
-                                  mx=False),
-    "msfp4_no_occ": RecipeCompute(gemm_class="fp4", act_bytes=0.5, weight_bytes=0.5, mx=False),
-    "fp4_direct": RecipeCompute(gemm_class="fp4", act_bytes=0.5, weight_bytes=0.5, mx=False),
-}
+# Bytes per element of one quantized copy: the element, plus its block scale spread over the
+# block. NVFP4: 4-bit code + one E4M3 scale per 16 (a 16x16 tile's scale is stored per 1x16 row);
+# MXFP4 / MXFP8: 4 / 8 bit + one E8M0 per 32; FP8 per tensor: 1 B; FP8 block: 1 B + one FP32
+# scale per 1x128 or 128x128 tile; e2m1_vector (Microsoft FP4): 4 bit + one FP32 per row of the
+# whole reduction dimension, counted as 0.5 B.
+_ELEMENT_BYTES = {"nvfp4": 0.5, "mxfp4": 0.5, "e2m1_vector": 0.5, "mxfp8": 1.0, "fp8": 1.0,
+                  "fp8_block": 1.0}
+_SCALE_BYTES = {"nvfp4": 1, "mxfp4": 1, "mxfp8": 1, "fp8_block": 4}
+_GEMM_CLASS = {"nvfp4": "fp4", "mxfp4": "fp4", "e2m1_vector": "fp4", "mxfp8": "fp8", "fp8": "fp8",
+               "fp8_block": "fp8"}
+# Microsoft FP4 OCC with compensation keeps the clamped outliers (about 2 % of the elements) as
+# a sparse residual for the Wgrad: a BF16 value + an int32 index, about 0.12 B per element.
+OCC_RESIDUAL_BYTES = 0.12
 
 
-def recipe_compute(name: str) -> RecipeCompute:
-    if name not in _RECIPES:
-        raise ValueError(
-            f"precision.recipe={name!r} has no compute class in the planner; known: "
-            f"{sorted(_RECIPES)} (add it to nvfp4_megatron/parallel/hardware.py)"
-        )
-    return _RECIPES[name]
+def _copy_bytes(t) -> float:
+    """Bytes per element of one copy quantized as ``t`` (a ``quant.recipe.TensorQuant``)."""
+    if not t.is_quantized:
+        return 2.0
+    if t.format not in _SCALE_BYTES or t.tile is None:
+        return _ELEMENT_BYTES[t.format]
+    block = t.tile[0] * t.tile[1] if t.format == "fp8_block" else t.tile[1]
+    return _ELEMENT_BYTES[t.format] + _SCALE_BYTES[t.format] / block
+
+
+def recipe_compute(recipe) -> RecipeCompute:
+    """What ``recipe`` (a ``quant.recipe.PrecisionRecipe``) means for compute and storage, read
+    from its properties (not its name): the class of its Fprop GEMM, the bytes of the activation
+    copy saved for Wgrad (plus OCC's residual) and of the Fprop weight copy.
+
+    Microsoft FP4 (``e2m1_vector``): class ``fp4`` from its Fprop; the backward multiplies FP8
+    gradients by the FP4 copies, which Blackwell's mixed FP8 x FP4 MMA runs at the FP8 rate, so
+    the planner's one class overstates the backward's speed by up to 2x.
+    """
+    lin = recipe.linear
+    if not lin.is_quantized:
+        return RecipeCompute(gemm_class="bf16", act_bytes=2.0, weight_bytes=0.0, mx=False)
+    # the class of the first quantized GEMM (Fprop, else Dgrad: nvfp4_bwd_only); one class per
+    # recipe overstates the speed of a recipe whose other GEMMs run in BF16 (nvfp4_fwd_only /
+    # _bwd_only)
+    first = next(t for t in (lin.fprop.input, lin.dgrad.grad_output, lin.wgrad.grad_output)
+                 if t.is_quantized)
+    # the copy of X saved for Wgrad: its Wgrad quantization, or BF16 for a BF16 Wgrad
+    act = _copy_bytes(lin.wgrad.input)
+    if lin.msfp4 is not None and lin.msfp4.occ and lin.msfp4.occ_compensate:
+        act += OCC_RESIDUAL_BYTES
+    # one quantized weight copy: Fprop's, else Dgrad's (nvfp4_bwd_only), none when both are BF16
+    weight = next((w for w in (lin.fprop.weight, lin.dgrad.weight) if w.is_quantized), None)
+    return RecipeCompute(gemm_class=_GEMM_CLASS[first.format], act_bytes=act,
+                         weight_bytes=0.0 if weight is None else _copy_bytes(weight),
+                         mx=first.format in ("mxfp8", "mxfp4"))
 
 
 def runs_native(gpu: GpuPeak, rc: RecipeCompute) -> bool:

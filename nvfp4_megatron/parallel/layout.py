@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the one list of model-shape fields; imported for the annotation only
+    from .model_stats import ModelShape
 
 __all__ = [
     "LayoutError",
     "LocalMambaRules",
-    "ModelDims",
+    "check_world",
     "ParallelLayout",
     "local_mamba_problems",
     "make_layout",
@@ -61,24 +65,6 @@ class LayoutError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelDims:
-    """The model sizes a layout must divide (Megatron field names)."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int | None = None
-    num_moe_experts: int | None = None
-    moe_ffn_hidden_size: int | None = None
-    seq_length: int
-    hybrid_override_pattern: str | None = None
-    mamba_num_heads: int | None = None
-    mamba_num_groups: int | None = None
-    hidden_size: int | None = None
-    mamba_head_dim: int | None = None
-    mamba_state_dim: int | None = None
-
-
 @dataclass(frozen=True, kw_only=True)
 class LocalMambaRules:
     """What the project's local Mamba mixer (the emulated backend; no mamba_ssm) adds to the
@@ -90,7 +76,7 @@ class LocalMambaRules:
     weight_multiples: tuple[int, int] | None
 
 
-def mamba_proj_shards(m: ModelDims, tp: int) -> dict[str, tuple[int, int]]:
+def mamba_proj_shards(m: "ModelShape", tp: int) -> dict[str, tuple[int, int]]:
     """One TP rank's ``[out, in]`` weight shard of a Mamba block's ``in_proj`` and ``out_proj``
     (Megatron's MambaMixer: in_proj packs ``[z, x, B, C, dt]``, each block split over TP)."""
     di = m.mamba_num_heads * m.mamba_head_dim
@@ -98,7 +84,7 @@ def mamba_proj_shards(m: ModelDims, tp: int) -> dict[str, tuple[int, int]]:
     return {"in_proj": (rows // tp, m.hidden_size), "out_proj": (m.hidden_size, di // tp)}
 
 
-def local_mamba_problems(m: ModelDims, *, tp: int, cp: int, rules: LocalMambaRules) -> list[str]:
+def local_mamba_problems(m: "ModelShape", *, tp: int, cp: int, rules: LocalMambaRules) -> list[str]:
     """The rules of :class:`LocalMambaRules` for a model with Mamba blocks (else none)."""
     if not m.hybrid_override_pattern or "M" not in m.hybrid_override_pattern:
         return []
@@ -210,6 +196,62 @@ def split_hybrid_pattern(pattern: str, pp: int) -> list[str]:
     return [pattern[i * n : (i + 1) * n] for i in range(pp)]
 
 
+def _world_problems(world_size: int, *, tp: int, cp: int, pp: int, ep: int, etp: int,
+                    **other_sizes: int) -> tuple[list[str], int | None, int | None]:
+    """The rules between the group sizes and the world: (problems, DP, EDP).
+
+    Every size must be a positive integer (DP and EDP are None otherwise); TP x CP x PP and
+    ETP x EP x PP must divide ``world_size`` (DP / EDP are 0 where they do not).
+    """
+    sizes = {
+        "world_size": world_size,
+        "tensor_model_parallel_size (TP)": tp,
+        "context_parallel_size (CP)": cp,
+        "pipeline_model_parallel_size (PP)": pp,
+        "expert_model_parallel_size (EP)": ep,
+        "expert_tensor_parallel_size (ETP)": etp,
+        **other_sizes,
+    }
+    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
+           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        return bad, None, None
+    problems: list[str] = []
+    attn = tp * cp * pp
+    if world_size % attn:
+        problems.append(
+            f"attention group TP={tp} x CP={cp} x PP={pp} = {attn} does not divide "
+            f"world_size={world_size} (data-parallel size would be {world_size / attn:.3g}); "
+            f"change the layout or launch a multiple of {attn} processes"
+        )
+    expert = etp * ep * pp
+    if world_size % expert:
+        problems.append(
+            f"expert group ETP={etp} x EP={ep} x PP={pp} = {expert} does not divide "
+            f"world_size={world_size} (expert data-parallel size would be "
+            f"{world_size / expert:.3g}); change the layout or launch a multiple of {expert} "
+            f"processes"
+        )
+    dp = world_size // attn if not world_size % attn else 0
+    edp = world_size // expert if not world_size % expert else 0
+    return problems, dp, edp
+
+
+def check_world(world_size: int, *, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None) -> int:
+    """Check that the group sizes fit ``world_size``; return the (attention) data-parallel size.
+
+    The world-size part of :func:`make_layout`, for callers that know no model (the process-group
+    start-up). Raises :class:`LayoutError` naming every size.
+    """
+    etp = tp if etp is None else etp
+    problems, dp, _ = _world_problems(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+    if problems:
+        raise LayoutError(problems, summary=f"world={world_size} TP={tp} CP={cp} PP={pp} "
+                                            f"EP={ep} ETP={etp}")
+    return dp
+
+
 def make_layout(
     *,
     world_size: int,
@@ -221,51 +263,28 @@ def make_layout(
     sequence_parallel: bool = False,
     micro_batch_size: int = 1,
     global_batch_size: int,
-    model: ModelDims,
+    model: "ModelShape",
     local_mamba: LocalMambaRules | None = None,
 ) -> ParallelLayout:
     """Validate a layout over ``world_size`` and return it with DP and EDP derived.
 
     ``etp=None`` means "same as TP" (Megatron's default when expert_tensor_parallel_size is
-    unset). ``local_mamba``: the local Mamba mixer's rules apply (it runs: emulated backend).
-    Raises :class:`LayoutError` listing every violated rule with the sizes involved.
+    unset). ``model`` is a :class:`~nvfp4_megatron.parallel.model_stats.ModelShape`. Raises
+    :class:`LayoutError` listing every violated rule with the sizes involved. The world-size rules
+    are :func:`check_world`'s, the one check ``platform.distributed`` runs before Megatron builds
+    its groups. ``local_mamba``: the local Mamba mixer's rules apply (it runs:
+    emulated backend).
     """
     etp = tp if etp is None else etp
-    sizes = {
-        "world_size": world_size,
-        "tensor_model_parallel_size (TP)": tp,
-        "context_parallel_size (CP)": cp,
-        "pipeline_model_parallel_size (PP)": pp,
-        "expert_model_parallel_size (EP)": ep,
-        "expert_tensor_parallel_size (ETP)": etp,
-        "micro_batch_size": micro_batch_size,
-        "global_batch_size": global_batch_size,
-    }
+    problems, dp, edp = _world_problems(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp,
+                                        micro_batch_size=micro_batch_size,
+                                        global_batch_size=global_batch_size)
     summary = (
         f"world={world_size} TP={tp} CP={cp} PP={pp} EP={ep} ETP={etp} "
         f"MBS={micro_batch_size} GBS={global_batch_size}"
     )
-    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
-           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    if bad:
-        raise LayoutError(bad, summary=summary)
-
-    problems: list[str] = []
-    attn = tp * cp * pp
-    if world_size % attn:
-        problems.append(
-            f"attention group TP={tp} x CP={cp} x PP={pp} = {attn} does not divide "
-            f"world_size={world_size} (data-parallel size would be {world_size / attn:.3g})"
-        )
-    expert = etp * ep * pp
-    if world_size % expert:
-        problems.append(
-            f"expert group ETP={etp} x EP={ep} x PP={pp} = {expert} does not divide "
-            f"world_size={world_size} (expert data-parallel size would be "
-            f"{world_size / expert:.3g})"
-        )
-    dp = world_size // attn if not world_size % attn else 0
-    edp = world_size // expert if not world_size % expert else 0
+    if dp is None:  # a size is not a positive integer: nothing else can be checked
+        raise LayoutError(problems, summary=summary)
 
     m = model
     if m.num_attention_heads % tp:
@@ -411,14 +430,6 @@ def rank_groups(layout: ParallelLayout) -> dict[str, list[list[int]]]:
         "edp": _groups(e, EXPERT_ORDER, ("edp",)),
         "etp_ep": _groups(e, EXPERT_ORDER, ("etp", "ep")),
     }
-
-
-def group_of(groups: list[list[int]], rank: int) -> int:
-    """Index of the group in ``groups`` containing ``rank``."""
-    for i, g in enumerate(groups):
-        if rank in g:
-            return i
-    raise ValueError(f"rank {rank} is in no group")
 
 
 def is_partition(groups: list[list[int]], world: int) -> bool:

@@ -42,13 +42,14 @@ import enum
 import io
 import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from .layout import PIPE_SEPARATOR, ParallelLayout, split_hybrid_pattern
 
 __all__ = [
     "ModelShape",
+    "cfg_get",
     "flops_per_step",
     "memory_per_gpu",
     "meta_param_count",
@@ -58,7 +59,9 @@ __all__ = [
 _ACTIVATIONS = ("gelu", "swiglu", "squared_relu", "relu", "geglu")
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
+def cfg_get(node: Any, key: str, default: Any = None) -> Any:
+    """``node[key]`` of a config (dict, DictConfig or object), enums as their value; a missing
+    key or None gives ``default``."""
     if node is None:
         return default
     try:
@@ -72,7 +75,19 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """The model fields the planner needs (Megatron names, see docs/ARCHITECTURE.md)."""
+    """The model's shape: the one list of its fields (Megatron names, docs/ARCHITECTURE.md).
+
+    Read by the planner (parameters, FLOPs, memory), by the layout check (``make_layout``) and,
+    through :meth:`checkpoint_fields`, by the checkpoint metadata. :data:`PLANNER_ONLY` are
+    Megatron options the training builder does not offer (so not ``cli/schema.ModelConfig``
+    fields; the planner reads them for other models' recipes); ``mamba_*`` fields are hybrid
+    fields.
+    """
+
+    # moe_router_topk changes which experts run, not a tensor shape: not in the checkpoint record
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("moe_router_topk",)
+    PLANNER_ONLY: ClassVar[tuple[str, ...]] = ("add_qkv_bias", "moe_shared_expert_gate",
+                                               "mamba_chunk_size")
 
     num_layers: int
     hidden_size: int
@@ -102,38 +117,47 @@ class ModelShape:
     mamba_expand: int = 2
     mamba_chunk_size: int = 128
 
+    @classmethod
+    def checkpoint_fields(cls, *, hybrid: bool) -> tuple[str, ...]:
+        """The fields a checkpoint records: every model's, or (``hybrid=True``) the ``mamba_*``
+        ones, recorded for hybrid models only (GPT checkpoints written before hybrids existed
+        stay loadable)."""
+        names = [f.name for f in fields(cls)
+                 if f.name not in cls.PLANNER_ONLY + cls.NOT_RECORDED]
+        return tuple(n for n in names if n.startswith("mamba_") == hybrid)
+
     @staticmethod
     def from_cfg(model: Any) -> "ModelShape":
         """Read ``cfg.model``; required fields missing -> ValueError naming them."""
         required = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length")
-        missing = [k for k in required if _get(model, k) is None]
+        missing = [k for k in required if cfg_get(model, k) is None]
         if missing:
             raise ValueError(f"model config lacks required fields {missing} (cfg.model.<field>)")
-        h = int(_get(model, "hidden_size"))
-        nq = int(_get(model, "num_attention_heads"))
+        h = int(cfg_get(model, "hidden_size"))
+        nq = int(cfg_get(model, "num_attention_heads"))
         kw: dict[str, Any] = {
-            "num_layers": int(_get(model, "num_layers")),
+            "num_layers": int(cfg_get(model, "num_layers")),
             "hidden_size": h,
-            "ffn_hidden_size": int(_get(model, "ffn_hidden_size", 4 * h)),
+            "ffn_hidden_size": int(cfg_get(model, "ffn_hidden_size", 4 * h)),
             "num_attention_heads": nq,
-            "num_query_groups": int(_get(model, "num_query_groups", nq)),
-            "kv_channels": int(_get(model, "kv_channels", h // nq)),
-            "vocab_size": int(_get(model, "vocab_size")),
-            "seq_length": int(_get(model, "seq_length")),
+            "num_query_groups": int(cfg_get(model, "num_query_groups", nq)),
+            "kv_channels": int(cfg_get(model, "kv_channels", h // nq)),
+            "vocab_size": int(cfg_get(model, "vocab_size")),
+            "seq_length": int(cfg_get(model, "seq_length")),
         }
         for name in ("activation", "normalization", "position_embedding_type"):
-            kw[name] = str(_get(model, name, ModelShape.__dataclass_fields__[name].default))
+            kw[name] = str(cfg_get(model, name, ModelShape.__dataclass_fields__[name].default))
         for name in ("untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
                      "moe_shared_expert_gate"):
-            kw[name] = bool(_get(model, name, ModelShape.__dataclass_fields__[name].default))
+            kw[name] = bool(cfg_get(model, name, ModelShape.__dataclass_fields__[name].default))
         for name in ("num_moe_experts", "moe_ffn_hidden_size",
                      "moe_shared_expert_intermediate_size", "mamba_num_heads"):
-            v = _get(model, name)
+            v = cfg_get(model, name)
             kw[name] = None if v is None else int(v)
         for name in ("moe_router_topk", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups",
                      "mamba_conv_kernel", "mamba_expand", "mamba_chunk_size"):
-            kw[name] = int(_get(model, name, ModelShape.__dataclass_fields__[name].default))
-        pat = _get(model, "hybrid_override_pattern")
+            kw[name] = int(cfg_get(model, name, ModelShape.__dataclass_fields__[name].default))
+        pat = cfg_get(model, "hybrid_override_pattern")
         kw["hybrid_override_pattern"] = None if pat in (None, "") else str(pat)
         if kw["mamba_num_heads"] is None and pat and "M" in str(pat):
             # Megatron's MambaMixer without mamba_num_heads: d_inner = expand x hidden_size

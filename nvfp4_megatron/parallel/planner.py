@@ -28,11 +28,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hardware import (DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute,
-                       runs_native)
-from .layout import (LayoutError, LocalMambaRules, ModelDims, ParallelLayout, local_mamba_problems,
+from .hardware import DEFAULT_ASSUMED_MFU, DEFAULT_GPU, GpuPeak, get_gpu, recipe_compute, runs_native
+from .layout import (LayoutError, LocalMambaRules, ParallelLayout, local_mamba_problems,
                      make_layout, rank_coordinates, rank_groups)
-from .model_stats import (Flops, ModelShape, StageMemory, _get, flops_per_step, memory_per_gpu,
+from .model_stats import (Flops, ModelShape, StageMemory, cfg_get, flops_per_step, memory_per_gpu,
                           meta_param_count, param_count)
 
 __all__ = ["Plan", "plan", "run_dry_run", "format_plan", "RANK_TABLE_MAX_WORLD"]
@@ -123,7 +122,7 @@ class Plan:
 
 
 def _int(node: Any, key: str, default: Any) -> Any:
-    v = _get(node, key, default)
+    v = cfg_get(node, key, default)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
@@ -131,55 +130,19 @@ def _int(node: Any, key: str, default: Any) -> Any:
     return int(v)
 
 
-def _bf16_layers(precision: Any, recipe: str, num_layers: int) -> list[int]:
-    """Global 0-based BF16 block indices: the config's first/last/explicit blocks, where a key
-    left at None takes the registered recipe's default (as the training code does)."""
-    from nvfp4_megatron.quant.registry import get_recipe
-
-    default = get_recipe(recipe).layers
-    first = _int(precision, "bf16_first_blocks", None)
-    last = _int(precision, "bf16_last_blocks", None)
-    explicit = _get(precision, "bf16_blocks", None)
-    first = default.bf16_first_blocks if first is None else first
-    last = default.bf16_last_blocks if last is None else last
-    explicit = list(default.bf16_blocks if explicit is None else explicit)
-    if first < 0 or last < 0 or first + last > num_layers:
-        raise ValueError(
-            f"precision.bf16_first_blocks={first} + bf16_last_blocks={last} must be >= 0 and at "
-            f"most num_layers={num_layers}"
-        )
-    bad = [i for i in explicit if not isinstance(i, int) or not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"precision.bf16_blocks has indices {bad} outside 0..{num_layers - 1}")
-    return sorted(set(range(first)) | set(range(num_layers - last, num_layers)) | set(explicit))
-
-
 def local_mamba_rules(cfg: Any, m: ModelShape) -> LocalMambaRules:
     """The local Mamba mixer's layout rules for ``cfg``: its recipe's block multiples when any
     Mamba block is quantized (the BF16 block policy applied to the hybrid pattern)."""
-    from nvfp4_megatron.quant.registry import get_recipe
+    from nvfp4_megatron.quant.recipe import bf16_block_set
+    from nvfp4_megatron.quant.registry import recipe_from_config
 
-    prec = _get(cfg, "precision")
-    recipe = str(_get(prec, "recipe", "bf16"))
-    linear = get_recipe(recipe).linear
+    prec = recipe_from_config(cfg_get(cfg, "precision", {}))
     multiples = None
-    if linear.is_quantized:
-        bf16 = set(_bf16_layers(prec, recipe, m.num_layers))
+    if prec.linear.is_quantized:
+        bf16 = bf16_block_set(prec.layers, m.num_layers)
         if any(k == "M" and i not in bf16 for i, k in enumerate(m.layer_kinds())):
-            multiples = linear.weight_multiples()
-    return LocalMambaRules(recipe=recipe, weight_multiples=multiples)
-
-
-def _model_dims(m: ModelShape) -> ModelDims:
-    return ModelDims(
-        num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-        num_moe_experts=m.num_moe_experts, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-        seq_length=m.seq_length, hybrid_override_pattern=m.hybrid_override_pattern,
-        mamba_num_heads=m.mamba_num_heads, mamba_num_groups=m.mamba_num_groups,
-        hidden_size=m.hidden_size, mamba_head_dim=m.mamba_head_dim,
-        mamba_state_dim=m.mamba_state_dim,
-    )
+            multiples = prec.linear.weight_multiples()
+    return LocalMambaRules(recipe=prec.name, weight_multiples=multiples)
 
 
 def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
@@ -191,10 +154,10 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
     ``local_mamba``: the project's local Mamba mixer will run (the emulated backend), so its rules
     apply too (no CP, block-multiple in_proj/out_proj shards); None: when
     ``precision.backend=emulated`` (the training loop passes what ``resolve_backend`` chose)."""
-    m = ModelShape.from_cfg(_get(cfg, "model")) if model is None else model
+    m = ModelShape.from_cfg(cfg_get(cfg, "model")) if model is None else model
     if local_mamba is None:
-        local_mamba = str(_get(_get(cfg, "precision"), "backend", "auto")) == "emulated"
-    par, train = _get(cfg, "parallel"), _get(cfg, "train")
+        local_mamba = str(cfg_get(cfg_get(cfg, "precision"), "backend", "auto")) == "emulated"
+    par, train = cfg_get(cfg, "parallel"), cfg_get(cfg, "train")
     gbs = _int(train, "global_batch_size", None)
     if gbs is None:
         raise ValueError("train.global_batch_size is required")
@@ -205,10 +168,10 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
         pp=_int(par, "pipeline_model_parallel_size", 1),
         ep=_int(par, "expert_model_parallel_size", 1),
         etp=_int(par, "expert_tensor_parallel_size", None),
-        sequence_parallel=bool(_get(par, "sequence_parallel", False)),
+        sequence_parallel=bool(cfg_get(par, "sequence_parallel", False)),
         micro_batch_size=_int(train, "micro_batch_size", 1),
         global_batch_size=gbs,
-        model=_model_dims(m),
+        model=m,
         local_mamba=local_mamba_rules(cfg, m) if local_mamba else None,
     )
 
@@ -216,11 +179,16 @@ def run_layout(cfg: Any, world_size: int, *, model: ModelShape | None = None,
 def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     """Validate and estimate one run. Raises LayoutError (a ValueError) for a layout that does not
     fit, ValueError for bad config values."""
-    m = ModelShape.from_cfg(cfg.model)
-    train, prec = _get(cfg, "train"), _get(cfg, "precision")
-    planner_cfg = _get(cfg, "planner")
-    recipe = str(_get(prec, "recipe", "bf16"))
-    rc = recipe_compute(recipe)
+    from nvfp4_megatron.quant.recipe import bf16_block_set
+    from nvfp4_megatron.quant.registry import recipe_from_config
+
+    m = ModelShape.from_cfg(cfg_get(cfg, "model"))
+    train = cfg_get(cfg, "train")
+    planner_cfg = cfg_get(cfg, "planner")
+    # the training code's reading of the precision group: BF16 blocks, overrides, defaults
+    prec = recipe_from_config(cfg_get(cfg, "precision", {}))
+    recipe = prec.name
+    rc = recipe_compute(prec)
     layout = run_layout(cfg, world_size, model=m)
     gbs = layout.global_batch_size
     notes: list[str] = []
@@ -235,20 +203,21 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
         notes.append("parameter count is analytic (no meta-device build for this model)")
 
     if m.hybrid_override_pattern and "M" in m.hybrid_override_pattern:
-        local = local_mamba_problems(_model_dims(m), tp=layout.tp, cp=layout.cp,
+        local = local_mamba_problems(m, tp=layout.tp, cp=layout.cp,
                                      rules=local_mamba_rules(cfg, m))
         for problem in local:  # refused above with precision.backend=emulated
             notes.append(f"on the emulated backend (local Mamba mixer: no mamba_ssm / TE, e.g. "
                          f"the H200 and CPU) this layout is refused: {problem}")
     quantized = rc.gemm_class != "bf16"
-    bf16_layers = _bf16_layers(prec, recipe, m.num_layers) if quantized else list(range(m.num_layers))
+    bf16_layers = (sorted(bf16_block_set(prec.layers, m.num_layers)) if quantized
+                   else list(range(m.num_layers)))
     tokens_per_step = gbs * m.seq_length
     flops = flops_per_step(m, tokens_per_step, bf16_layers=set(bf16_layers), quantized=quantized)
     stages = memory_per_gpu(m, layout, act_bytes=rc.act_bytes, weight_bytes=rc.weight_bytes,
                             bf16_layers=set(bf16_layers))
 
-    gpu = get_gpu(_get(planner_cfg, "gpu_type", DEFAULT_GPU))
-    mfu = float(_get(planner_cfg, "assumed_mfu", DEFAULT_ASSUMED_MFU))
+    gpu = get_gpu(cfg_get(planner_cfg, "gpu_type", DEFAULT_GPU))
+    mfu = float(cfg_get(planner_cfg, "assumed_mfu", DEFAULT_ASSUMED_MFU))
     if not 0 < mfu <= 1:
         raise ValueError(f"planner.assumed_mfu={mfu} must be in (0, 1]")
     native = runs_native(gpu, rc)
@@ -264,8 +233,8 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
     step_time = compute_s * bubble
     bound_s = bubble * (flops.total / w) / (gpu.bf16_tflops * 1e12 * mfu)
 
-    train_tokens = _get(train, "train_tokens")
-    train_iters = _get(train, "train_iters")
+    train_tokens = cfg_get(train, "train_tokens")
+    train_iters = cfg_get(train, "train_iters")
     if train_tokens is not None:
         train_tokens = int(float(train_tokens))
         steps = math.ceil(train_tokens / tokens_per_step)
@@ -281,7 +250,7 @@ def plan(cfg: Any, world_size: int, *, meta_build: bool = True) -> Plan:
             f"{gpu.name}'s {gpu.memory_gib:g} GiB: raise TP/PP/CP or use activation recomputation"
         )
     measured = None
-    lt_path = _get(planner_cfg, "layer_times", None)
+    lt_path = cfg_get(planner_cfg, "layer_times", None)
     if lt_path:
         measured = measured_step_time(m, layout, recipe, bf16_layers, load_layer_times(lt_path),
                                       gpu=gpu, mfu=mfu, source=str(lt_path))
@@ -481,7 +450,7 @@ def run_dry_run(cfg: Any) -> Plan:
 
     A layout that does not fit is printed to stderr and the process exits with status 2.
     """
-    world = _get(cfg, "world_size")
+    world = cfg_get(cfg, "world_size")
     if world is None:
         raise ValueError("dry_run=true needs world_size=N (the number of GPUs to plan for)")
     try:
@@ -490,7 +459,7 @@ def run_dry_run(cfg: Any) -> Plan:
         print(f"dry run refused: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from err
     print(format_plan(p), flush=True)
-    run_dir = _get(cfg, "run_dir") or os.getcwd()
+    run_dir = cfg_get(cfg, "run_dir") or os.getcwd()
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(str(run_dir), "plan.json")
     with open(path, "w") as f:

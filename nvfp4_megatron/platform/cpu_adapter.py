@@ -38,6 +38,16 @@ What it replaces, and why (see ``../shared/notes/megatron-core-facts.md``):
    ``pin_memory=True`` and ``.cuda()``; it is routed to the identical selection in
    ``nvfp4_megatron.megatron.context_parallel.pos_emb_on_this_cp_rank``.
 
+6. ``Tensor.cuda()`` in ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings
+   with PP > 1 move the shared weight to the GPU before the first/last-stage all-reduce). During
+   exactly that method ``Tensor.cuda()`` returns a CPU tensor unchanged.
+
+The adapter was written against the Megatron-Core versions in :data:`TESTED_MEGATRON_VERSIONS`;
+``install_cpu_adapter()`` refuses any other version, and every attribute it replaces must exist
+(a renamed private name fails the install instead of being added silently).
+``tests/platform/test_cpu_adapter.py`` trains on CPU with every real ``torch.cuda`` entry point and
+``Tensor.cuda`` watched, and fails if a Megatron module the adapter does not list reaches one.
+
 Nothing here changes numerics: every replaced call either allocates memory, orders work on a
 device, or manages RNG state.
 """
@@ -53,7 +63,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["install_cpu_adapter", "is_cpu_adapter_installed", "PATCHED_MODULES"]
+__all__ = ["install_cpu_adapter", "is_cpu_adapter_installed", "PATCHED_MODULES",
+           "TESTED_MEGATRON_VERSIONS", "TORCH_PROXIED_MODULES", "check_megatron_version"]
 
 _log = logging.getLogger(__name__)
 
@@ -91,7 +102,19 @@ _CUDA_ASSUMING_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.fully_parallel": "cuda.synchronize",
     "megatron.core.dist_checkpointing.tensor_aware_state_dict": "cuda.synchronize",
 }
-PATCHED_MODULES = tuple(_CUDA_ASSUMING_MODULES)
+# Megatron modules whose methods or functions are wrapped or replaced (2.-6. of the module doc)
+_WRAPPED_MODULES = (
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.models.common.language_module.language_module",
+)
+TORCH_PROXIED_MODULES = tuple(_CUDA_ASSUMING_MODULES)
+PATCHED_MODULES = TORCH_PROXIED_MODULES + _WRAPPED_MODULES
+# Megatron-Core releases this adapter was written and tested against (megatron.core.__version__
+# without a local "+<git hash>" suffix)
+TESTED_MEGATRON_VERSIONS = ("0.19.2",)
 
 _CPU = torch.device("cpu")
 _INSTALLED = False
@@ -263,17 +286,63 @@ def _patch_type_checks() -> None:
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
     ]
     for owner, name in targets:
+        if name not in owner.__dict__:
+            raise RuntimeError(f"CPU adapter: {owner.__qualname__}.{name} is not defined in this "
+                               f"Megatron-Core (written for {', '.join(TESTED_MEGATRON_VERSIONS)})")
         raw = owner.__dict__[name]
         if isinstance(raw, (staticmethod, classmethod)):
             setattr(owner, name, type(raw)(_with_cuda_type_names(raw.__func__)))
         else:
             setattr(owner, name, _with_cuda_type_names(raw))
-    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
-        clip_grads.clip_grad_by_total_norm_fp32
-    )
+    wrapped = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    _replace(clip_grads, "clip_grad_by_total_norm_fp32", wrapped)
     # optimizer.py imported the function by name; patch that reference too.
-    if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
-        optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+    _replace(optimizer, "clip_grad_by_total_norm_fp32", wrapped)
+
+
+@contextlib.contextmanager
+def _cpu_tensor_cuda_is_identity():
+    """``Tensor.cuda()`` returns a CPU tensor unchanged (module doc, 6.); restored on exit."""
+    real_cuda = torch.Tensor.cuda
+
+    def cuda(self, *args, **kwargs):
+        return self if self.device.type == "cpu" else real_cuda(self, *args, **kwargs)
+
+    torch.Tensor.cuda = cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda
+
+
+def _patch_tied_embedding_setup() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    name = "setup_embeddings_and_output_layer"
+    if name not in LanguageModule.__dict__:
+        raise RuntimeError(f"CPU adapter: LanguageModule.{name} is not defined in this "
+                           f"Megatron-Core (written for {', '.join(TESTED_MEGATRON_VERSIONS)})")
+    real = LanguageModule.__dict__[name]
+
+    @functools.wraps(real)
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _cpu_tensor_cuda_is_identity():
+            return real(self, *args, **kwargs)
+
+    setattr(LanguageModule, name, setup_embeddings_and_output_layer)
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """``setattr(owner, name, value)`` for an attribute that must already exist: a Megatron release
+    that renamed or removed it fails the install, naming it, instead of getting a new attribute
+    nothing reads."""
+    if not hasattr(owner, name):
+        where = getattr(owner, "__name__", type(owner).__name__)
+        raise RuntimeError(
+            f"CPU adapter: {where}.{name} does not exist in this Megatron-Core; the adapter was "
+            f"written for {', '.join(TESTED_MEGATRON_VERSIONS)} (platform/cpu_adapter.py)"
+        )
+    setattr(owner, name, value)
 
 
 def _make_cpu_rng_tracker_class(base):
@@ -318,9 +387,10 @@ def _patch_rng() -> None:
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker)
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _replace(mrandom, "CudaRNGStatesTracker",
+             _make_cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker))
+    _replace(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     real_seed = mrandom.model_parallel_cuda_manual_seed
 
     @functools.wraps(real_seed)
@@ -329,8 +399,8 @@ def _patch_rng() -> None:
         kwargs["force_reset_rng"] = True  # replace any tracker created before the adapter
         return real_seed(seed, *args, **kwargs)
 
-    mrandom.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
-    tensor_parallel.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+    _replace(mrandom, "model_parallel_cuda_manual_seed", model_parallel_cuda_manual_seed)
+    _replace(tensor_parallel, "model_parallel_cuda_manual_seed", model_parallel_cuda_manual_seed)
     # A tracker built before installation holds the CUDA class: drop it.
     mrandom.initialize_rng_tracker(force_reset=True)
 
@@ -343,9 +413,30 @@ def _patch_moe_splits() -> None:
             return tensor.cpu().numpy()
         return tensor
 
-    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
-        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _replace(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+
+
+def check_megatron_version(version: str | None = None) -> str:
+    """Refuse a Megatron-Core the adapter was not tested with; returns the version checked.
+
+    ``version`` defaults to ``megatron.core.__version__``; a local ``+<git hash>`` suffix is
+    ignored."""
+    if version is None:
+        import megatron.core
+
+        version = megatron.core.__version__
+    release = version.split("+", 1)[0]
+    if release not in TESTED_MEGATRON_VERSIONS:
+        raise RuntimeError(
+            f"CPU adapter: Megatron-Core {version} is not a version the adapter was tested with "
+            f"({', '.join(TESTED_MEGATRON_VERSIONS)}); it patches Megatron's CUDA assumptions by "
+            "name and would break silently on another release. Install megatron-core=="
+            f"{TESTED_MEGATRON_VERSIONS[-1]} (pyproject.toml), or re-check every entry of "
+            "platform/cpu_adapter.py against the new release and add it to "
+            "TESTED_MEGATRON_VERSIONS"
+        )
+    return release
 
 
 def is_cpu_adapter_installed() -> bool:
@@ -366,17 +457,20 @@ def install_cpu_adapter() -> None:
         )
     if _INSTALLED:
         return
+    check_megatron_version()
     for name in _CUDA_ASSUMING_MODULES:
         module = importlib.import_module(name)
         if getattr(module, "torch", None) is not torch:
             raise RuntimeError(
                 f"CPU adapter: {name}.torch is not the torch module; Megatron-Core changed "
-                "(expected 0.19.2). Update _CUDA_ASSUMING_MODULES in platform/cpu_adapter.py."
+                f"(expected {', '.join(TESTED_MEGATRON_VERSIONS)}). Update _CUDA_ASSUMING_MODULES "
+                "in platform/cpu_adapter.py."
             )
         module.torch = _CpuTorch
     _patch_rng()
     _patch_type_checks()
     _patch_moe_splits()
+    _patch_tied_embedding_setup()
     # 5. RoPE's context-parallel slice builds its index with pin_memory=True and .cuda();
     #    megatron/context_parallel.py has the same selection without the device round trip.
     from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe

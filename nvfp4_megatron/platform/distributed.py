@@ -25,12 +25,12 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nvfp4_megatron.parallel.layout import check_world
 from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
 from nvfp4_megatron.platform.gpu_fastpaths import install_gpu_fastpaths
 
 __all__ = ["DistInfo", "configure_determinism", "exit_with_launcher", "init_distributed",
-           "started_by_torchrun",
-           "initialize_model_parallel", "validate_layout"]
+           "started_by_torchrun", "initialize_model_parallel"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -185,48 +185,6 @@ def configure_determinism(enabled: bool, *, log=print) -> None:
         f"{os.environ['CUBLAS_WORKSPACE_CONFIG']}); train.deterministic=false to turn off")
 
 
-def validate_layout(
-    *,
-    world_size: int,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    context_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
-    expert_tensor_parallel_size: int | None = None,
-) -> int:
-    """Check that the layout fits ``world_size``; return the (attention) data-parallel size.
-
-    Raises ValueError naming every size when it does not fit.
-    """
-    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    sizes = {
-        "tensor_model_parallel_size": tensor_model_parallel_size,
-        "pipeline_model_parallel_size": pipeline_model_parallel_size,
-        "context_parallel_size": context_parallel_size,
-        "expert_model_parallel_size": expert_model_parallel_size,
-        "expert_tensor_parallel_size": etp,
-    }
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
-    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
-    dense = tensor_model_parallel_size * context_parallel_size * pipeline_model_parallel_size
-    if world_size % dense != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-            f"context_parallel_size x pipeline_model_parallel_size = {dense} ({described}); "
-            f"change the layout or launch a multiple of {dense} processes"
-        )
-    moe = etp * expert_model_parallel_size * pipeline_model_parallel_size
-    if world_size % moe != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by expert_tensor_parallel_size x "
-            f"expert_model_parallel_size x pipeline_model_parallel_size = {moe} ({described}); "
-            f"change the layout or launch a multiple of {moe} processes"
-        )
-    return world_size // dense
-
-
 def initialize_model_parallel(
     *,
     tensor_model_parallel_size: int = 1,
@@ -236,27 +194,17 @@ def initialize_model_parallel(
     expert_tensor_parallel_size: int | None = None,
     virtual_pipeline_model_parallel_size: int | None = None,
 ) -> int:
-    """Validate the layout, then build Megatron's groups; returns the data-parallel size."""
+    """Check the sizes against the world (``parallel.layout.check_world``: a LayoutError naming
+    every size), then build Megatron's groups; returns the data-parallel size."""
+    sizes = dict(locals())  # Megatron's own keyword names, passed through as given
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel() needs init_distributed() first")
-    dp = validate_layout(
-        world_size=dist.get_world_size(),
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        context_parallel_size=context_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-    )
+    dp = check_world(dist.get_world_size(), tp=tensor_model_parallel_size,
+                     cp=context_parallel_size, pp=pipeline_model_parallel_size,
+                     ep=expert_model_parallel_size, etp=expert_tensor_parallel_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        context_parallel_size=context_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-    )
+    parallel_state.initialize_model_parallel(**sizes)
     return dp

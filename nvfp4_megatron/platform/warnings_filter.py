@@ -143,14 +143,3 @@ def install_warning_filters(argv: Sequence[str] | None = None, *, rank: int | No
             logging.getLogger(name).addFilter(_KnownRecordFilter(pattern, rank0=(r == 0)))
     _installed = {"rank": r, "show_all": show_all, "installed": not show_all}
     return _installed
-
-
-def _reset_for_tests() -> None:
-    """Undo :func:`install_warning_filters` (tests only)."""
-    global _installed
-    _installed = None
-    for name, _ in KNOWN_LOG_RECORDS:
-        lg = logging.getLogger(name)
-        for f in list(lg.filters):
-            if isinstance(f, _KnownRecordFilter):
-                lg.removeFilter(f)

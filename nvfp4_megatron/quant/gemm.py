@@ -17,7 +17,7 @@ rounded to its dtype. Three backends implement it; they differ only in FP32 accu
     uses it) runs on ``bf16_dequant`` instead, logged once.
 ``bf16_dequant``
     Every other quantized format on CUDA (NVFP4, MXFP8, MXFP4; FP8 below compute capability 8.9):
-    a Triton kernel (``_dequant_triton``) turns codes + block scales into the exact BF16 values
+    a Triton kernel (``kernels/dequant.py``) turns codes + block scales into the exact BF16 values
     ``q * s_b`` in one pass, and ``torch.mm(..., out_dtype=float32)`` multiplies them on the BF16
     tensor cores with FP32 accumulation; alpha multiplies the FP32 output in the pass that casts
     it to the output dtype. Without a per-tensor scale (MX) the GEMM writes the output dtype
@@ -160,7 +160,7 @@ def scaled_mm_fp8(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale
 # bf16_dequant
 
 def _fp8_code(dtype: torch.dtype) -> int:
-    from nvfp4_megatron.quant import _dequant_triton as k
+    from nvfp4_megatron.kernels import dequant as k
     if dtype == torch.float8_e4m3fn:
         return k.ELEM_E4M3
     if dtype == torch.float8_e5m2:
@@ -177,7 +177,7 @@ def dequant_bf16(q, fmt: str, finite: torch.Tensor) -> torch.Tensor:
     NVFP4 (E2M1 + E4M3 block scale), MXFP8 / MXFP4 (E4M3/E5M2/E2M1 + E8M0), FP8 per-tensor (the
     element values; ``scale_inv`` stays outside as alpha). CUDA tensors only (Triton kernel).
     """
-    from nvfp4_megatron.quant import _dequant_triton as k
+    from nvfp4_megatron.kernels import dequant as k
 
     k_dim = q.shape[-1]
     flag = finite.reshape(1).to(torch.int32)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 FORMATS = ("bf16", "nvfp4", "mxfp8", "mxfp4", "fp8", "fp8_block", "e2m1_vector")
 FP8_DTYPES = ("e4m3", "e5m2")
@@ -380,6 +379,13 @@ class PrecisionSchedule:
     def enabled(self) -> bool:
         return self.at_step is not None or self.at_tokens is not None
 
+    def describe(self) -> str:
+        """The schedule as the precision table prints it, e.g. ``bf16 switch (all) at step 90``."""
+        if not self.enabled:
+            return "none"
+        when = f"step {self.at_step}" if self.at_step is not None else f"{self.at_tokens} tokens"
+        return f"bf16 switch ({self.scope}) at {when}"
+
 
 def switch_scope(schedule: PrecisionSchedule, *, step: int, tokens: int) -> str | None:
     """The BF16 switch in force at ``step`` (0-based, about to run) after ``tokens`` consumed."""
@@ -423,5 +429,3 @@ def with_schedule(recipe: PrecisionRecipe, schedule: PrecisionSchedule) -> Preci
 def with_backend(recipe: PrecisionRecipe, backend: str) -> PrecisionRecipe:
     return dataclasses.replace(recipe, backend=backend)
 
-
-Backend = Literal["auto", "te", "emulated"]

@@ -34,6 +34,7 @@ cap, the quantile, compensation) on any recipe with an FP4 Fprop, e.g. ``nvfp4``
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -320,3 +321,36 @@ def apply_overrides(recipe: PrecisionRecipe, **overrides: Any) -> PrecisionRecip
 def build_recipe(name: str, **overrides: Any) -> PrecisionRecipe:
     """``get_recipe(name)`` with :func:`apply_overrides` applied."""
     return apply_overrides(get_recipe(name), **overrides)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain Python: enums (structured configs) as their value, mappings as
+    dicts, other iterables (lists, ListConfig) as lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    return [_plain(v) for v in value]
+
+
+def recipe_from_config(precision: Mapping) -> PrecisionRecipe:
+    """The recipe the ``precision`` config group names, with its overrides applied (BF16 blocks,
+    switch, backend, the Microsoft FP4 ``dge`` / ``occ`` knobs): the one reading of that group,
+    used by training and by the dry-run planner. A missing key or None keeps the registered
+    recipe's value; ``switch_to_bf16.at_tokens`` may be a float holding a whole number (8.2e12).
+    """
+    p = _plain(precision)
+    sw = p.get("switch_to_bf16")
+    if sw is not None and sw.get("at_tokens") is not None:
+        tok = sw["at_tokens"]
+        if float(tok) != int(tok):
+            raise ValueError(f"precision.switch_to_bf16.at_tokens={tok} must be a whole number")
+        sw = dict(sw, at_tokens=int(tok))
+    return build_recipe(
+        p.get("recipe", "bf16"),
+        **{k: p.get(k) for k in ("bf16_first_blocks", "bf16_last_blocks", "bf16_blocks",
+                                 "backend", "dge", "occ")},
+        switch_to_bf16=sw,
+    )

@@ -26,14 +26,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from nvfp4_megatron.cli.compose import to_plain
 from nvfp4_megatron.parallel.planner import run_layout
 from nvfp4_megatron.platform.distributed import (configure_determinism, init_distributed,
                                                   initialize_model_parallel)
+from nvfp4_megatron.quant import state as qstate
+from nvfp4_megatron.quant.recipe import switch_scope
+from nvfp4_megatron.quant.registry import recipe_from_config
 from nvfp4_megatron.training import checkpoint as ckpt_lib
 from nvfp4_megatron.training import data as data_lib
+from nvfp4_megatron.training.config import to_plain
 from nvfp4_megatron.training.logger import RunLogger
-from nvfp4_megatron.training.model import build_training_stack, model_shape, recipe_from_config
+from nvfp4_megatron.training.model import build_training_stack, model_shape
 from nvfp4_megatron.training.optim import build_scheduler, total_iters
 from nvfp4_megatron.training.throughput import StepMeter
 
@@ -66,17 +69,6 @@ def _resolve_run_dir(run_dir: str | None) -> Path:
         obj = [str(path)]
     dist.broadcast_object_list(obj, src=0)
     return Path(obj[0])
-
-
-def _switch_step(precision: dict, tokens_per_step: int) -> int | None:
-    sw = precision["switch_to_bf16"]
-    if sw["at_step"] is not None and sw["at_tokens"] is not None:
-        raise ValueError("precision.switch_to_bf16: set at_step or at_tokens, not both")
-    if sw["at_step"] is not None:
-        return int(sw["at_step"])
-    if sw["at_tokens"] is not None:
-        return int(math.ceil(float(sw["at_tokens"]) / tokens_per_step))
-    return None
 
 
 class _Signals:
@@ -328,8 +320,6 @@ def run(cfg) -> RunResult:
     iters = total_iters(t, seq_length=seq)
 
     tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
-    from nvfp4_megatron.quant import state as qstate
-
     recipe = recipe_from_config(c["precision"])
     qstate.reset_state()
     qstate.set_run_seed(t["seed"])
@@ -343,7 +333,7 @@ def run(cfg) -> RunResult:
     # ---- model, optimizer, schedule
     stack = build_training_stack(c, recipe, log=log.info)
     model, ddp, optimizer, table = stack.model, stack.ddp, stack.optimizer, stack.table
-    if table is not None and rank0:
+    if rank0:
         (run_dir / "precision_table.txt").write_text(table.format() + "\n")
         if c["logging"]["print_precision_table"]:
             log.info(table.format())
@@ -358,11 +348,7 @@ def run(cfg) -> RunResult:
                          "expert_model_parallel_size": layout.ep,
                          "expert_tensor_parallel_size": layout.etp,  # resolved (None -> TP)
                          "context_parallel_size": layout.cp}}
-    from nvfp4_megatron.quant.recipe import bf16_block_set
-
-    meta["precision"] = ckpt_lib.precision_meta(
-        c["precision"], table.bf16_blocks if table is not None
-        else bf16_block_set(recipe.layers, m["num_layers"]))
+    meta["precision"] = ckpt_lib.precision_meta(c["precision"], table.bf16_blocks)
     iteration, bf16_switch = 0, None
     # train.load (refused if damaged) or the newest intact checkpoint of the run (damaged newer
     # ones are reported and kept as step_N.damaged-<reason>)
@@ -378,8 +364,6 @@ def run(cfg) -> RunResult:
         log.info(f"[checkpoint] resumed from {load_from} at step {iteration}"
                  + (f" (BF16 switch active: {bf16_switch})" if bf16_switch else ""))
 
-    switch_at = _switch_step(c["precision"], tokens_per_step)
-    scope = c["precision"]["switch_to_bf16"]["scope"]
     qstate.set_bf16_switch(bf16_switch)
     signals = _Signals()
     meter = StepMeter.for_run(c, info.world_size)
@@ -421,7 +405,9 @@ def run(cfg) -> RunResult:
     steps_done, last_saved, valid_loss, stopped = 0, None, None, None
     window_time, window_steps = 0.0, 0  # train-step time since the last progress line
     while iteration < iters:
-        if switch_at is not None and iteration >= switch_at and bf16_switch is None:
+        scope = switch_scope(recipe.schedule, step=iteration,
+                             tokens=iteration * tokens_per_step)
+        if scope is not None and bf16_switch is None:
             bf16_switch = scope
             qstate.set_bf16_switch(scope)
             log.info(f"[precision] step {iteration}: switching {scope} GEMMs to BF16")

@@ -7,12 +7,10 @@ hybrid spec (``nvfp4_megatron.megatron.hybrid_spec``: Mamba ``in_proj``/``out_pr
 conv1d / SSD scan / gated norm in high precision), or Megatron's TE hybrid spec when the backend
 resolves to ``te``; unset builds ``GPTModel`` exactly as before.
 
-When the quantized spec provider exists (``nvfp4_megatron.megatron.spec_provider``), every linear
-layer of the transformer blocks is our quantized ``Column/RowParallelLinear`` and
-``nvfp4_megatron.megatron.policy.apply_precision`` configures each one from the recipe (the
-precision table it returns is what actually runs: layer -> GEMM -> format, block, RHT, SR). If the
-provider is missing the model is Megatron's own local spec and only a ``bf16`` recipe is accepted —
-a quantized recipe on an unquantized model would be a silent fallback to higher precision.
+Every linear layer of the transformer blocks is our quantized ``Column/RowParallelLinear`` (or, on
+the ``te`` backend, Transformer Engine's) and ``nvfp4_megatron.megatron.policy.apply_precision``
+configures each one from the recipe (the precision table it returns is what actually runs:
+layer -> GEMM -> format, block, RHT, SR).
 
 BF16 runs wrap the model in ``Float16Module`` (BF16 parameters and activations; the distributed
 optimizer keeps FP32 master weights) and then in Megatron's ``DistributedDataParallel``.
@@ -21,27 +19,30 @@ optimizer keeps FP32 master weights) and then in Megatron's ``DistributedDataPar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-MODEL_SHAPE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "seq_length", "activation", "normalization",
-    "position_embedding_type", "untie_embeddings_and_output_weights", "add_bias_linear",
-    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-    "hybrid_override_pattern",
-)
-# recorded only for hybrid models (GPT checkpoints written before hybrids existed stay loadable)
-HYBRID_SHAPE_KEYS = ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups",
-                     "mamba_conv_kernel", "mamba_expand")
+from nvfp4_megatron.parallel.model_stats import ModelShape
+from nvfp4_megatron.quant.registry import recipe_from_config
+
+# the shape fields a checkpoint records (ModelShape is the one list; hybrid fields only for
+# hybrid models, so GPT checkpoints written before hybrids existed stay loadable)
+MODEL_SHAPE_KEYS = ModelShape.checkpoint_fields(hybrid=False)
+HYBRID_SHAPE_KEYS = ModelShape.checkpoint_fields(hybrid=True)
 
 
-def quantized_spec_available() -> bool:
-    return (importlib.util.find_spec("nvfp4_megatron.megatron.spec_provider") is not None
-            and importlib.util.find_spec("nvfp4_megatron.megatron.policy") is not None)
+# TransformerConfig fields taken from the config as they are (the same Megatron names)
+_CONFIG_MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                        "kv_channels", "normalization", "add_bias_linear", "hidden_dropout",
+                        "attention_dropout", "init_method_std")
+_CONFIG_PARALLEL_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                           "context_parallel_size", "expert_model_parallel_size",
+                           "expert_tensor_parallel_size", "sequence_parallel")
+# fused kernels that need Apex / Transformer Engine (docs/ARCHITECTURE.md "Off, and why")
+_FUSIONS_OFF = ("gradient_accumulation_fusion", "bias_activation_fusion", "masked_softmax_fusion",
+                "bias_dropout_fusion", "apply_rope_fusion")
 
 
 def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None):
@@ -49,11 +50,6 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
     padding fields (``backend.backend_config_fields``; empty on the emulated backend)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if m["num_attention_heads"] % p["tensor_model_parallel_size"]:
-        raise ValueError(
-            f"model.num_attention_heads={m['num_attention_heads']} is not divisible by "
-            f"parallel.tensor_model_parallel_size={p['tensor_model_parallel_size']}"
-        )
     extra: dict[str, Any] = {}
     act = m["activation"]
     if act == "swiglu":
@@ -79,32 +75,14 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
                      mamba_num_heads=m["mamba_num_heads"])
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
-        num_layers=m["num_layers"],
-        hidden_size=m["hidden_size"],
+        **{k: m[k] for k in _CONFIG_MODEL_FIELDS},
         ffn_hidden_size=m["ffn_hidden_size"] or 4 * m["hidden_size"],
-        num_attention_heads=m["num_attention_heads"],
-        num_query_groups=m["num_query_groups"],
-        kv_channels=m["kv_channels"],
-        normalization=m["normalization"],
-        add_bias_linear=m["add_bias_linear"],
-        hidden_dropout=m["hidden_dropout"],
-        attention_dropout=m["attention_dropout"],
-        init_method_std=m["init_method_std"],
-        tensor_model_parallel_size=p["tensor_model_parallel_size"],
-        pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
-        context_parallel_size=p["context_parallel_size"],
-        expert_model_parallel_size=p["expert_model_parallel_size"],
-        expert_tensor_parallel_size=p["expert_tensor_parallel_size"],
-        sequence_parallel=p["sequence_parallel"],
+        **{k: p[k] for k in _CONFIG_PARALLEL_FIELDS},
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=resolve_cpu_initialization(m),
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        **dict.fromkeys(_FUSIONS_OFF, False),
         **extra,
         **(quantization or {}),
     )
@@ -188,47 +166,28 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
 
 
 def build_gpt(cfg: dict, recipe, *, log=print):
-    """Build this pipeline stage's GPTModel; returns (model, precision_table or None)."""
+    """Build this pipeline stage's GPTModel; returns (model, config, precision_table)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
-    choice, quantization = None, {}
-    if quantized_spec_available():
-        from nvfp4_megatron.megatron.backend import backend_config_fields, resolve_backend
+    from nvfp4_megatron.megatron.backend import (apply_backend_precision, backend_config_fields,
+                                                 gpt_layer_spec_for, resolve_backend)
 
-        # backend auto|te|emulated -> Megatron's TE layer spec + its fp8/fp4 config fields, or
-        # our quantized spec
-        moe = {"num_moe_experts": m["num_moe_experts"],
-               "moe_token_dispatcher_type": p["moe_token_dispatcher_type"]}
-        choice = resolve_backend(recipe, num_layers=m["num_layers"], **moe)
-        log(f"[precision] backend {choice.describe()}")
-        quantization = backend_config_fields(choice, recipe, num_layers=m["num_layers"], **moe)
-    config = transformer_config(m, p, bf16=t["bf16"], quantization=quantization)
-    if choice is not None:
-        from nvfp4_megatron.megatron.backend import gpt_layer_spec_for
-
-        spec = gpt_layer_spec_for(choice, config,
-                                  pp_rank=parallel_state.get_pipeline_model_parallel_rank())
-    else:
-        if recipe.is_quantized:
-            raise RuntimeError(
-                f"precision.recipe={recipe.name!r} quantizes GEMMs but "
-                "nvfp4_megatron.megatron.spec_provider is not available; refusing to train it in BF16"
-            )
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        log("[model] quantized spec provider not found: Megatron's local spec (BF16 only)")
-        spec = get_gpt_layer_local_spec(num_experts=m["num_moe_experts"],
-                                        normalization=m["normalization"])
+    # backend auto|te|emulated -> Megatron's TE layer spec + its fp8/fp4 config fields, or our
+    # quantized spec
+    moe = {"num_moe_experts": m["num_moe_experts"],
+           "moe_token_dispatcher_type": p["moe_token_dispatcher_type"]}
+    choice = resolve_backend(recipe, num_layers=m["num_layers"], **moe)
+    log(f"[precision] backend {choice.describe()}")
+    config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
+        choice, recipe, num_layers=m["num_layers"], **moe))
+    spec = gpt_layer_spec_for(choice, config,
+                              pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))
     if config.use_cpu_initialization and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # drawn on the CPU, trained on this rank's GPU
-    table = None
-    if quantized_spec_available():
-        from nvfp4_megatron.megatron.backend import apply_backend_precision
-
-        table = apply_backend_precision([model], recipe, choice, log=False)
+    table = apply_backend_precision([model], recipe, choice, log=False)
     return model, config, table
 
 
@@ -262,29 +221,6 @@ def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False,
     if overlap_grad_reduce:
         config.grad_sync_func = ddp.start_grad_sync
     return ddp
-
-
-def recipe_from_config(precision: dict):
-    """The precision recipe named by the ``precision`` group (BF16 blocks, switch, backend, and the
-    Microsoft FP4 ``dge`` / ``occ`` knobs)."""
-    from nvfp4_megatron.quant import registry
-
-    sw = dict(precision["switch_to_bf16"])
-    if sw.get("at_tokens") is not None:
-        tok = sw["at_tokens"]
-        if float(tok) != int(tok):
-            raise ValueError(f"precision.switch_to_bf16.at_tokens={tok} must be a whole number")
-        sw["at_tokens"] = int(tok)
-    return registry.build_recipe(
-        precision["recipe"],
-        bf16_first_blocks=precision["bf16_first_blocks"],
-        bf16_last_blocks=precision["bf16_last_blocks"],
-        bf16_blocks=precision["bf16_blocks"],
-        switch_to_bf16=sw,
-        backend=precision["backend"],
-        dge=precision.get("dge"),
-        occ=precision.get("occ"),
-    )
 
 
 def resolve_overlap_grad_reduce(train: dict) -> bool:

@@ -145,7 +145,7 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None, batches: int | None,
     validation batches forward and measure every linear layer's input."""
     from omegaconf import OmegaConf
 
-    from nvfp4_megatron.cli.compose import to_plain
+    from nvfp4_megatron.training.config import to_plain
     from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
     from nvfp4_megatron.training import checkpoint as ckpt_lib
     from nvfp4_megatron.training import data as data_lib

@@ -81,13 +81,3 @@ def test_dry_run_calls_planner_and_launches_nothing(monkeypatch):
     monkeypatch.setattr(loop, "run", lambda cfg: pytest.fail("dry_run must not train"))
     assert pretrain.main(["+recipe=nvfp4_12b", "dry_run=true", "world_size=1024"]) == 0
     assert seen == [1024]
-
-
-def test_dry_run_without_planner_is_a_clear_error(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda n, *a: None if n == "nvfp4_megatron.parallel.planner" else real(n, *a))
-    with pytest.raises(NotImplementedError, match="run_dry_run"):
-        pretrain.main(["dry_run=true", "world_size=8"])

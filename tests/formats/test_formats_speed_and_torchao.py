@@ -31,7 +31,10 @@ def _timed(fn) -> float:
 
 
 def _torchao_mx():
-    return pytest.importorskip("torchao.prototype.mx_formats")
+    """torchao is a pinned test dependency (pyproject.toml ``test`` extra): no skip when missing."""
+    import torchao.prototype.mx_formats as mx
+
+    return mx
 
 
 def test_torchao_e2m1_encoder_agrees_bit_for_bit():
@@ -75,3 +78,20 @@ def test_torchao_nvfp4_agrees_where_block_scales_are_normal():
     assert torch.all(scales.float()[~normal] == 2.0**-6)
     codes_blocks_equal = (packed.reshape(256, 16, 8) == ours.data.reshape(256, 16, 8)).all(-1)
     assert torch.all(codes_blocks_equal[normal])
+
+
+def test_torchao_nvfp4_all_zero_tensor_diverges_as_documented():
+    """The second known divergence (docs/formats.md "Cross-checks"): for an all-zero tensor
+    torchao's per-tensor scale is 0 and its block scales NaN; ours quantize to zero codes and zero
+    scales with S_enc = 1, and dequantize to exact zeros."""
+    _torchao_mx()
+    from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
+
+    x = torch.zeros(4, 32)
+    scales, _ = nvfp4_quantize(x, 16, per_tensor_amax_to_scale(x.abs().max()))
+    assert torch.isnan(scales.float()).all()
+    ours = quantize_nvfp4(x)
+    assert torch.equal(ours.scale.float(), torch.zeros(4, 2))
+    assert torch.equal(ours.data, torch.zeros(4, 16, dtype=torch.uint8))
+    assert ours.scale_enc.item() == 1.0
+    assert torch.equal(ours.dequantize(), x)

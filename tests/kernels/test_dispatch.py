@@ -1,4 +1,5 @@
-"""kernels.dispatch on CPU: the reference path, identical results, no kernel needed."""
+"""kernels.dispatch on CPU: routed to the formats reference with every argument, no kernel
+imported, and the NVFP4 result equal to the independent NumPy oracle."""
 
 from __future__ import annotations
 
@@ -19,19 +20,51 @@ def test_cpu_tensor_uses_reference():
     assert not dispatch.uses_kernel(_x())
 
 
-@pytest.mark.parametrize("kw", [{}, {"rht": True}, {"tile": (16, 16)}])
-def test_nvfp4_cpu_equals_reference(kw):
-    got, want = dispatch.quantize_nvfp4(_x(), **kw), formats.quantize_nvfp4(_x(), **kw)
-    assert torch.equal(got.data, want.data)
-    assert torch.equal(got.scale.view(torch.uint8), want.scale.view(torch.uint8))
-    assert torch.equal(got.scale_enc, want.scale_enc)
+_ALL_ARGS = {
+    "quantize_nvfp4": dict(tile=(16, 16), rht=True, rht_signs=[1, -1] * 8,
+                           stochastic_rounding=True, generator=torch.Generator(), rand=None,
+                           amax=3.0),
+    "quantize_mx": dict(block=64),
+    "quantize_fp8_current": dict(pow2_scale=True, amax=2.0),
+    "quantize_fp8_block": dict(tile=(128, 128), pow2_scale=True),
+}
 
 
-def test_mx_fp8_cpu_equal_reference():
-    got, want = dispatch.quantize_mx(_x(), torch.float8_e4m3fn), formats.quantize_mx(_x(), torch.float8_e4m3fn)
-    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
-    got, want = dispatch.quantize_fp8_current(_x(), torch.float8_e5m2), formats.quantize_fp8_current(_x(), torch.float8_e5m2)
-    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+@pytest.mark.parametrize("name", sorted(_ALL_ARGS))
+def test_cpu_routes_to_the_reference_with_every_argument(name, monkeypatch):
+    """On CPU each entry point calls the formats reference once, with x, the positional dtype and
+    every keyword it was given (a dropped or renamed argument fails), and never imports a kernel."""
+    import sys
+
+    seen = []
+    monkeypatch.setattr(formats, name, lambda *a, **k: seen.append((a, k)) or "reference")
+    x = _x()
+    pos = () if name == "quantize_nvfp4" else (torch.float8_e4m3fn,)
+    before = {m for m in sys.modules if m.startswith("nvfp4_megatron.kernels.")}
+    assert getattr(dispatch, name)(x, *pos, **_ALL_ARGS[name]) == "reference"
+    assert len(seen) == 1 and seen[0][0][0] is x and seen[0][0][1:] == pos
+    assert seen[0][1] == _ALL_ARGS[name]
+    after = {m for m in sys.modules if m.startswith("nvfp4_megatron.kernels.")}
+    assert after == before
+
+
+def test_nvfp4_cpu_matches_the_independent_oracle():
+    """dispatch on CPU against tests/formats/formats_oracle.py (NumPy, written apart)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "formats"))
+    try:
+        import formats_oracle as oracle
+    finally:
+        sys.path.pop(0)
+    x = _x().float()
+    for tile_rows in (1, 16):
+        got = dispatch.quantize_nvfp4(x, tile=(tile_rows, 16))
+        codes, s_b, s_enc, _, _ = oracle.nvfp4_reference(x.numpy(), tile_rows)
+        assert (formats.unpack_e2m1(got.data).numpy() == codes).all()
+        assert (got.scale.float().numpy() == s_b).all()
+        assert got.scale_enc.item() == float(s_enc)
 
 
 def test_amax_cpu_matches_definition():

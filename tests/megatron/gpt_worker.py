@@ -50,20 +50,25 @@ def _compose(cfg, run) -> dict:
 @contextlib.contextmanager
 def _spec_hooks(run):
     """Test-only layer specs, set for one build: ``spec='local'`` builds Megatron's own local
-    spec (the builder's path when the quantized spec provider is missing: no precision table);
+    spec (the reference for the bf16 recipe: no quantized layers, no precision table);
     ``sdpa=False`` our quantized spec with Megatron's local attention instead of SDPA."""
-    from nvfp4_megatron.megatron import spec_provider
-    from nvfp4_megatron.training import model as model_lib
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    saved = model_lib.quantized_spec_available, spec_provider.quantized_gpt_block_spec
+    from nvfp4_megatron.megatron import backend, spec_provider
+
+    saved = (backend.gpt_layer_spec_for, backend.apply_backend_precision,
+             spec_provider.quantized_gpt_block_spec)
     if run.get("spec", "quantized") == "local":
-        model_lib.quantized_spec_available = lambda: False
+        backend.gpt_layer_spec_for = lambda choice, config, **kw: get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts, normalization=config.normalization)
+        backend.apply_backend_precision = lambda *a, **kw: None
     if not run.get("sdpa", True):
-        spec_provider.quantized_gpt_block_spec = functools.partial(saved[1], sdpa_attention=False)
+        spec_provider.quantized_gpt_block_spec = functools.partial(saved[2], sdpa_attention=False)
     try:
         yield
     finally:
-        model_lib.quantized_spec_available, spec_provider.quantized_gpt_block_spec = saved
+        (backend.gpt_layer_spec_for, backend.apply_backend_precision,
+         spec_provider.quantized_gpt_block_spec) = saved
 
 
 def _build(cfg, run):

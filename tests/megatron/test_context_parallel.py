@@ -72,13 +72,14 @@ def test_split_errors_name_the_rule():
 
 
 def test_layout_validators_accept_cp():
-    from nvfp4_megatron.parallel.layout import LayoutError, ModelDims, make_layout
-    from nvfp4_megatron.platform.distributed import validate_layout
+    from nvfp4_megatron.parallel.layout import LayoutError, check_world, make_layout
+    from nvfp4_megatron.parallel.model_stats import ModelShape
 
-    assert validate_layout(world_size=2, context_parallel_size=2) == 1
-    assert validate_layout(world_size=8, tensor_model_parallel_size=2, context_parallel_size=2,
-                           pipeline_model_parallel_size=2, expert_model_parallel_size=4,
-                           expert_tensor_parallel_size=1) == 1
+    def ModelDims(**kw):
+        return ModelShape(hidden_size=64, ffn_hidden_size=256, kv_channels=16, vocab_size=128, **kw)
+
+    assert check_world(2, cp=2) == 1
+    assert check_world(8, tp=2, cp=2, pp=2, ep=4, etp=1) == 1
     dims = ModelDims(num_layers=2, num_attention_heads=4, num_query_groups=2, seq_length=64)
     lay = make_layout(world_size=2, cp=2, global_batch_size=2, model=dims)
     assert (lay.cp, lay.dp) == (2, 1)

@@ -207,7 +207,8 @@ def _train(tmp: Path, name: str, nproc: int, overrides: list[str]) -> dict:
 def _folded_layout():
     from omegaconf import OmegaConf
 
-    from nvfp4_megatron.parallel.layout import ModelDims, make_layout
+    from nvfp4_megatron.parallel.layout import make_layout
+    from nvfp4_megatron.parallel.model_stats import ModelShape
 
     cfg = OmegaConf.load(ROOT / "recipes" / f"{RECIPE}.yaml")
     m, p = cfg.model, cfg.parallel
@@ -216,10 +217,7 @@ def _folded_layout():
         ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size,
         sequence_parallel=p.sequence_parallel, micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=4,
-        model=ModelDims(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-                        num_moe_experts=m.num_moe_experts,
-                        moe_ffn_hidden_size=m.moe_ffn_hidden_size, seq_length=m.seq_length))
+        model=ModelShape.from_cfg(m))
 
 
 def test_validator_accepts_the_folded_layout():
@@ -227,7 +225,11 @@ def test_validator_accepts_the_folded_layout():
     assert (lay.tp, lay.cp, lay.pp, lay.dp) == (2, 2, 2, 1)
     assert (lay.etp, lay.ep, lay.edp) == (1, 4, 1)
     assert lay.has_experts and lay.num_microbatches == 4
-    from nvfp4_megatron.parallel.layout import LayoutError, ModelDims, make_layout
+    from nvfp4_megatron.parallel.layout import LayoutError, make_layout
+    from nvfp4_megatron.parallel.model_stats import ModelShape
+
+    def ModelDims(**kw):
+        return ModelShape(hidden_size=64, kv_channels=16, vocab_size=128, **kw)
 
     dims = dict(num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                 num_moe_experts=8, moe_ffn_hidden_size=128)

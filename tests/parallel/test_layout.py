@@ -7,9 +7,18 @@ implementation of the "tp-cp-ep-dp-pp" ordering), so a wrong stride or order fai
 import pytest
 from megatron.core.parallel_state import RankGenerator
 
-from nvfp4_megatron.parallel.layout import (LayoutError, LocalMambaRules, ModelDims, is_partition,
-                                            make_layout, mamba_proj_shards, rank_coordinates,
-                                            rank_groups, split_hybrid_pattern)
+from nvfp4_megatron.parallel.layout import (LayoutError, LocalMambaRules, is_partition, make_layout,
+                                            mamba_proj_shards, rank_coordinates, rank_groups,
+                                            split_hybrid_pattern)
+from nvfp4_megatron.parallel.model_stats import ModelShape
+
+
+def ModelDims(**kw):
+    """A ModelShape with the fields the layout rules do not read filled in (ffn_hidden_size
+    None: no FFN divisibility rule)."""
+    return ModelShape(**{"hidden_size": 64, "ffn_hidden_size": None, "kv_channels": 16,
+                         "vocab_size": 128, **kw})
+
 
 MIXTRAL = ModelDims(num_layers=56, num_attention_heads=48, num_query_groups=8, ffn_hidden_size=16384,
                     num_moe_experts=8, moe_ffn_hidden_size=16384, seq_length=4096)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from nvfp4_megatron.parallel.layout import ModelDims, make_layout
+from nvfp4_megatron.parallel.layout import make_layout
 from nvfp4_megatron.parallel.model_stats import (ModelShape, flops_per_step, layer_params,
                                                  memory_per_gpu, meta_param_count, param_count)
 
@@ -157,10 +157,8 @@ def test_mamba_flops_include_ssd():
 
 def test_memory_distributed_optimizer_shards():
     m = ModelShape(**DENSE_CASES[0])
-    dims = ModelDims(num_layers=3, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160,
-                     seq_length=32)
-    lay1 = make_layout(world_size=1, global_batch_size=4, model=dims)
-    lay4 = make_layout(world_size=4, global_batch_size=4, model=dims)
+    lay1 = make_layout(world_size=1, global_batch_size=4, model=m)
+    lay4 = make_layout(world_size=4, global_batch_size=4, model=m)
     (s1,) = memory_per_gpu(m, lay1, act_bytes=2.0, weight_bytes=0.0)
     (s4,) = memory_per_gpu(m, lay4, act_bytes=2.0, weight_bytes=0.0)
     total = param_count(m)["total"]
@@ -176,9 +174,30 @@ def test_memory_distributed_optimizer_shards():
 
 def test_pipeline_stage_params_sum_to_model():
     m = ModelShape(**MOE_CASES[0])
-    dims = ModelDims(num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                     num_moe_experts=4, moe_ffn_hidden_size=96, seq_length=32)
-    lay = make_layout(world_size=2, pp=2, global_batch_size=4, model=dims)
+    lay = make_layout(world_size=2, pp=2, global_batch_size=4, model=m)
     stages = memory_per_gpu(m, lay, act_bytes=2.0, weight_bytes=0.0)
     assert sum(s.params for s in stages) == param_count(m)["total"]
     assert stages[0].inflight_microbatches == 2 and stages[1].inflight_microbatches == 1
+
+
+def test_model_shape_is_the_one_list_of_shape_fields():
+    """Every ModelShape field is a cli/schema.ModelConfig field except the planner-only ones, and
+    the checkpoint records exactly the fields ModelShape marks (training/model.py)."""
+    import dataclasses
+
+    from nvfp4_megatron.cli.schema import ModelConfig
+    from nvfp4_megatron.training.model import HYBRID_SHAPE_KEYS, MODEL_SHAPE_KEYS
+
+    schema = {f.name for f in dataclasses.fields(ModelConfig)}
+    shape = [f.name for f in dataclasses.fields(ModelShape)]
+    planner_only = set(ModelShape.PLANNER_ONLY)
+    assert planner_only == {"add_qkv_bias", "moe_shared_expert_gate", "mamba_chunk_size"}
+    assert [n for n in shape if n not in schema] == sorted(planner_only, key=shape.index)
+    assert MODEL_SHAPE_KEYS == (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "kv_channels", "vocab_size", "seq_length", "activation", "normalization",
+        "position_embedding_type", "untie_embeddings_and_output_weights", "add_bias_linear",
+        "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+        "hybrid_override_pattern")
+    assert HYBRID_SHAPE_KEYS == ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+                                 "mamba_num_groups", "mamba_conv_kernel", "mamba_expand")

@@ -152,10 +152,11 @@ def test_unset_bf16_blocks_take_the_registered_recipe_default():
                      "bf16_blocks": [5]}
     assert plan(cfg, 64).bf16_layers == [5]
     cfg.precision = {"recipe": "nvfp4", "bf16_first_blocks": 15, "bf16_last_blocks": 8}
-    with pytest.raises(ValueError, match="bf16_first_blocks=15 \\+ bf16_last_blocks=8 must be"):
+    with pytest.raises(ValueError, match="bf16_first_blocks=15 \\+ bf16_last_blocks=8 exceeds "
+                                         "the model's 20 blocks"):
         plan(cfg, 64)
     cfg.precision = {"recipe": "fp7"}
-    with pytest.raises(ValueError, match="precision.recipe='fp7' has no compute class"):
+    with pytest.raises(ValueError, match="unknown precision recipe 'fp7'"):
         plan(cfg, 64)
 
 
@@ -281,3 +282,52 @@ def test_hybrid_proxy_has_the_12b_pattern_and_passes_the_local_mixer_rules():
         p = plan(cfg, 1)
         assert p.meta_params == 118_964_352 and not p.notes, p.notes
     assert plan(load("nvfp4_hybrid_proxy"), 1).bf16_layers == plan(big, 1024).bf16_layers
+
+
+# The compute classes as they were written by hand per recipe name before they were derived from
+# the recipes' properties (issue 19): the derivation must reproduce every one of them exactly.
+_HAND_WRITTEN_COMPUTE = {
+    "bf16": ("bf16", 2.0, 0.0, False),
+    "fp8_cs": ("fp8", 1.0, 1.0, False),
+    "fp8_block": ("fp8", 1.0 + 4 / 128, 1.0 + 4 / 16384, False),
+    "mxfp8": ("fp8", 1.0 + 1 / 32, 1.0 + 1 / 32, True),
+    "mxfp4": ("fp4", 0.5 + 1 / 32, 0.5 + 1 / 32, True),
+    **{n: ("fp4", 0.5 + 1 / 16, 0.5 + 1 / 16, False)
+       for n in ("nvfp4", "nvfp4_no_rht", "nvfp4_no_sr", "nvfp4_no_2d", "nvfp4_all_layers")},
+    "msfp4": ("fp4", 0.5 + 0.12, 0.5, False),
+    "msfp4_no_dge": ("fp4", 0.5 + 0.12, 0.5, False),
+    "msfp4_no_occ": ("fp4", 0.5, 0.5, False),
+    "fp4_direct": ("fp4", 0.5, 0.5, False),
+    # fwd_only saves X in BF16 for its BF16 Wgrad and keeps the Fprop weight copy; bwd_only saves
+    # X's NVFP4 Wgrad copy and keeps the Dgrad weight copy
+    "nvfp4_fwd_only": ("fp4", 2.0, 0.5 + 1 / 16, False),
+    "nvfp4_bwd_only": ("fp4", 0.5 + 1 / 16, 0.5 + 1 / 16, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HAND_WRITTEN_COMPUTE))
+def test_compute_class_is_derived_from_the_recipe(name):
+    from nvfp4_megatron.parallel.hardware import recipe_compute
+    from nvfp4_megatron.quant.registry import get_recipe
+
+    rc = recipe_compute(get_recipe(name))
+    assert (rc.gemm_class, rc.act_bytes, rc.weight_bytes, rc.mx) == _HAND_WRITTEN_COMPUTE[name]
+
+
+def test_compute_class_follows_recipe_overrides_not_names():
+    from nvfp4_megatron.parallel.hardware import recipe_compute
+    from nvfp4_megatron.quant.registry import build_recipe
+
+    # nvfp4 + OCC (the precision.occ knob): the Wgrad copy carries OCC's residual
+    occ = recipe_compute(build_recipe("nvfp4", occ={"enabled": True}))
+    assert occ.act_bytes == 0.5 + 1 / 16 + 0.12
+    no_comp = recipe_compute(build_recipe("msfp4", occ={"compensate": False}))
+    assert no_comp.act_bytes == 0.5
+
+
+def test_every_registered_recipe_has_a_compute_class():
+    from nvfp4_megatron.parallel.hardware import recipe_compute
+    from nvfp4_megatron.quant.registry import get_recipe, list_recipes
+
+    for name in list_recipes():
+        assert recipe_compute(get_recipe(name)).gemm_class in ("bf16", "fp8", "fp4")

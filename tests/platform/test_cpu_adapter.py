@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nvfp4_megatron.platform import cpu_adapter
-from nvfp4_megatron.platform.distributed import validate_layout
+from nvfp4_megatron.parallel.layout import LayoutError, check_world
 
 HERE = Path(__file__).parent
 
@@ -73,7 +73,7 @@ def test_install_is_idempotent_and_patches_listed_modules():
         "import importlib, torch\n"
         "from nvfp4_megatron.platform import cpu_adapter as c\n"
         "c.install_cpu_adapter(); c.install_cpu_adapter()\n"
-        "for n in c.PATCHED_MODULES:\n"
+        "for n in c.TORCH_PROXIED_MODULES:\n"
         "    assert importlib.import_module(n).torch is c._CpuTorch, n\n"
         "from megatron.core.utils import GlobalMemoryBuffer\n"
         "t = GlobalMemoryBuffer().get_tensor((4,), torch.float32, 'x')\n"
@@ -107,20 +107,70 @@ def test_cpu_rng_tracker_fork_is_reproducible():
 
 
 @pytest.mark.parametrize(
-    "sizes, world",
-    [(dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6),
-     (dict(expert_model_parallel_size=4, expert_tensor_parallel_size=1), 6)],
+    "sizes, world, rule",
+    [(dict(tp=2, pp=2), 6, "attention group TP=2 x CP=1 x PP=2 = 4 does not divide world_size=6"),
+     (dict(ep=4, etp=1), 6, "expert group ETP=1 x EP=4 x PP=1 = 4 does not divide world_size=6")],
 )
-def test_layout_that_does_not_divide_names_every_size(sizes, world):
-    with pytest.raises(ValueError) as e:
-        validate_layout(world_size=world, **sizes)
+def test_layout_that_does_not_divide_names_every_size(sizes, world, rule):
+    with pytest.raises(LayoutError) as e:
+        check_world(world, **sizes)
     msg = str(e.value)
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "context_parallel_size", "expert_model_parallel_size",
-                 "expert_tensor_parallel_size", f"world size {world}"):
-        assert name in msg
+    assert rule in msg
+    assert f"world={world} TP={sizes.get('tp', 1)} CP=1 PP={sizes.get('pp', 1)} " \
+           f"EP={sizes.get('ep', 1)} ETP={sizes.get('etp', sizes.get('tp', 1))}" in msg
 
 
 def test_layout_fits():
-    assert validate_layout(world_size=8, tensor_model_parallel_size=2,
-                           pipeline_model_parallel_size=2) == 2
+    assert check_world(8, tp=2, pp=2) == 2
+    with pytest.raises(LayoutError, match="tensor_model_parallel_size \\(TP\\)=0 must be a positive"):
+        check_world(8, tp=0)
+
+
+def test_refuses_an_untested_megatron_version():
+    assert cpu_adapter.check_megatron_version("0.19.2+740ef09") == "0.19.2"
+    with pytest.raises(RuntimeError, match=r"Megatron-Core 0\.20\.0 is not a version the adapter "
+                                           r"was tested with \(0\.19\.2\)"):
+        cpu_adapter.check_megatron_version("0.20.0")
+
+
+def test_a_missing_patch_target_fails_loudly():
+    import types
+
+    mod = types.ModuleType("megatron.core.fake")
+    with pytest.raises(RuntimeError, match=r"megatron\.core\.fake\.renamed does not exist"):
+        cpu_adapter._replace(mod, "renamed", 1)
+    assert not hasattr(mod, "renamed")  # nothing was added
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU adapter is for machines without a GPU")
+def test_cpu_training_reaches_no_cuda_call_outside_the_adapter(tmp_path, corpus_cache_dir):
+    """Two CPU ranks, PP=2 with tied embeddings (the shared weight's ``.cuda()`` in Megatron's
+    LanguageModule) train, evaluate and save through ``pretrain.py``'s main with every real CUDA
+    entry point watched: no Megatron module may reach one (a module missing from the adapter's
+    list would call the real torch.cuda / Tensor.cuda / a device='cuda' factory)."""
+    out = tmp_path / "calls"
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "cuda_watch_worker.py"), str(out), "+recipe=nvfp4_tiny",
+           f"run_dir={run_dir}", f"data.cache_dir={corpus_cache_dir}",
+           "data.default_corpus_max_mb=1.0", "logging.print_precision_table=false",
+           "parallel.pipeline_model_parallel_size=2",
+           "model.untie_embeddings_and_output_weights=false", "train.train_iters=2",
+           "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0",
+           "train.warmup_iters=0",
+           "train.eval_iters=1", "train.log_interval=1", "train.save_interval=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=str(tmp_path))
+    results = [json.loads((tmp_path / f"calls.{r}.json").read_text()) for r in (0, 1)
+               if (tmp_path / f"calls.{r}.json").exists()]
+    assert len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    calls = [c for r in results for c in r["calls"]]
+    listed = set(cpu_adapter.PATCHED_MODULES)
+    unlisted = sorted({f"{c['module']}:{c['line']} {c['call']}" for c in calls
+                       if c["module"] not in listed})
+    assert not unlisted, ("Megatron modules not covered by platform/cpu_adapter.py reached CUDA "
+                          "calls on CPU:\n" + "\n".join(unlisted))
+    assert not calls, f"listed modules still reached real CUDA calls: {calls}"
+    assert [r["rc"] for r in results] == [0, 0], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_0000002"]

@@ -67,7 +67,7 @@ def test_dequant_kernel_compiles_for_sm90():
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
-    from nvfp4_megatron.quant import _dequant_triton as k
+    from nvfp4_megatron.kernels import dequant as k
 
     fn = k._dequant_kernel
     types = {"codes_ptr": "*u8", "scale_ptr": "*u8", "finite_ptr": "*i32", "out_ptr": "*bf16"}

@@ -292,10 +292,6 @@ def test_another_recipe_is_refused_and_every_start_config_is_kept(base_run, tmp_
 
 
 def test_allow_precision_change_knob(base_run, tmp_path, corpus_cache):
-    from nvfp4_megatron.cli.schema import TrainConfig
-
-    if "allow_precision_change" not in TrainConfig.__dataclass_fields__:
-        pytest.skip("train.allow_precision_change is not in the schema yet")
     run = shutil.copytree(base_run, tmp_path / "run")
     shutil.rmtree(run / "checkpoints" / STEP20)
     bf16 = ["+recipe=bf16_tiny" if a == "+recipe=nvfp4_tiny" else a for a in COMMON]

@@ -1,4 +1,5 @@
-"""Input validation shared by the quantizers: errors name the field, the value and the rule."""
+"""Input validation shared by the quantizers (errors name the field, the value and the rule), and
+the one rule for a tensor's global amax."""
 
 from __future__ import annotations
 
@@ -81,3 +82,16 @@ def amax_tensor(amax: object, *, device: torch.device) -> torch.Tensor:
     if isinstance(amax, (int, float)):
         return torch.tensor(float(amax), dtype=torch.float32, device=device)
     raise TypeError(f"amax must be a float or a 0-d tensor, got {type(amax).__name__}")
+
+
+def global_amax(x_fp32: torch.Tensor, amax: object = None) -> torch.Tensor:
+    """The FP32 0-d global amax a quantizer scales ``x_fp32`` by.
+
+    ``amax`` given (e.g. reduced over the TP group): that value (:func:`amax_tensor`). Otherwise
+    ``max |x_fp32|``, and 0 for an empty tensor (``amax()`` of an empty tensor raises).
+    """
+    if amax is not None:
+        return amax_tensor(amax, device=x_fp32.device)
+    if x_fp32.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x_fp32.device)
+    return x_fp32.abs().amax()
