@@ -3,8 +3,8 @@
 Layers, bottom first (each imports only from those before it; docs/ARCHITECTURE.md draws them):
 ``formats`` (pure-PyTorch reference codecs, the numeric contract) -> ``kernels`` (Triton fast
 paths, bit-exact with ``formats``) -> ``quant`` (recipes, quantized GEMM autograd) -> ``ssm``
-(Mamba-2 ops) -> ``megatron`` (layer specs, precision policy, Transformer Engine adapter) ->
-``parallel`` (layout rules, model shape, planner) -> ``platform`` (distributed start-up, CPU
+(Mamba-2 ops) -> ``mcore`` (layer specs, precision policy, Transformer Engine adapter) ->
+``parallel`` (layout rules, model shape, planner) -> ``runtime`` (distributed start-up, CPU
 adapter) -> ``training`` (loop, data, checkpoints) -> ``cli`` (Hydra entry point).
 """
 

@@ -138,7 +138,7 @@ def bench_layer(args, recipe: str, kind: str, dev: torch.device, log) -> dict:
            "module": type(layer).__name__, "params": sum(p.numel() for p in layer.parameters()),
            "quantized_linears": sorted(set(quantized)), "fwd_ms": fwd, "bwd_ms": bwd,
            "fwd_bwd_ms": tot, "fwd_bwd_ms_all": all_ms, "peak_mib": peak,
-           "gemm_backends": sorted({r.backend for r in table.rows if r.quantized})}
+           "gemm_kernels": sorted({r.backend for r in table.rows if r.quantized})}
     log(f"[{recipe} {KIND_NAMES[kind]}] fwd {fwd:.2f} ms, bwd {bwd:.2f} ms, fwd+bwd {tot:.2f} "
         f"ms, peak {'-' if peak is None else f'{peak:.0f} MiB'}")
     del model, layer, x, gy, table
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     from megatron.core import tensor_parallel
 
     from nvfp4_megatron.cli.compose import compose_config, to_plain
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
 
     init_distributed()
     initialize_model_parallel()

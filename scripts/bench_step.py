@@ -178,7 +178,7 @@ def main() -> int:
 
     from megatron.core import tensor_parallel
 
-    from nvfp4_megatron.platform.distributed import (configure_determinism, init_distributed,
+    from nvfp4_megatron.runtime.distributed import (configure_determinism, init_distributed,
                                                       initialize_model_parallel)
     from nvfp4_megatron.quant import gemm
     from nvfp4_megatron.training.throughput import model_flops_per_step
@@ -194,7 +194,7 @@ def main() -> int:
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "capability": list(torch.cuda.get_device_capability()),
-            "gemm_backends": gemm.describe_backends(), "model": cfg0["model"],
+            "gemm_kernels": gemm.describe_backends(), "model": cfg0["model"],
             "flops_per_step": model_flops_per_step(cfg0)}
     log(json.dumps(meta, indent=1))
     results = []

@@ -5,7 +5,7 @@ and after; ``config.yaml``; whether the run directory was created at all).
 
     .venv/bin/python scripts/fault_table.py [--work DIR] [--only SUBSTRING]
 
-Every row is also a CPU test (tests/cli, tests/training, tests/platform, tests/slurm); this script
+Every row is also a CPU test (tests/cli, tests/training, tests/runtime, tests/slurm); this script
 is the lab-notebook view of them, with the real messages. One process per case (plain
 ``python pretrain.py``: the worker's own exit code; torchrun turns any worker failure into 1).
 Takes a few minutes on 2 cores.

@@ -255,7 +255,7 @@ def _train(run: dict, sz: dict, device: torch.device, out_dir: Path) -> dict:
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
+    from nvfp4_megatron.mcore.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
     from nvfp4_megatron.training.model import build_training_stack
@@ -417,7 +417,7 @@ def _runs(groups: list[str], steps: int, tmp: Path, *,
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
 
     info = init_distributed()
     device = info.device
@@ -426,14 +426,14 @@ def worker(args) -> None:
         if bad:
             raise RuntimeError(f"NVLink multicast must be off on these hosts; got {bad}")
     else:
-        from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe
+        from nvfp4_megatron.mcore.context_parallel import route_megatron_rope_slice_to_cpu_safe
 
         route_megatron_rope_slice_to_cpu_safe()
     sz = SIZES[device.type]
     out = Path(args.out)
     results = {}
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "backend": info.backend, "world_size": info.world_size, "sizes": sz,
+           "backend": info.comm_library, "world_size": info.world_size, "sizes": sz,
            "num_microbatches": NUM_MICROBATCHES, "torch": torch.__version__,
            "no_multicast_env": {k: os.environ.get(k) for k in NO_MULTICAST_ENV}}
     env["lr"], env["floor_jitter"] = args.lr, JITTER if args.floor else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "nvfp4_megatron"
 # bottom first; docs/ARCHITECTURE.md draws the same order
-LAYERS = ("formats", "kernels", "quant", "ssm", "megatron", "parallel", "platform", "training",
+LAYERS = ("formats", "kernels", "quant", "ssm", "mcore", "parallel", "runtime", "training",
           "cli")
 
 

@@ -212,7 +212,7 @@ def _multirun(overrides: list[str], nproc: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # before megatron.core is imported (training.loop): its import-time warnings, once, on rank 0
-    from nvfp4_megatron.platform.warnings_filter import install_warning_filters
+    from nvfp4_megatron.runtime.warnings_filter import install_warning_filters
 
     install_warning_filters(argv)
     try:
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         if "does not have a deterministic implementation" not in str(err):
             raise
-        from nvfp4_megatron.platform.distributed import DETERMINISM_HINT
+        from nvfp4_megatron.runtime.distributed import DETERMINISM_HINT
 
         print(f"error: {err}\n{DETERMINISM_HINT}", file=sys.stderr, flush=True)
         return 2

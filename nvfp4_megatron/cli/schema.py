@@ -229,7 +229,7 @@ class TrainConfig:
     save_interval: Optional[int] = num(None, ge=1, note="null: save only at the end")
     keep_last: int = num(2, ge=1)
     save: bool = True  # false: write no checkpoint at all (benchmarks, throw-away runs)
-    # bit-identical reruns and resumes on the same GPU (platform/distributed.configure_determinism)
+    # bit-identical reruns and resumes on the same GPU (runtime/distributed.configure_determinism)
     deterministic: bool = True
     # DDP reduce-scatters gradient buckets during the backward; null -> on with GPUs (NCCL), off on CPU
     overlap_grad_reduce: Optional[bool] = None
@@ -250,7 +250,7 @@ class LoggingConfig:
     plot: bool = True
     print_precision_table: bool = True
     # show every upstream warning on every rank (default: known ones once, on rank 0;
-    # platform/warnings_filter.py; NVFP4_SHOW_ALL_WARNINGS=1 does the same)
+    # runtime/warnings_filter.py; NVFP4_SHOW_ALL_WARNINGS=1 does the same)
     all_warnings: bool = False
     # every N steps: per quantized layer and operand copy, cosine / MSE / SNR / underflow /
     # saturation / OCC-clamped fraction -> metrics.jsonl ("kind": "quant") and TensorBoard

@@ -21,14 +21,14 @@ from nvfp4_megatron.formats.e2m1 import (
     unpack_e2m1,
 )
 from nvfp4_megatron.formats.fp8 import (
-    FP8BlockTensor,
-    FP8Tensor,
+    FP8BlockQuantized,
+    FP8Quantized,
     fp8_scale_from_amax,
     quantize_fp8_block,
     quantize_fp8_current,
 )
 from nvfp4_megatron.formats.msfp4 import (
-    AbsmaxE2M1Tensor,
+    AbsmaxE2M1Quantized,
     dge_derivative,
     dge_derivative_e2m1,
     outlier_clamp,
@@ -36,8 +36,8 @@ from nvfp4_megatron.formats.msfp4 import (
     quantize_per_channel,
     quantize_per_token,
 )
-from nvfp4_megatron.formats.mx import MXTensor, quantize_mx
-from nvfp4_megatron.formats.nvfp4 import NVFP4Tensor, nvfp4_global_scales, quantize_nvfp4
+from nvfp4_megatron.formats.mx import MXQuantized, quantize_mx
+from nvfp4_megatron.formats.nvfp4 import NVFP4Quantized, nvfp4_global_scales, quantize_nvfp4
 from nvfp4_megatron.formats.rht import DEFAULT_RHT_SIGNS, apply_rht, hadamard_matrix
 from nvfp4_megatron.formats.rounding import (
     e4m3_rne_satfinite,
@@ -53,11 +53,11 @@ __all__ = [
     "FP8_BLOCK_SIZE",
     "MX_BLOCK_SIZE",
     "NVFP4_BLOCK_SIZE",
-    "AbsmaxE2M1Tensor",
-    "FP8BlockTensor",
-    "FP8Tensor",
-    "MXTensor",
-    "NVFP4Tensor",
+    "AbsmaxE2M1Quantized",
+    "FP8BlockQuantized",
+    "FP8Quantized",
+    "MXQuantized",
+    "NVFP4Quantized",
     "apply_rht",
     "decode_e2m1",
     "dge_derivative",

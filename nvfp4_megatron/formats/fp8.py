@@ -49,7 +49,7 @@ def fp8_scale_from_amax(amax_fp32: torch.Tensor, fp8_dtype: torch.dtype, *, pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8Tensor:
+class FP8Quantized:
     """Per-tensor scaled FP8: ``data`` (fp8, ``shape``), FP32 0-d ``scale``/``scale_inv``/``amax``."""
 
     data: torch.Tensor
@@ -69,14 +69,14 @@ def quantize_fp8_current(
     *,
     pow2_scale: bool = False,
     amax: torch.Tensor | float | None = None,
-) -> FP8Tensor:
+) -> FP8Quantized:
     """Per-tensor current-scaling FP8 of ``x`` (BF16/FP16/FP32, any shape)."""
     check_float_input(x, min_ndim=0)
     check_fp8_dtype(fp8_dtype)
     x_fp32 = x.float()
     amax_fp32 = global_amax(x_fp32, amax)
     scale = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
-    return FP8Tensor(
+    return FP8Quantized(
         data=fp8_rne_satfinite(x_fp32 * scale, fp8_dtype),
         scale=scale,
         scale_inv=1.0 / scale,
@@ -87,7 +87,7 @@ def quantize_fp8_current(
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8BlockTensor:
+class FP8BlockQuantized:
     """Block-scaled FP8: ``data`` (fp8, ``shape``), one FP32 ``scale``/``scale_inv`` per tile."""
 
     data: torch.Tensor
@@ -116,7 +116,7 @@ def quantize_fp8_block(
     *,
     tile: tuple[int, int] = (1, FP8_BLOCK_SIZE),
     pow2_scale: bool = False,
-) -> FP8BlockTensor:
+) -> FP8BlockQuantized:
     """Block-scaled FP8 of ``x`` along its last dim, ``tile=(1, 128)`` or ``(128, 128)``."""
     what = "quantize_fp8_block"
     check_float_input(x, min_ndim=1)
@@ -136,7 +136,7 @@ def quantize_fp8_block(
         scale_rows = scale.repeat_interleave(tile[0], dim=0)
         scale_shape = (rows // tile[0], nb)
     y_fp32 = x_fp32.reshape(rows, nb, tile[1]) * scale_rows.unsqueeze(-1)
-    return FP8BlockTensor(
+    return FP8BlockQuantized(
         data=fp8_rne_satfinite(y_fp32, fp8_dtype).reshape(x.shape),
         scale=scale.reshape(scale_shape),
         scale_inv=(1.0 / scale).reshape(scale_shape),

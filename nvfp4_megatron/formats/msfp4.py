@@ -32,7 +32,7 @@ from nvfp4_megatron.formats.e2m1 import decode_e2m1, encode_e2m1_rne
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AbsmaxE2M1Tensor:
+class AbsmaxE2M1Quantized:
     """E2M1 codes (uint8, one per element, ``shape``) and FP32 ``scale`` (keepdim along ``dim``)."""
 
     codes: torch.Tensor
@@ -44,7 +44,7 @@ class AbsmaxE2M1Tensor:
         return (decode_e2m1(self.codes) / self.scale).to(dtype)
 
 
-def quantize_absmax_e2m1(x: torch.Tensor, *, dim: int = -1) -> AbsmaxE2M1Tensor:
+def quantize_absmax_e2m1(x: torch.Tensor, *, dim: int = -1) -> AbsmaxE2M1Quantized:
     """Absmax-to-6 E2M1 quantization with one FP32 scale per slice along ``dim``."""
     check_float_input(x, min_ndim=1)
     if not -x.dim() <= dim < x.dim():
@@ -55,15 +55,15 @@ def quantize_absmax_e2m1(x: torch.Tensor, *, dim: int = -1) -> AbsmaxE2M1Tensor:
     safe = torch.where(valid, amax, torch.ones_like(amax))
     scale = torch.where(valid, F4_E2M1_MAX / safe, torch.ones_like(safe))
     codes = encode_e2m1_rne(torch.clamp(x_fp32 * scale, -F4_E2M1_MAX, F4_E2M1_MAX))
-    return AbsmaxE2M1Tensor(codes=codes, scale=scale, dim=dim % x.dim(), shape=torch.Size(x.shape))
+    return AbsmaxE2M1Quantized(codes=codes, scale=scale, dim=dim % x.dim(), shape=torch.Size(x.shape))
 
 
-def quantize_per_token(x: torch.Tensor) -> AbsmaxE2M1Tensor:
+def quantize_per_token(x: torch.Tensor) -> AbsmaxE2M1Quantized:
     """Activations ``[..., tokens, hidden]``: one scale per token (reduce over the last dim)."""
     return quantize_absmax_e2m1(x, dim=-1)
 
 
-def quantize_per_channel(w: torch.Tensor) -> AbsmaxE2M1Tensor:
+def quantize_per_channel(w: torch.Tensor) -> AbsmaxE2M1Quantized:
     """Weights ``[out, in]``: one scale per output channel (reduce over ``in``, the last dim)."""
     return quantize_absmax_e2m1(w, dim=-1)
 

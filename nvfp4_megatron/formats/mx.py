@@ -37,7 +37,7 @@ MX_ELEM_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, "e2m1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MXTensor:
+class MXQuantized:
     """One MX-quantized tensor.
 
     data: float8 ``shape`` (MXFP8) or uint8 ``[*shape[:-1], K // 2]`` packed E2M1 (MXFP4).
@@ -71,7 +71,7 @@ def _elem_max(elem_dtype: torch.dtype | str) -> float:
 
 def quantize_mx(
     x: torch.Tensor, elem_dtype: torch.dtype | str, *, block: int = MX_BLOCK_SIZE
-) -> MXTensor:
+) -> MXQuantized:
     """Quantize ``x`` along its last dim to MXFP8 (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``)
     or MXFP4 (``"e2m1"``), one E8M0 scale per ``block`` elements."""
     what = "quantize_mx"
@@ -102,7 +102,7 @@ def quantize_mx(
         data = pack_e2m1(codes).reshape(*lead, k // 2)
     else:
         data = fp8_rne_satfinite(y_fp32, elem_dtype).reshape(x.shape)  # type: ignore[arg-type]
-    return MXTensor(
+    return MXQuantized(
         data=data,
         scale=e8m0_from_exponent(exp, nan_block).reshape(*lead, nb),
         elem_dtype=elem_dtype,

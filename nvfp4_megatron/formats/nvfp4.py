@@ -60,7 +60,7 @@ NVFP4_TILES = ((1, NVFP4_BLOCK_SIZE), (NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NVFP4Tensor:
+class NVFP4Quantized:
     """One NVFP4-quantized tensor.
 
     data: uint8 ``[*shape[:-1], K // 2]``, two E2M1 codes a byte (element 2i in the low nibble).
@@ -156,7 +156,7 @@ def quantize_nvfp4(
     generator: torch.Generator | None = None,
     rand: torch.Tensor | None = None,
     amax: torch.Tensor | float | None = None,
-) -> NVFP4Tensor:
+) -> NVFP4Quantized:
     """Quantize ``x`` to NVFP4 along its last dimension (docs/formats.md "NVFP4").
 
     Args:
@@ -170,7 +170,7 @@ def quantize_nvfp4(
             when ``rht``), 0 for an empty tensor.
 
     Returns:
-        ``NVFP4Tensor``: packed E2M1 codes, E4M3 block scales, FP32 global scales.
+        ``NVFP4Quantized``: packed E2M1 codes, E4M3 block scales, FP32 global scales.
     """
     tile, rows, k = check_nvfp4_args(x, tile=tile, stochastic_rounding=stochastic_rounding,
                                      generator=generator, rand=rand)
@@ -201,7 +201,7 @@ def quantize_nvfp4(
         codes = encode_e2m1_rne(y_fp32)
 
     lead = tuple(x.shape[:-1])
-    return NVFP4Tensor(
+    return NVFP4Quantized(
         data=pack_e2m1(codes).reshape(*lead, k // 2),
         scale=s_b_e4m3.reshape(*lead, nb),
         amax=amax_fp32,

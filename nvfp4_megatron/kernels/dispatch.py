@@ -69,7 +69,7 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
                    rht_signs=None, stochastic_rounding: bool = False,
                    generator: torch.Generator | None = None, rand: torch.Tensor | None = None,
                    amax: torch.Tensor | float | None = None,
-                   config: dict | None = None) -> formats.NVFP4Tensor:
+                   config: dict | None = None) -> formats.NVFP4Quantized:
     """NVFP4 of ``x`` along its last dimension (docs/formats.md "NVFP4").
 
     Args:
@@ -81,7 +81,7 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
         config: Triton tile sizes (kernel path only).
 
     Returns:
-        ``formats.NVFP4Tensor`` (packed codes, E4M3 block scales, global scales).
+        ``formats.NVFP4Quantized`` (packed codes, E4M3 block scales, global scales).
     """
     kw = dict(tile=tile, rht=rht, rht_signs=rht_signs, stochastic_rounding=stochastic_rounding,
               generator=generator, rand=rand, amax=amax)
@@ -93,7 +93,7 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
 
 
 def quantize_mx(x: torch.Tensor, elem_dtype, *, block: int = 32,
-                config: dict | None = None) -> formats.MXTensor:
+                config: dict | None = None) -> formats.MXQuantized:
     """MX (E8M0-scaled) quantization of ``x`` along its last dimension.
 
     Args:
@@ -103,7 +103,7 @@ def quantize_mx(x: torch.Tensor, elem_dtype, *, block: int = 32,
         config: Triton tile sizes (kernel path only).
 
     Returns:
-        ``formats.MXTensor``.
+        ``formats.MXQuantized``.
     """
     if uses_kernel(x):
         if block == 32:
@@ -116,7 +116,7 @@ def quantize_mx(x: torch.Tensor, elem_dtype, *, block: int = 32,
 
 def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, *, pow2_scale: bool = False,
                          amax: torch.Tensor | float | None = None,
-                         config: dict | None = None) -> formats.FP8Tensor:
+                         config: dict | None = None) -> formats.FP8Quantized:
     """Per-tensor current-scaling FP8 of ``x``.
 
     Args:
@@ -127,7 +127,7 @@ def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, *, pow2_scale:
         config: Triton tile sizes (kernel path only).
 
     Returns:
-        ``formats.FP8Tensor``.
+        ``formats.FP8Quantized``.
     """
     if uses_kernel(x):
         from nvfp4_megatron.kernels import fp8
@@ -139,7 +139,7 @@ def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, *, pow2_scale:
 
 def quantize_fp8_block(x: torch.Tensor, fp8_dtype: torch.dtype, *,
                        tile: tuple[int, int] = (1, 128),
-                       pow2_scale: bool = False) -> formats.FP8BlockTensor:
+                       pow2_scale: bool = False) -> formats.FP8BlockQuantized:
     """Block-scaled FP8 of ``x`` (one FP32 scale per 1x128 or 128x128 tile). No kernel: the
     reference runs on CUDA too (logged once).
 
@@ -150,7 +150,7 @@ def quantize_fp8_block(x: torch.Tensor, fp8_dtype: torch.dtype, *,
         pow2_scale: round the scales down to powers of two.
 
     Returns:
-        ``formats.FP8BlockTensor``.
+        ``formats.FP8BlockQuantized``.
     """
     if uses_kernel(x):
         _log_reference_once("quantize_fp8_block")

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from nvfp4_megatron.formats.constants import FP8_MAX
-from nvfp4_megatron.formats.fp8 import FP8Tensor
+from nvfp4_megatron.formats.fp8 import FP8Quantized
 from nvfp4_megatron.kernels._common import FP32_MAX, load_tile_3d, pow2_fp32, round_fp8
 from nvfp4_megatron.kernels.amax import amax_2d
 
@@ -67,8 +67,8 @@ def quantize_fp8_current(
     pow2_scale: bool = False,
     amax: torch.Tensor | float | None = None,
     config: dict | None = None,
-) -> FP8Tensor:
-    """Triton twin of ``formats.quantize_fp8_current`` (same arguments, same ``FP8Tensor``, same bits)."""
+) -> FP8Quantized:
+    """Triton twin of ``formats.quantize_fp8_current`` (same arguments, same ``FP8Quantized``, same bits)."""
     from nvfp4_megatron.formats.inputs import amax_tensor, check_float_input, check_fp8_dtype
 
     check_float_input(x, min_ndim=0)
@@ -94,7 +94,7 @@ def quantize_fp8_current(
 
         scales[0] = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
         scales[1] = 1.0 / scales[0]
-    return FP8Tensor(
+    return FP8Quantized(
         data=data.view(fp8_dtype).reshape(x.shape),
         scale=scales[0],
         scale_inv=scales[1],

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_megatron.formats.mx import MX_ELEM_DTYPES, MXTensor
+from nvfp4_megatron.formats.mx import MX_ELEM_DTYPES, MXQuantized
 from nvfp4_megatron.kernels._common import abs_bits, e2m1_rne_code, load_tile_3d, pow2_fp32, round_fp8
 
 DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 4, "num_warps": 4}
@@ -91,8 +91,8 @@ def _mx_kernel(
 
 def quantize_mx(
     x: torch.Tensor, elem_dtype, *, block: int = 32, config: dict | None = None
-) -> MXTensor:
-    """Triton twin of ``formats.quantize_mx`` (same arguments, same ``MXTensor``, same bits)."""
+) -> MXQuantized:
+    """Triton twin of ``formats.quantize_mx`` (same arguments, same ``MXQuantized``, same bits)."""
     from nvfp4_megatron.formats.inputs import check_float_input, check_last_dim_divisible
     from nvfp4_megatron.kernels.nvfp4 import as_2d
 
@@ -126,7 +126,7 @@ def quantize_mx(
         data_out = data.reshape(*lead, k // 2)
     else:
         data_out = data.view(elem_dtype).reshape(x.shape)
-    return MXTensor(
+    return MXQuantized(
         data=data_out,
         scale=scale.view(torch.float8_e8m0fnu).reshape(*lead, k // block),
         elem_dtype=elem_dtype,

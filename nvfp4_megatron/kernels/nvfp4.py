@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_megatron.formats.nvfp4 import NVFP4Tensor
+from nvfp4_megatron.formats.nvfp4 import NVFP4Quantized
 from nvfp4_megatron.formats.rht import hadamard_signs
 from nvfp4_megatron.kernels._common import (
     FP32_MAX,
@@ -193,8 +193,8 @@ def quantize_nvfp4(
     rand: torch.Tensor | None = None,
     amax: torch.Tensor | float | None = None,
     config: dict | None = None,
-) -> NVFP4Tensor:
-    """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Tensor``, same bits for RNE)."""
+) -> NVFP4Quantized:
+    """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Quantized``, same bits for RNE)."""
     from nvfp4_megatron.formats.inputs import amax_tensor
     from nvfp4_megatron.formats.nvfp4 import check_nvfp4_args
 
@@ -207,7 +207,7 @@ def quantize_nvfp4(
         generator=generator, rand=rand, amax=amax_fp32, config=config,
     )
     lead = tuple(x.shape[:-1])
-    return NVFP4Tensor(
+    return NVFP4Quantized(
         data=data.reshape(*lead, k // 2),
         scale=scale.view(torch.float8_e4m3fn).reshape(*lead, k // 16),
         amax=amax_fp32.reshape(()),

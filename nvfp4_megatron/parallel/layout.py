@@ -65,7 +65,6 @@ class LayoutError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-@dataclass(frozen=True, kw_only=True)
 class LocalMambaRules:
     """What the project's local Mamba mixer (the emulated backend; no mamba_ssm) adds to the
     layout rules: no context parallelism, and quantized ``in_proj`` / ``out_proj`` shards that are

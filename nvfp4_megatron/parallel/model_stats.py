@@ -17,7 +17,7 @@ In a hybrid model every pattern symbol is one layer (``M`` Mamba, ``*`` attentio
 ``E`` MoE), as in Megatron's ``HybridModel``; in a plain GPT model each layer is attention plus
 an MLP or MoE block. :func:`meta_param_count` builds the model on the ``meta`` device (GPT:
 Megatron-Core's local spec; hybrid: Megatron's ``HybridModel`` with the project's local hybrid
-spec, ``megatron/hybrid_spec.py``) and counts its tensors; tests check both agree exactly.
+spec, ``mcore/hybrid_spec.py``) and counts its tensors; tests check both agree exactly.
 
 FLOPs (model FLOPs, forward + backward = 3x forward, 2 per multiply-add): every linear GEMM
 ``2·tokens·in·out``; causal attention ``2·s²·n_q·d_head`` per sequence forward (QKᵀ and AV, the
@@ -398,7 +398,7 @@ def _meta_hybrid_model(m: ModelShape, cfg):
     """HybridModel with the local hybrid spec (built inside the caller's meta-device context)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from nvfp4_megatron.megatron.hybrid_spec import quantized_hybrid_stack_spec
+    from nvfp4_megatron.mcore.hybrid_spec import quantized_hybrid_stack_spec
 
     spec = quantized_hybrid_stack_spec(d_conv=m.mamba_conv_kernel, expand=m.mamba_expand,
                                        chunk_size=m.mamba_chunk_size)

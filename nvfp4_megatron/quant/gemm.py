@@ -59,7 +59,7 @@ def _cc(device: torch.device) -> tuple[int, int]:
                              else torch.cuda.current_device())
 
 
-def select_backend(fmt_a: str, fmt_b: str, device: torch.device, *,
+def select_gemm_kernel(fmt_a: str, fmt_b: str, device: torch.device, *,
                    fp8_dtypes: tuple[str, str] = ("e4m3", "e4m3"),
                    capability: tuple[int, int] | None = None) -> str:
     """Which backend multiplies two operands of formats ``fmt_a``/``fmt_b`` on ``device``.
@@ -69,7 +69,7 @@ def select_backend(fmt_a: str, fmt_b: str, device: torch.device, *,
     if "e2m1_vector" in (fmt_a, fmt_b) and {fmt_a, fmt_b} <= {"e2m1_vector", "fp8"}:
         return "fp32_reference"  # FP32 per-row scales inside the operand values (see above)
     if fmt_a != fmt_b and {fmt_a, fmt_b} != {"mxfp8", "mxfp4"}:
-        raise ValueError(f"select_backend: operand formats {fmt_a!r} and {fmt_b!r} cannot meet "
+        raise ValueError(f"select_gemm_kernel: operand formats {fmt_a!r} and {fmt_b!r} cannot meet "
                          "in one GEMM (LinearRecipe validates this)")
     if device.type != "cuda":
         return "fp32_reference"
@@ -103,7 +103,7 @@ def describe_backends(device: torch.device | str | None = None) -> dict[str, str
     out = {}
     for name, (fmt, dt) in fams.items():
         kw = {"fp8_dtypes": dt} if dt else {}
-        b = select_backend(fmt, fmt, device, **kw)
+        b = select_gemm_kernel(fmt, fmt, device, **kw)
         label = {"fp8_scaled_mm": "real FP8 GEMM (torch._scaled_mm)",
                  "bf16_dequant": "emulated: exact BF16 operands, BF16 tensor cores, FP32 accum",
                  "fp32_reference": "emulated: FP32 reference matmul"}[b]

@@ -45,7 +45,7 @@ of every operand is all-reduced (MAX) over the layer's tensor-parallel group, so
 the scale of the logical (unsharded) tensor and TP=N computes what TP=1 computes, up to summation
 order. With context parallelism one activation / gradient tensor of a non-expert layer also spans
 the CP ranks (each holds two chunks of the sequence), so those layers reduce over TP x CP
-(``LinearCall.amax_reduce_group``, set by ``megatron/layers.py``; Megatron-Core's FP8 amax group
+(``LinearCall.amax_reduce_group``, set by ``mcore/layers.py``; Megatron-Core's FP8 amax group
 includes CP likewise): CP=2 then uses CP=1's scales (CPU: tests/megatron/test_context_parallel.py).
 Weights are the same on every CP rank, so the wider group changes nothing for them.
 
@@ -129,7 +129,7 @@ def add_quantize_observer(fn: Callable[[str, str, TensorQuant], None]) -> Callab
 class QuantizedOperand:
     """One quantized operand copy, ready for the emulated GEMM."""
 
-    q: Any                  # the formats result (NVFP4Tensor, MXTensor, FP8Tensor, FP8BlockTensor)
+    q: Any                  # the formats result (NVFP4Quantized, MXQuantized, FP8Quantized, FP8BlockQuantized)
     tq: TensorQuant
     finite: torch.Tensor    # bool 0-d: the high-precision tensor had no Inf/NaN
     transposed: bool = False
@@ -255,7 +255,7 @@ def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
     ``out_dtype`` once, after alpha.
     """
     fp8_dtypes = (a.tq.fp8_dtype, b.tq.fp8_dtype)
-    backend = gemm.select_backend(a.tq.format, b.tq.format, a.finite.device,
+    backend = gemm.select_gemm_kernel(a.tq.format, b.tq.format, a.finite.device,
                                   fp8_dtypes=fp8_dtypes)
     finite = a.finite & b.finite
     if backend == "fp8_scaled_mm":

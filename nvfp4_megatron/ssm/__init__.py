@@ -6,7 +6,7 @@
 - ``gated_norm.RMSNormGated`` / ``rms_norm_gated``: Mamba-2's gated (grouped) RMSNorm.
 
 They stay in high precision (DESIGN.md §2: only the linear layers' GEMMs are quantized). The
-Megatron-Core mixer that uses them is ``nvfp4_megatron.megatron.mamba_mixer``.
+Megatron-Core mixer that uses them is ``nvfp4_megatron.mcore.mamba_mixer``.
 """
 
 from nvfp4_megatron.ssm.gated_norm import RMSNormGated, rms_norm_gated

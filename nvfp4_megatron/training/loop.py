@@ -27,7 +27,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nvfp4_megatron.parallel.planner import run_layout
-from nvfp4_megatron.platform.distributed import (configure_determinism, init_distributed,
+from nvfp4_megatron.runtime.distributed import (configure_determinism, init_distributed,
                                                   initialize_model_parallel)
 from nvfp4_megatron.quant import state as qstate
 from nvfp4_megatron.quant.recipe import switch_scope
@@ -160,7 +160,7 @@ def make_forward_step(inject_nan: dict | None = None):
     Benchmarks use it too (``scripts/bench_step.py``)."""
     from megatron.core import parallel_state as ps
 
-    from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
+    from nvfp4_megatron.mcore.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
 
     inject_nan = {"now": False} if inject_nan is None else inject_nan
 
@@ -168,7 +168,7 @@ def make_forward_step(inject_nan: dict | None = None):
         batch = next(data_iterator)
         cp = ps.get_context_parallel_world_size()
         cp_group = ps.get_context_parallel_group() if cp > 1 else None
-        if cp > 1:  # this rank's load-balanced chunks r and 2*CP-1-r (megatron/context_parallel.py)
+        if cp > 1:  # this rank's load-balanced chunks r and 2*CP-1-r (mcore/context_parallel.py)
             batch = get_batch_on_this_cp_rank(batch, cp_size=cp,
                                               cp_rank=ps.get_context_parallel_rank())
         tokens, labels = batch["tokens"], batch["labels"]
@@ -265,7 +265,7 @@ class QuantStats:
 def local_mamba_runs(c: dict) -> bool:
     """Whether this run's hybrid model uses the project's local Mamba mixer: it has Mamba layers
     and the backend ``build_hybrid`` resolves is not TE (``megatron.backend.resolve_backend``)."""
-    from nvfp4_megatron.megatron.backend import resolve_backend
+    from nvfp4_megatron.mcore.backend import resolve_backend
     from nvfp4_megatron.training.model import is_hybrid
 
     m = c["model"]
@@ -310,7 +310,7 @@ def run(cfg) -> RunResult:
     if rank0:  # config.yaml: the first start's config; configs/start_<UTC>.yaml: every start's
         ckpt_lib.record_start_config(run_dir, OmegaConf.to_yaml(cfg))
     configure_determinism(t["deterministic"], log=log.info)
-    log.info(f"[run] {run_dir} | world {info.world_size} ({info.backend}) | "
+    log.info(f"[run] {run_dir} | world {info.world_size} ({info.comm_library}) | "
              f"TP{p['tensor_model_parallel_size']} PP{p['pipeline_model_parallel_size']} "
              f"CP{p['context_parallel_size']} DP{dp}")
 

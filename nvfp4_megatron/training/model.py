@@ -3,12 +3,12 @@ quantized layers.
 
 ``model.hybrid_override_pattern`` set (Megatron's name; letters ``M`` Mamba-2, ``*`` attention,
 ``-`` MLP, ``|`` pipeline boundary) builds Megatron's ``HybridModel`` with the local quantized
-hybrid spec (``nvfp4_megatron.megatron.hybrid_spec``: Mamba ``in_proj``/``out_proj`` quantized,
+hybrid spec (``nvfp4_megatron.mcore.hybrid_spec``: Mamba ``in_proj``/``out_proj`` quantized,
 conv1d / SSD scan / gated norm in high precision), or Megatron's TE hybrid spec when the backend
 resolves to ``te``; unset builds ``GPTModel`` exactly as before.
 
 Every linear layer of the transformer blocks is our quantized ``Column/RowParallelLinear`` (or, on
-the ``te`` backend, Transformer Engine's) and ``nvfp4_megatron.megatron.policy.apply_precision``
+the ``te`` backend, Transformer Engine's) and ``nvfp4_megatron.mcore.policy.apply_precision``
 configures each one from the recipe (the precision table it returns is what actually runs:
 layer -> GEMM -> format, block, RHT, SR).
 
@@ -142,7 +142,7 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     """Build this pipeline stage's HybridModel; returns (model, config, precision_table)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from nvfp4_megatron.megatron.backend import (apply_backend_precision, backend_config_fields,
+    from nvfp4_megatron.mcore.backend import (apply_backend_precision, backend_config_fields,
                                                  hybrid_stack_spec_for, resolve_backend)
 
     m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
@@ -152,7 +152,7 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"]))
     if choice.backend != "te":
-        from nvfp4_megatron.megatron.hybrid_spec import check_local_hybrid_pattern
+        from nvfp4_megatron.mcore.hybrid_spec import check_local_hybrid_pattern
 
         check_local_hybrid_pattern(pattern)
     spec = hybrid_stack_spec_for(choice, d_conv=m["mamba_conv_kernel"], expand=m["mamba_expand"],
@@ -171,7 +171,7 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     from megatron.core.models.gpt import GPTModel
 
     m, p, t = cfg["model"], cfg["parallel"], cfg["train"]
-    from nvfp4_megatron.megatron.backend import (apply_backend_precision, backend_config_fields,
+    from nvfp4_megatron.mcore.backend import (apply_backend_precision, backend_config_fields,
                                                  gpt_layer_spec_for, resolve_backend)
 
     # backend auto|te|emulated -> Megatron's TE layer spec + its fp8/fp4 config fields, or our

@@ -49,7 +49,7 @@ PAPER = {"none": (0.9219, 0.1055, 8.31), "clamp99.9": (0.9883, 0.0366, 14.25),
 def linear_modules(model) -> list[tuple[str, torch.nn.Module]]:
     """``(layer_key, module)`` for the project's linear layers inside the transformer blocks
     (configured by ``apply_precision``; BF16 blocks included: their inputs are activations too)."""
-    from nvfp4_megatron.megatron.layers import QUANTIZED_LINEAR_TYPES
+    from nvfp4_megatron.mcore.layers import QUANTIZED_LINEAR_TYPES
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     out = []
@@ -146,7 +146,7 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None, batches: int | None,
     from omegaconf import OmegaConf
 
     from nvfp4_megatron.training.config import to_plain
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
     from nvfp4_megatron.training import checkpoint as ckpt_lib
     from nvfp4_megatron.training import data as data_lib
     from nvfp4_megatron.training.loop import build_datasets, make_forward_step

@@ -126,8 +126,8 @@ def stage_import() -> dict:
 
 
 def stage_support() -> dict:
-    from nvfp4_megatron.megatron.backend import probe_device, resolve_backend
-    from nvfp4_megatron.megatron.te_adapter import TE_SUPPORT_CHECKS, te_support
+    from nvfp4_megatron.mcore.backend import probe_device, resolve_backend
+    from nvfp4_megatron.mcore.te_adapter import TE_SUPPORT_CHECKS, te_support
     from nvfp4_megatron.quant.registry import build_recipe
 
     info = {}
@@ -150,7 +150,7 @@ def stage_support() -> dict:
 
 
 def _te_recipe(name: str):
-    from nvfp4_megatron.megatron.te_adapter import build_te_recipe, describe_te_recipe
+    from nvfp4_megatron.mcore.te_adapter import build_te_recipe, describe_te_recipe
     from nvfp4_megatron.quant.registry import build_recipe
 
     desc = describe_te_recipe(build_recipe(name), num_layers=8)

@@ -74,7 +74,7 @@ def test_gemm_backend_vs_exact(pair, backend, shape):
         pytest.skip("block formats need K divisible by the block")
     qa, qb = _operands(pair[0], pair[1], m, n, k, seed=m + n + k)
     dev = torch.device("cuda")
-    assert gemm.select_backend(qa.tq.format, qb.tq.format, dev,
+    assert gemm.select_gemm_kernel(qa.tq.format, qb.tq.format, dev,
                                fp8_dtypes=(qa.tq.fp8_dtype, qb.tq.fp8_dtype)) == backend
     got = qlinear.quantized_gemm(qa, qb, out_dtype=torch.float32).double()
     exact, absum = _exact(qa, qb)

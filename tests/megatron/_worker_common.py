@@ -104,7 +104,7 @@ def run_all(run_one) -> None:
     own; Megatron's parallel groups are rebuilt only where it differs from the previous run's."""
     cfg = json.load(open(sys.argv[1]))
     out = sys.argv[2]
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
 
     init_distributed()
     layout = None

@@ -46,7 +46,7 @@ def run_one(run, out):
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nvfp4_megatron.megatron.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
+    from nvfp4_megatron.mcore.context_parallel import cp_reduce_loss, get_batch_on_this_cp_rank
     from nvfp4_megatron.quant import state as qstate
     from nvfp4_megatron.training.model import build_training_stack
 
@@ -120,7 +120,7 @@ def attention_check(out):
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
 
-    from nvfp4_megatron.megatron.context_parallel import cp_attention, get_batch_on_this_cp_rank
+    from nvfp4_megatron.mcore.context_parallel import cp_attention, get_batch_on_this_cp_rank
 
     group = ps.get_context_parallel_group()
     cp, rank = group.size(), group.rank()
@@ -149,7 +149,7 @@ def attention_check(out):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nvfp4_megatron.megatron.attention import SDPAttention
+    from nvfp4_megatron.mcore.attention import SDPAttention
 
     tc = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h,
                            num_query_groups=kv, context_parallel_size=cp,
@@ -179,11 +179,11 @@ def attention_check(out):
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
     out = sys.argv[2]
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
 
     init_distributed()
     if not torch.cuda.is_available():
-        from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe
+        from nvfp4_megatron.mcore.context_parallel import route_megatron_rope_slice_to_cpu_safe
 
         route_megatron_rope_slice_to_cpu_safe()
     for run in cfg["runs"]:

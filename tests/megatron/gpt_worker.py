@@ -54,7 +54,7 @@ def _spec_hooks(run):
     ``sdpa=False`` our quantized spec with Megatron's local attention instead of SDPA."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from nvfp4_megatron.megatron import backend, spec_provider
+    from nvfp4_megatron.mcore import backend, spec_provider
 
     saved = (backend.gpt_layer_spec_for, backend.apply_backend_precision,
              spec_provider.quantized_gpt_block_spec)
@@ -105,8 +105,8 @@ def layer_checks(out):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nvfp4_megatron.megatron.attention import SDPAttention
-    from nvfp4_megatron.megatron.layers import (
+    from nvfp4_megatron.mcore.attention import SDPAttention
+    from nvfp4_megatron.mcore.layers import (
         LinearPrecision, QuantizedColumnParallelLinear, QuantizedRowParallelLinear)
     from nvfp4_megatron.quant.recipe import BF16_LINEAR
 
@@ -151,7 +151,7 @@ def layer_checks(out):
 
     # No silent BF16: an unconfigured quantized layer refuses to run, and a quantized recipe on
     # a model built with Megatron's plain local spec is an error.
-    from nvfp4_megatron.megatron.policy import apply_precision
+    from nvfp4_megatron.mcore.policy import apply_precision
     from nvfp4_megatron.quant.registry import get_recipe
 
     layer = QuantizedColumnParallelLinear(64, 96, config=tc, init_method=torch.nn.init.normal_,

@@ -118,9 +118,9 @@ def mixer_reference(out):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nvfp4_megatron.megatron.hybrid_spec import quantized_hybrid_stack_spec
-    from nvfp4_megatron.megatron.layers import LinearPrecision
-    from nvfp4_megatron.megatron.mamba_mixer import LocalMambaMixer
+    from nvfp4_megatron.mcore.hybrid_spec import quantized_hybrid_stack_spec
+    from nvfp4_megatron.mcore.layers import LinearPrecision
+    from nvfp4_megatron.mcore.mamba_mixer import LocalMambaMixer
     from nvfp4_megatron.quant.recipe import BF16_LINEAR
     from ssd_reference import mamba_mixer_reference
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
-        from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe
+        from nvfp4_megatron.mcore.context_parallel import route_megatron_rope_slice_to_cpu_safe
 
         route_megatron_rope_slice_to_cpu_safe()
     sys.argv[0] = str(ROOT / "pretrain.py")

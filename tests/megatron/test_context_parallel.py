@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvfp4_megatron.megatron.context_parallel import (
+from nvfp4_megatron.mcore.context_parallel import (
     _global_order,
     cp_chunk_ids,
     cp_positions,
@@ -172,7 +172,7 @@ def test_cp2_matches_cp1_bf16(cp_runs):
 @pytest.mark.slow
 def test_cp2_matches_cp1_nvfp4(cp_runs):
     l1 = _losses(cp_runs, "nvfp4_no_sr_cp1")
-    # The amax of a non-expert layer's tensors is reduced over TP x CP (megatron/layers.py), so
+    # The amax of a non-expert layer's tensors is reduced over TP x CP (mcore/layers.py), so
     # CP=2 uses CP=1's global scales and, as the 16-token blocks of the Wgrad copies fall inside
     # one CP chunk (c*b = 32 tokens), the same blocks: the same numbers up to summation order.
     l2 = _losses(cp_runs, "nvfp4_no_sr_cp2")

@@ -139,7 +139,7 @@ def _record_and_run(record_dir: str, argv: list[str]) -> None:
     from nvfp4_megatron.training import model as model_lib
 
     if not torch.cuda.is_available():
-        from nvfp4_megatron.megatron import context_parallel as cpm
+        from nvfp4_megatron.mcore import context_parallel as cpm
 
         if hasattr(cpm, "route_megatron_rope_slice_to_cpu_safe"):
             cpm.route_megatron_rope_slice_to_cpu_safe()  # Megatron's RoPE CP slice calls .cuda()

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from nvfp4_megatron.megatron.backend import DeviceCaps, hybrid_stack_spec_for, resolve_backend
-from nvfp4_megatron.megatron.hybrid_spec import (LocalHybridStack, check_local_hybrid_pattern,
+from nvfp4_megatron.mcore.backend import DeviceCaps, hybrid_stack_spec_for, resolve_backend
+from nvfp4_megatron.mcore.hybrid_spec import (LocalHybridStack, check_local_hybrid_pattern,
                                                  quantized_hybrid_stack_spec)
-from nvfp4_megatron.megatron.layers import QuantizedColumnParallelLinear, QuantizedRowParallelLinear
-from nvfp4_megatron.megatron.mamba_mixer import LocalMambaMixer, tp_block_slices
+from nvfp4_megatron.mcore.layers import QuantizedColumnParallelLinear, QuantizedRowParallelLinear
+from nvfp4_megatron.mcore.mamba_mixer import LocalMambaMixer, tp_block_slices
 from nvfp4_megatron.quant.registry import build_recipe
 from nvfp4_megatron.training.model import hybrid_layer_pattern, model_shape
 

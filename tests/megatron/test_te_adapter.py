@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from nvfp4_megatron.megatron.backend import DeviceCaps, resolve_backend
-from nvfp4_megatron.megatron.te_adapter import (TEField, TEFormat, TEMMParams, TEUnsupported,
+from nvfp4_megatron.mcore.backend import DeviceCaps, resolve_backend
+from nvfp4_megatron.mcore.te_adapter import (TEField, TEFormat, TEMMParams, TEUnsupported,
                                                 build_te_recipe, describe_te_recipe)
 from nvfp4_megatron.quant.recipe import MsFp4Options, TensorQuant, Wgrad
 from nvfp4_megatron.quant.registry import build_recipe, get_recipe

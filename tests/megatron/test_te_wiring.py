@@ -32,10 +32,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 import fake_te
-from nvfp4_megatron.megatron import backend as be
-from nvfp4_megatron.megatron import te_adapter as ta
-from nvfp4_megatron.megatron.backend import BackendChoice, DeviceCaps, resolve_backend
-from nvfp4_megatron.megatron.te_adapter import TEAPIMismatch, TEUnsupported
+from nvfp4_megatron.mcore import backend as be
+from nvfp4_megatron.mcore import te_adapter as ta
+from nvfp4_megatron.mcore.backend import BackendChoice, DeviceCaps, resolve_backend
+from nvfp4_megatron.mcore.te_adapter import TEAPIMismatch, TEUnsupported
 from nvfp4_megatron.quant import state as qstate
 from nvfp4_megatron.quant.registry import build_recipe, get_recipe
 
@@ -476,7 +476,7 @@ def test_build_gpt_builds_the_config_with_the_te_fields(fresh_state, monkeypatch
 def test_emulated_backend_sets_no_megatron_fields_and_prints_the_choice(monkeypatch):
     choice = BackendChoice(backend="emulated", requested="auto", reason="test reason")
     assert be.backend_config_fields(choice, get_recipe("nvfp4"), num_layers=62) == {}
-    import nvfp4_megatron.megatron.policy as policy
+    import nvfp4_megatron.mcore.policy as policy
 
     table = policy.PrecisionTable(recipe="nvfp4", backend="emulated:x", num_blocks=1,
                                   bf16_blocks=(), schedule="none", rows=())

@@ -27,18 +27,18 @@ CUDA = torch.device("cuda", 0)  # a device object only; nothing runs on it here
     ((8, 0), ("e4m3", "e4m3"), "bf16_dequant"),
 ])
 def test_fp8_backend_by_capability(cc, dtypes, want):
-    assert gemm.select_backend("fp8", "fp8", CUDA, fp8_dtypes=dtypes, capability=cc) == want
+    assert gemm.select_gemm_kernel("fp8", "fp8", CUDA, fp8_dtypes=dtypes, capability=cc) == want
 
 
 def test_backend_choice_other_formats():
     for fmt in ("nvfp4", "mxfp8", "mxfp4"):
-        assert gemm.select_backend(fmt, fmt, CUDA, capability=(9, 0)) == "bf16_dequant"
-        assert gemm.select_backend(fmt, fmt, torch.device("cpu")) == "fp32_reference"
-    assert (gemm.select_backend("fp8_block", "fp8_block", CUDA, capability=(9, 0))
+        assert gemm.select_gemm_kernel(fmt, fmt, CUDA, capability=(9, 0)) == "bf16_dequant"
+        assert gemm.select_gemm_kernel(fmt, fmt, torch.device("cpu")) == "fp32_reference"
+    assert (gemm.select_gemm_kernel("fp8_block", "fp8_block", CUDA, capability=(9, 0))
             == "fp32_reference")
-    assert gemm.select_backend("fp8", "fp8", torch.device("cpu")) == "fp32_reference"
+    assert gemm.select_gemm_kernel("fp8", "fp8", torch.device("cpu")) == "fp32_reference"
     with pytest.raises(ValueError, match="cannot meet"):
-        gemm.select_backend("nvfp4", "fp8", CUDA, capability=(9, 0))
+        gemm.select_gemm_kernel("nvfp4", "fp8", CUDA, capability=(9, 0))
     desc = gemm.describe_backends("cpu")
     assert all(v.startswith("fp32_reference") for v in desc.values())
 

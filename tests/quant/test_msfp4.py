@@ -294,7 +294,7 @@ def test_telemetry_saturation_and_underflow_of_fp8_are_counted():
 
 
 def test_precision_table_shows_dge_and_occ_per_operand():
-    from nvfp4_megatron.megatron.policy import operand_label
+    from nvfp4_megatron.mcore.policy import operand_label
 
     lin = get_recipe("msfp4").linear
     assert "OCC q=0.99 comp" in operand_label(lin, "fprop", "input")

@@ -153,7 +153,7 @@ def test_sr_seeds_reproduce_on_resume():
 def test_forward_only_and_backward_only_nvfp4():
     """Quartet-II's arms: nvfp4 on Fprop only / on Dgrad+Wgrad only, the other GEMMs BF16, and the
     precision table says so GEMM by GEMM."""
-    from nvfp4_megatron.megatron.policy import _rows_for
+    from nvfp4_megatron.mcore.policy import _rows_for
 
     nv = get_recipe("nvfp4")
     fwd, bwd = get_recipe("nvfp4_fwd_only"), get_recipe("nvfp4_bwd_only")
@@ -196,7 +196,7 @@ def test_weight_multiples_follow_each_operands_tile():
 def test_policy_refuses_a_weight_shard_that_is_not_whole_blocks():
     import torch
 
-    from nvfp4_megatron.megatron.policy import check_weight_blocks
+    from nvfp4_megatron.mcore.policy import check_weight_blocks
     from nvfp4_megatron.quant.registry import get_recipe
 
     lin = torch.nn.Linear(64, 280, bias=False)  # weight [280, 64]

@@ -20,7 +20,7 @@ from _train_launch import tree_hash  # this directory is sys.path[0] when run as
 def main() -> None:
     run_dir, out = sys.argv[1], sys.argv[2]
     from nvfp4_megatron.cli.compose import compose_config, to_plain
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
     from nvfp4_megatron.training import checkpoint as C
     from nvfp4_megatron.training.model import build_gpt, model_shape, wrap_model
     from nvfp4_megatron.training.optim import build_optimizer

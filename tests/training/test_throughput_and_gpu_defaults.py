@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nvfp4_megatron.platform.gpu_fastpaths import foreach_l2_norm, foreach_scale
+from nvfp4_megatron.runtime.gpu_fastpaths import foreach_l2_norm, foreach_scale
 from nvfp4_megatron.training.throughput import StepMeter, gpu_bf16_peak_flops, model_flops_per_step
 
 

@@ -15,7 +15,7 @@ rank's two chunks (``rope_utils.get_pos_emb_on_this_cp_rank``), so RoPE sees glo
 :func:`pos_emb_on_this_cp_rank` is the same selection without its hard-coded ``.cuda()`` (the
 CPU adapter can route Megatron's call to it).
 
-**Attention** (:func:`cp_attention`, used by ``megatron/attention.py``'s ``SDPAttention``).
+**Attention** (:func:`cp_attention`, used by ``mcore/attention.py``'s ``SDPAttention``).
 K and V of the local sequence are all-gathered over the CP group (Megatron's
 ``gather_from_sequence_parallel_region`` with the CP group: forward all-gather along the sequence
 dimension, backward reduce-scatter, so each rank receives the sum of every rank's dK/dV for its own
@@ -174,7 +174,7 @@ def route_megatron_rope_slice_to_cpu_safe() -> None:
 
     Megatron's ``rope_utils.get_pos_emb_on_this_cp_rank`` builds its two-element index with
     ``pin_memory=True`` and ``.cuda()``, which fails on a machine without a GPU; the selection is
-    otherwise identical. This is a CPU-adapter concern (``platform/cpu_adapter.py`` is the place
+    otherwise identical. This is a CPU-adapter concern (``runtime/cpu_adapter.py`` is the place
     for it); the CP test workers and ``scripts/multigpu_check.py`` call it on CPU until it is there.
     Refuses to run where CUDA is available, so a GPU run always uses Megatron's own code.
     """

@@ -3,7 +3,7 @@ install_warning_filters before any megatron.core import)."""
 
 import sys
 
-from nvfp4_megatron.platform.warnings_filter import install_warning_filters
+from nvfp4_megatron.runtime.warnings_filter import install_warning_filters
 
 install_warning_filters(sys.argv[1:])
 

@@ -82,7 +82,7 @@ class _QuantizedForwardMixin:
         if prec is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no precision configured; call "
-                "nvfp4_megatron.megatron.policy.apply_precision(model, recipe) after building the "
+                "nvfp4_megatron.mcore.policy.apply_precision(model, recipe) after building the "
                 "model (a quantized layer never runs in BF16 by default)")
         recipe = effective_recipe(prec.recipe, qstate.get_state().bf16_switch)
         if not recipe.is_quantized:

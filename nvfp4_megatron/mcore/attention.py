@@ -10,7 +10,7 @@ out) is used as given; with no mask and ``AttnMaskType.causal`` a causal mask is
 runs inside Megatron's model-parallel RNG tracker fork, as in ``DotProductAttention``.
 Context parallelism (``context_parallel_size > 1``, which Megatron's local attention refuses):
 K/V are all-gathered over the CP group and each local query chunk attends to the global keys with
-the causal mask of the global positions (``megatron/context_parallel.py``; load-balanced chunks
+the causal mask of the global positions (``mcore/context_parallel.py``; load-balanced chunks
 ``r`` and ``2*CP-1-r``). Only the causal and no-mask types are supported under CP; an explicit
 ``attention_mask`` is refused there (it would have to be split like the sequence).
 Not supported (refused at construction): sliding windows, learnable/offset softmax, packed
@@ -27,7 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from nvfp4_megatron.megatron.context_parallel import cp_attention
+from nvfp4_megatron.mcore.context_parallel import cp_attention
 
 
 class SDPAttention(MegatronModule):

@@ -1,7 +1,7 @@
 """Layer specs for quantized GPT models, through Megatron-Core's own seams.
 
 ``QuantizedLocalSpecProvider`` is a ``LocalSpecProvider`` (megatron/core/models/backends.py) whose
-column/row-parallel linears are the quantized subclasses of ``megatron/layers.py`` and whose core
+column/row-parallel linears are the quantized subclasses of ``mcore/layers.py`` and whose core
 attention is torch SDPA. ``quantized_gpt_layer_spec`` assembles a ``TransformerLayer`` spec from
 it the way Megatron's ``get_gpt_layer_local_spec`` does, for dense GPT (``linear_qkv``,
 ``linear_proj``, ``linear_fc1``, ``linear_fc2``) and MoE (``SequentialMLP`` experts with quantized
@@ -30,12 +30,12 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from nvfp4_megatron.megatron.attention import SDPAttention
-from nvfp4_megatron.megatron.layers import (
+from nvfp4_megatron.mcore.attention import SDPAttention
+from nvfp4_megatron.mcore.layers import (
     QuantizedColumnParallelLinear,
     QuantizedRowParallelLinear,
 )
-from nvfp4_megatron.megatron.norm import SequenceParallelTorchNorm
+from nvfp4_megatron.mcore.norm import SequenceParallelTorchNorm
 
 
 class QuantizedLocalSpecProvider(LocalSpecProvider):

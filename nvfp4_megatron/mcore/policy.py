@@ -12,7 +12,7 @@ first 2 and last 8 of 62 blocks), and hands each quantized linear in it a ``Line
 Checks that keep a run honest (no silent BF16): a quantized recipe applied to a model with no
 quantized linears is an error (it was built with a plain spec); a quantized linear outside any
 transformer block is an error; ``backend='te'`` is refused here (TE models are built with the TE
-spec and ``megatron/te_adapter.py``).
+spec and ``mcore/te_adapter.py``).
 
 Rank 0 logs one table, block -> layer -> GEMM -> operand formats (format / tile / RHT / SR, and
 the Microsoft FP4 options: OCC on the Fprop input, DGE on the Fprop weight) -> backend, gathered
@@ -29,8 +29,8 @@ import torch
 from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from nvfp4_megatron.megatron.layers import QUANTIZED_LINEAR_TYPES, LinearPrecision
-from nvfp4_megatron.quant import gemm as gemm_backends
+from nvfp4_megatron.mcore.layers import QUANTIZED_LINEAR_TYPES, LinearPrecision
+from nvfp4_megatron.quant import gemm as gemm_kernels
 from nvfp4_megatron.quant.recipe import BF16_LINEAR, PrecisionRecipe, bf16_block_set
 
 _log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class PrecisionTable:
     bf16_blocks: tuple[int, ...]
     schedule: str
     rows: tuple[PrecisionRow, ...]
-    choice: str = ""      # how the backend was chosen (megatron/backend.BackendChoice.describe)
+    choice: str = ""      # how the backend was chosen (mcore/backend.BackendChoice.describe)
     te_recipe: str = ""   # TE backend: the TE version and the recipe object's repr
 
     def quantized_blocks(self) -> tuple[int, ...]:
@@ -88,11 +88,11 @@ def _chunks(model_chunks) -> list[torch.nn.Module]:
     return list(model_chunks)
 
 
-def _gemm_backend(tq_a, tq_b, device: torch.device) -> str:
+def _gemm_kernel(tq_a, tq_b, device: torch.device) -> str:
     """What multiplies this GEMM on ``device``: a real FP8 GEMM or which emulation (quant.gemm)."""
     if not tq_a.is_quantized:
         return "bf16"
-    chosen = gemm_backends.select_backend(tq_a.format, tq_b.format, device,
+    chosen = gemm_kernels.select_gemm_kernel(tq_a.format, tq_b.format, device,
                                           fp8_dtypes=(tq_a.fp8_dtype, tq_b.fp8_dtype))
     return "native:fp8_scaled_mm" if chosen == "fp8_scaled_mm" else f"emulated:{chosen}"
 
@@ -129,7 +129,7 @@ def _rows_for(block: int, name: str, recipe, device: torch.device) -> list[Preci
         rows.append(PrecisionRow(block=block, layer=name, gemm=gemm,
                                  operand_a=f"{a}: {operand_label(recipe, gemm, a)}",
                                  operand_b=f"{b}: {operand_label(recipe, gemm, b)}",
-                                 backend=_gemm_backend(tq_a, tq_b, device),
+                                 backend=_gemm_kernel(tq_a, tq_b, device),
                                  quantized=tq_a.is_quantized))
     return rows
 
@@ -163,7 +163,7 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
     """Configure every quantized linear in ``model_chunks``; return (and log) the table."""
     if recipe.backend == "te":
         raise ValueError("apply_precision configures the emulated local layers; backend='te' "
-                         "needs the Transformer Engine layer spec (megatron/te_adapter.py). Use "
+                         "needs the Transformer Engine layer spec (mcore/te_adapter.py). Use "
                          "backend='auto' or 'emulated', or build the model with the TE spec")
     chunks = _chunks(model_chunks)
     layers = [m for c in chunks for m in c.modules() if isinstance(m, BLOCK_TYPES)]
@@ -195,7 +195,7 @@ def apply_precision(model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
                          f"{stray}; block-level precision cannot be decided for them")
     if recipe.is_quantized and n_quant == 0:
         raise ValueError(f"recipe {recipe.name!r} quantizes GEMMs but the model has no quantized "
-                         "linear layers; build it with nvfp4_megatron.megatron.spec_provider."
+                         "linear layers; build it with nvfp4_megatron.mcore.spec_provider."
                          "quantized_gpt_layer_spec")
     rows = gather_rows(rows)
     used = sorted({r.backend for r in rows if r.quantized})

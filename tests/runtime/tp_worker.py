@@ -12,8 +12,8 @@ import torch
 
 def main() -> None:
     tp, out_path = int(sys.argv[1]), sys.argv[2]
-    from nvfp4_megatron.platform.cpu_adapter import is_cpu_adapter_installed
-    from nvfp4_megatron.platform.distributed import init_distributed, initialize_model_parallel
+    from nvfp4_megatron.runtime.cpu_adapter import is_cpu_adapter_installed
+    from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
 
     info = init_distributed()
     initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -51,7 +51,7 @@ def main() -> None:
         with open(out_path, "w") as f:
             json.dump({"loss": loss.item(), "grad_norm": sq.sqrt().item(),
                        "adapter": is_cpu_adapter_installed(), "world": info.world_size,
-                       "backend": info.backend}, f)
+                       "backend": info.comm_library}, f)
     torch.distributed.destroy_process_group()
 
 

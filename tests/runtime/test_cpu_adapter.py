@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvfp4_megatron.platform import cpu_adapter
+from nvfp4_megatron.runtime import cpu_adapter
 from nvfp4_megatron.parallel.layout import LayoutError, check_world
 
 HERE = Path(__file__).parent
@@ -51,7 +51,7 @@ def test_refuses_when_cuda_available(monkeypatch):
 
 
 def test_init_distributed_on_gpu_does_not_install(monkeypatch):
-    from nvfp4_megatron.platform import distributed
+    from nvfp4_megatron.runtime import distributed
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -71,7 +71,7 @@ def test_init_distributed_on_gpu_does_not_install(monkeypatch):
 def test_install_is_idempotent_and_patches_listed_modules():
     code = (
         "import importlib, torch\n"
-        "from nvfp4_megatron.platform import cpu_adapter as c\n"
+        "from nvfp4_megatron.runtime import cpu_adapter as c\n"
         "c.install_cpu_adapter(); c.install_cpu_adapter()\n"
         "for n in c.TORCH_PROXIED_MODULES:\n"
         "    assert importlib.import_module(n).torch is c._CpuTorch, n\n"
@@ -169,7 +169,7 @@ def test_cpu_training_reaches_no_cuda_call_outside_the_adapter(tmp_path, corpus_
     listed = set(cpu_adapter.PATCHED_MODULES)
     unlisted = sorted({f"{c['module']}:{c['line']} {c['call']}" for c in calls
                        if c["module"] not in listed})
-    assert not unlisted, ("Megatron modules not covered by platform/cpu_adapter.py reached CUDA "
+    assert not unlisted, ("Megatron modules not covered by runtime/cpu_adapter.py reached CUDA "
                           "calls on CPU:\n" + "\n".join(unlisted))
     assert not calls, f"listed modules still reached real CUDA calls: {calls}"
     assert [r["rc"] for r in results] == [0, 0], proc.stdout[-3000:] + proc.stderr[-3000:]

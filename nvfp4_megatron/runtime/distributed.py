@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from nvfp4_megatron.parallel.layout import check_world
-from nvfp4_megatron.platform.cpu_adapter import install_cpu_adapter
-from nvfp4_megatron.platform.gpu_fastpaths import install_gpu_fastpaths
+from nvfp4_megatron.runtime.cpu_adapter import install_cpu_adapter
+from nvfp4_megatron.runtime.gpu_fastpaths import install_gpu_fastpaths
 
 __all__ = ["DistInfo", "configure_determinism", "exit_with_launcher", "init_distributed",
            "started_by_torchrun", "initialize_model_parallel"]
@@ -38,7 +38,7 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    backend: str
+    comm_library: str  # "nccl" | "gloo"
     device: torch.device
 
 
@@ -102,7 +102,7 @@ def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
     """Start (or reuse) the default process group and return this process's place in it.
 
     GPU present -> NCCL, ``torch.cuda.set_device(LOCAL_RANK)``. No GPU -> gloo, and the CPU adapter
-    for Megatron-Core is installed (``platform/cpu_adapter.py``). Started by torchrun, the worker
+    for Megatron-Core is installed (``runtime/cpu_adapter.py``). Started by torchrun, the worker
     is first tied to it (:func:`exit_with_launcher`): it exits when torchrun dies.
     """
     if started_by_torchrun():
@@ -143,7 +143,7 @@ def init_distributed(*, timeout_minutes: float = 10.0) -> DistInfo:
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
-        backend=dist.get_backend(),
+        comm_library=dist.get_backend(),
         device=device,
     )
 

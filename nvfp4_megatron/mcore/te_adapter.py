@@ -384,7 +384,7 @@ def te_recipe_kwargs(description: dict[str, Any]) -> dict[str, Any]:
             what.append(f"no field(s) {missing} that this adapter relies on")
         raise TEAPIMismatch(f"Transformer Engine {version}: {te_class} has " + " and ".join(what)
                             + "; read its transformer_engine/common/recipe/__init__.py and update "
-                            "nvfp4_megatron/megatron/te_adapter.py, or use "
+                            "nvfp4_megatron/mcore/te_adapter.py, or use "
                             "precision.backend=emulated")
     return {f.name: _to_te(ours[f.name].value, rec) for f in installed}
 
@@ -448,7 +448,7 @@ def te_support(te_class: str | None) -> tuple[bool, str]:
     fn = getattr(mod, TE_SUPPORT_CHECKS[te_class], None)
     if fn is None:
         raise TEAPIMismatch(f"Transformer Engine {version} has no {TE_SUPPORT_CHECKS[te_class]}() "
-                            f"in {mod.__name__}; update nvfp4_megatron/megatron/te_adapter.py")
+                            f"in {mod.__name__}; update nvfp4_megatron/mcore/te_adapter.py")
     ok, reason = fn()
     return bool(ok), str(reason)
 
@@ -502,7 +502,7 @@ class _RecipeHook:
         if got != self.fields:
             raise ValueError(f"Megatron asked for the {self.kind} recipe of a TransformerConfig "
                              f"with {got}; the TE adapter configured {self.fields}. Build the "
-                             "config through nvfp4_megatron.megatron.backend.backend_config_fields")
+                             "config through nvfp4_megatron.mcore.backend.backend_config_fields")
         return self.te_recipe
 
 
@@ -654,7 +654,7 @@ def apply_te_precision(model_chunks, recipe: PrecisionRecipe, *, log: bool = Tru
     import torch
     from megatron.core.fp8_utils import is_first_last_bf16_layer
 
-    from nvfp4_megatron.megatron.policy import (
+    from nvfp4_megatron.mcore.policy import (
         BLOCK_TYPES, PrecisionRow, PrecisionTable, gather_rows, process_rank)
     from nvfp4_megatron.quant import state as qstate
 
@@ -679,7 +679,7 @@ def apply_te_precision(model_chunks, recipe: PrecisionRecipe, *, log: bool = Tru
             diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
             raise ValueError(f"apply_te_precision: the model's TransformerConfig does not carry "
                              f"the TE adapter's fields ((has, needs): {diff}); build it with "
-                             "nvfp4_megatron.megatron.backend.backend_config_fields")
+                             "nvfp4_megatron.mcore.backend.backend_config_fields")
     kind = "fp4" if want["fp4"] else "fp8" if want["fp8"] else None
     te_recipe = installed_te_recipe(kind) if kind else None
     if kind and (te_recipe is None or type(te_recipe).__name__ != desc["te_class"]):

@@ -8,7 +8,7 @@ layer kinds of the Nemotron-H pattern (``hybrid_override_pattern`` letters; NVFP
 arXiv 2509.25149 §4 / DESIGN.md §4):
 
 * ``M`` Mamba-2: Megatron's ``MambaLayer`` (pre-norm + residual) around
-  :class:`~nvfp4_megatron.megatron.mamba_mixer.LocalMambaMixer`, whose ``in_proj`` / ``out_proj``
+  :class:`~nvfp4_megatron.mcore.mamba_mixer.LocalMambaMixer`, whose ``in_proj`` / ``out_proj``
   are the project's quantized column/row-parallel linears; conv1d, the SSD scan and the gated
   RMSNorm stay high precision;
 * ``*`` attention: a ``TransformerLayer`` with only the attention half (quantized ``linear_qkv`` /
@@ -21,7 +21,7 @@ Norms are ``SequenceParallelTorchNorm`` (SP-capable), including the final norm
 ``mixer.in_proj.layer_norm_``), so checkpoints line up with Megatron's TE hybrid checkpoints.
 
 Every symbol is one block with a global 0-based index (``layer_number - 1``, pipeline offset
-included) for the BF16 block policy (``megatron/policy.py``). ``E`` (MoE), ``G``, ``D``, ``+``
+included) for the BF16 block policy (``mcore/policy.py``). ``E`` (MoE), ``G``, ``D``, ``+``
 are refused by this spec (:func:`check_local_hybrid_pattern`) rather than built as identities.
 
 With Transformer Engine *and* mamba_ssm installed (Blackwell; never on the development machines)
@@ -38,9 +38,9 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from nvfp4_megatron.megatron.mamba_mixer import LocalMambaMixer, MambaMixerSubmodules
-from nvfp4_megatron.megatron.norm import SequenceParallelTorchNorm
-from nvfp4_megatron.megatron.spec_provider import (QuantizedLocalSpecProvider,
+from nvfp4_megatron.mcore.mamba_mixer import LocalMambaMixer, MambaMixerSubmodules
+from nvfp4_megatron.mcore.norm import SequenceParallelTorchNorm
+from nvfp4_megatron.mcore.spec_provider import (QuantizedLocalSpecProvider,
                                                    quantized_self_attention_spec)
 
 LOCAL_HYBRID_SYMBOLS = frozenset("M*-")

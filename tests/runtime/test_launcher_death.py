@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from _train_launch import command, env, worker_pids  # noqa: E402
 
-from nvfp4_megatron.platform import distributed  # noqa: E402
+from nvfp4_megatron.runtime import distributed  # noqa: E402
 
 
 def _train_rows(run_dir: Path) -> int:
@@ -73,7 +73,7 @@ def test_pdeathsig_armed_and_orphan_exits(tmp_path):
     arms exits at once (the getppid re-check)."""
     code = (
         "import os, sys, time\n"
-        "from nvfp4_megatron.platform.distributed import exit_with_launcher\n"
+        "from nvfp4_megatron.runtime.distributed import exit_with_launcher\n"
         "if sys.argv[1] == 'wait':\n"
         "    time.sleep(2)  # the parent is killed meanwhile -> reparented\n"
         "print('armed', exit_with_launcher(), flush=True)\n"

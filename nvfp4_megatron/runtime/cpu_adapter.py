@@ -36,7 +36,7 @@ What it replaces, and why (see ``../shared/notes/megatron-core-facts.md``):
 
 5. RoPE's context-parallel slice (``rope_utils.get_pos_emb_on_this_cp_rank``) uses
    ``pin_memory=True`` and ``.cuda()``; it is routed to the identical selection in
-   ``nvfp4_megatron.megatron.context_parallel.pos_emb_on_this_cp_rank``.
+   ``nvfp4_megatron.mcore.context_parallel.pos_emb_on_this_cp_rank``.
 
 6. ``Tensor.cuda()`` in ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings
    with PP > 1 move the shared weight to the GPU before the first/last-stage all-reduce). During
@@ -45,7 +45,7 @@ What it replaces, and why (see ``../shared/notes/megatron-core-facts.md``):
 The adapter was written against the Megatron-Core versions in :data:`TESTED_MEGATRON_VERSIONS`;
 ``install_cpu_adapter()`` refuses any other version, and every attribute it replaces must exist
 (a renamed private name fails the install instead of being added silently).
-``tests/platform/test_cpu_adapter.py`` trains on CPU with every real ``torch.cuda`` entry point and
+``tests/runtime/test_cpu_adapter.py`` trains on CPU with every real ``torch.cuda`` entry point and
 ``Tensor.cuda`` watched, and fails if a Megatron module the adapter does not list reaches one.
 
 Nothing here changes numerics: every replaced call either allocates memory, orders work on a
@@ -340,7 +340,7 @@ def _replace(owner: Any, name: str, value: Any) -> None:
         where = getattr(owner, "__name__", type(owner).__name__)
         raise RuntimeError(
             f"CPU adapter: {where}.{name} does not exist in this Megatron-Core; the adapter was "
-            f"written for {', '.join(TESTED_MEGATRON_VERSIONS)} (platform/cpu_adapter.py)"
+            f"written for {', '.join(TESTED_MEGATRON_VERSIONS)} (runtime/cpu_adapter.py)"
         )
     setattr(owner, name, value)
 
@@ -433,7 +433,7 @@ def check_megatron_version(version: str | None = None) -> str:
             f"({', '.join(TESTED_MEGATRON_VERSIONS)}); it patches Megatron's CUDA assumptions by "
             "name and would break silently on another release. Install megatron-core=="
             f"{TESTED_MEGATRON_VERSIONS[-1]} (pyproject.toml), or re-check every entry of "
-            "platform/cpu_adapter.py against the new release and add it to "
+            "runtime/cpu_adapter.py against the new release and add it to "
             "TESTED_MEGATRON_VERSIONS"
         )
     return release
@@ -453,7 +453,7 @@ def install_cpu_adapter() -> None:
         raise RuntimeError(
             "install_cpu_adapter() called on a machine with a CUDA GPU; the CPU adapter is only for "
             "machines without one (Megatron-Core runs unmodified with NCCL there). Call "
-            "nvfp4_megatron.platform.distributed.init_distributed(), which picks the right backend."
+            "nvfp4_megatron.runtime.distributed.init_distributed(), which picks the right backend."
         )
     if _INSTALLED:
         return
@@ -464,7 +464,7 @@ def install_cpu_adapter() -> None:
             raise RuntimeError(
                 f"CPU adapter: {name}.torch is not the torch module; Megatron-Core changed "
                 f"(expected {', '.join(TESTED_MEGATRON_VERSIONS)}). Update _CUDA_ASSUMING_MODULES "
-                "in platform/cpu_adapter.py."
+                "in runtime/cpu_adapter.py."
             )
         module.torch = _CpuTorch
     _patch_rng()
@@ -472,8 +472,8 @@ def install_cpu_adapter() -> None:
     _patch_moe_splits()
     _patch_tied_embedding_setup()
     # 5. RoPE's context-parallel slice builds its index with pin_memory=True and .cuda();
-    #    megatron/context_parallel.py has the same selection without the device round trip.
-    from nvfp4_megatron.megatron.context_parallel import route_megatron_rope_slice_to_cpu_safe
+    #    mcore/context_parallel.py has the same selection without the device round trip.
+    from nvfp4_megatron.mcore.context_parallel import route_megatron_rope_slice_to_cpu_safe
 
     route_megatron_rope_slice_to_cpu_safe()
     _INSTALLED = True

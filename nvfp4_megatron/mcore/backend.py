@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nvfp4_megatron.megatron.te_adapter import (TE_SUPPORT_CHECKS, TEAPIMismatch, TEUnsupported,
+from nvfp4_megatron.mcore.te_adapter import (TE_SUPPORT_CHECKS, TEAPIMismatch, TEUnsupported,
                                                 build_te_recipe, describe_te_recipe)
 from nvfp4_megatron.quant.recipe import PrecisionRecipe
 
@@ -77,7 +77,7 @@ def probe_device() -> DeviceCaps:
     try:
         import transformer_engine.pytorch  # noqa: F401
 
-        from nvfp4_megatron.megatron.te_adapter import te_support, te_version
+        from nvfp4_megatron.mcore.te_adapter import te_support, te_version
 
         version = te_version()
     except Exception as e:  # TE raises more than ImportError when its CUDA libraries mismatch
@@ -169,7 +169,7 @@ def backend_config_fields(choice: BackendChoice, recipe: PrecisionRecipe, *, num
     ``emulated``: none (the quantized local layers read the recipe; Megatron's fp8/fp4 stay off)."""
     if choice.backend != "te":
         return {}
-    from nvfp4_megatron.megatron.te_adapter import megatron_config_fields
+    from nvfp4_megatron.mcore.te_adapter import megatron_config_fields
 
     return megatron_config_fields(recipe, num_layers=num_layers, num_moe_experts=num_moe_experts,
                                   moe_token_dispatcher_type=moe_token_dispatcher_type)
@@ -179,10 +179,10 @@ def gpt_layer_spec_for(choice: BackendChoice, config, *, qk_layernorm: bool = Fa
                        pp_rank: int | None = None):
     """The decoder spec for the resolved backend: Megatron's TE spec, or our quantized block."""
     if choice.backend == "te":
-        from nvfp4_megatron.megatron.te_adapter import te_gpt_layer_spec
+        from nvfp4_megatron.mcore.te_adapter import te_gpt_layer_spec
 
         return te_gpt_layer_spec(config, qk_layernorm=qk_layernorm)
-    from nvfp4_megatron.megatron.spec_provider import quantized_gpt_block_spec
+    from nvfp4_megatron.mcore.spec_provider import quantized_gpt_block_spec
 
     return quantized_gpt_block_spec(config, qk_layernorm=qk_layernorm, pp_rank=pp_rank)
 
@@ -197,17 +197,17 @@ def apply_backend_precision(model_chunks, recipe: PrecisionRecipe, choice: Backe
     field says ``auto`` is passed through as ``emulated`` so the table names what runs).
     """
     if choice.backend == "te":
-        from nvfp4_megatron.megatron.te_adapter import apply_te_precision
+        from nvfp4_megatron.mcore.te_adapter import apply_te_precision
 
         table = apply_te_precision(model_chunks, recipe, log=False)
     else:
-        from nvfp4_megatron.megatron.policy import apply_precision
+        from nvfp4_megatron.mcore.policy import apply_precision
 
         table = apply_precision(model_chunks, dataclasses.replace(recipe, backend="emulated"),
                                 log=False)
     table = dataclasses.replace(table, choice=choice.describe())
     if log:
-        from nvfp4_megatron.megatron.policy import process_rank
+        from nvfp4_megatron.mcore.policy import process_rank
 
         if process_rank() == 0:
             _log.info("\n%s", table.format())
@@ -217,8 +217,8 @@ def apply_backend_precision(model_chunks, recipe: PrecisionRecipe, choice: Backe
 def hybrid_stack_spec_for(choice: BackendChoice, *, d_conv: int = 4, expand: int = 2,
                           scan_impl: str = "eager"):
     """The hybrid (Mamba) stack spec for the resolved backend: Megatron's TE hybrid spec, or the
-    project's local one with quantized linears (``megatron/hybrid_spec.py``)."""
-    from nvfp4_megatron.megatron import hybrid_spec
+    project's local one with quantized linears (``mcore/hybrid_spec.py``)."""
+    from nvfp4_megatron.mcore import hybrid_spec
 
     if choice.backend == "te":
         return hybrid_spec.te_hybrid_stack_spec()

@@ -11,7 +11,7 @@ their place: the same mathematics, a handful of launches and no host synchronisa
 
 Applied by ``platform.distributed.init_distributed`` when there is a GPU and Megatron still has
 its local fallbacks (it leaves Apex's or TE's kernels alone); never on CPU, where the CPU adapter
-(``platform/cpu_adapter.py``) applies instead.
+(``runtime/cpu_adapter.py``) applies instead.
 """
 
 from __future__ import annotations

@@ -11,13 +11,13 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "training"))
 from _train_launch import env as train_env  # noqa: E402
 
-from nvfp4_megatron.platform import warnings_filter as wf  # noqa: E402
+from nvfp4_megatron.runtime import warnings_filter as wf  # noqa: E402
 
 # What a process prints when the known warnings fire, twice each (as they do: several modules,
 # several model builds), plus one unknown warning that must always pass.
 PROBE = r"""
 import logging, sys, warnings
-from nvfp4_megatron.platform.warnings_filter import install_warning_filters
+from nvfp4_megatron.runtime.warnings_filter import install_warning_filters
 print("STATE", install_warning_filters(sys.argv[1:]), install_warning_filters(), file=sys.stderr)
 # twice, from different lines (Python's default shows a warning once per call site)
 warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
@@ -93,7 +93,7 @@ def test_show_all_requested_parsing(monkeypatch):
 
 def test_filter_imports_no_megatron():
     r = subprocess.run([sys.executable, "-c",
-                        "import sys, nvfp4_megatron.platform.warnings_filter; "
+                        "import sys, nvfp4_megatron.runtime.warnings_filter; "
                         "print(any(m.startswith(('megatron', 'torch')) for m in sys.modules))"],
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stdout + r.stderr
