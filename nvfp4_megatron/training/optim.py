@@ -11,6 +11,8 @@ The scheduler's state is its step count, saved in every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+
 
 def total_iters(train: dict, *, seq_length: int) -> int:
     if train["train_iters"] is not None:
@@ -39,10 +41,38 @@ def build_optimizer(ddp_model, train: dict, *, bf16: bool):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=train["use_distributed_optimizer"],
     )
-    optimizer = get_megatron_optimizer(config, [ddp_model])
+    with torch_adam_in_megatron():
+        optimizer = get_megatron_optimizer(config, [ddp_model])
     if torch.cuda.is_available():
         use_fused_adam(optimizer)
     return optimizer
+
+
+@contextlib.contextmanager
+def torch_adam_in_megatron():
+    """Make Megatron-Core build torch's AdamW, also where Transformer Engine is installed.
+
+    Megatron-Core picks its Adam class when ``megatron.core.optimizer`` is imported: TE's
+    ``FusedAdam`` if TE imports, else Apex's, else torch's, and records the choice in the module
+    flag ``USING_PYTORCH_OPTIMIZER`` that ``get_megatron_optimizer`` reads. The project pins torch's
+    AdamW (its fused kernel on GPU, :func:`use_fused_adam`) on every machine, so that the numerics
+    and the checkpoints (``training/checkpoint.py`` restores torch Adam's per-parameter ``step``)
+    are the same with and without TE. Seen on the H200 with TE 2.18 installed (2026-12-03):
+    without this, Megatron built TE's FusedAdam and every run stopped in ``use_fused_adam``.
+    Megatron's DistributedOptimizer supports torch's AdamW either way.
+    """
+    import megatron.core.optimizer as mopt
+
+    if not hasattr(mopt, "USING_PYTORCH_OPTIMIZER"):
+        raise RuntimeError(
+            "megatron.core.optimizer has no USING_PYTORCH_OPTIMIZER flag in this Megatron-Core "
+            "version: training/optim.py cannot pin torch's AdamW; update torch_adam_in_megatron")
+    saved = mopt.USING_PYTORCH_OPTIMIZER
+    mopt.USING_PYTORCH_OPTIMIZER = True
+    try:
+        yield
+    finally:
+        mopt.USING_PYTORCH_OPTIMIZER = saved
 
 
 def inner_optimizers(optimizer) -> list:

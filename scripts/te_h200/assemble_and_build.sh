@@ -7,6 +7,7 @@
 #   .te1 .. .teN  consecutive byte ranges of the TE core wheel (transformer_engine_cu13)
 #
 # Subcommands:
+#   stash       copy the .te* folders this call carried to /tmp/te_chunks (every chunk call)
 #   build-ext   build transformer_engine_torch from the sdist (needs only .te0 and the image's torch,
 #               nvcc, ninja); writes /tmp/te_ext/{status,build.log,*.whl}. Meant to run in the
 #               background from the first call (setsid), while the other chunks travel.
@@ -66,11 +67,38 @@ build_ext() {
   return $rc
 }
 
+# The device tool does not keep a folder carried by an earlier call (seen on 2026-12-03: .te0 and
+# .te1, carried by call 1, were gone in call 2), so every call stashes what it carried outside the
+# working tree and `final` puts the stash back.
+STASH=/tmp/te_chunks
+stash() {
+  mkdir -p "$STASH"
+  local d
+  for d in .te*; do [ -d "$d" ] && cp -r "$d" "$STASH"/; done
+  ls -d "$STASH"/.te* 2>/dev/null | tr '\n' ' '; echo
+}
+if [ "$MODE" = stash ]; then
+  stash
+  exit 0
+fi
 if [ "$MODE" = build-ext ]; then
+  stash
   build_ext
   exit $?
 fi
-[ "$MODE" = final ] || { echo "usage: $0 [build-ext|final]"; exit 64; }
+[ "$MODE" = final ] || { echo "usage: $0 [stash|build-ext|final]"; exit 64; }
+stash >/dev/null
+for d in "$STASH"/.te*; do [ -e "$(basename "$d")" ] || cp -r "$d" .; done
+
+# cuDNN: torch loads the image's pip cuDNN (nvidia/cudnn, 9.19); TE's loader prefers a system
+# libcudnn (ldconfig: /lib/x86_64-linux-gnu, another 9.x), and the two mixed in one process fail
+# (seen 2026-12-03: libcudnn_heuristic.so.9: undefined symbol ... version libcudnn_graph.so.9).
+# CUDNN_HOME points TE's loader at torch's cuDNN; LD_LIBRARY_PATH makes its sub-libraries resolve
+# there too.
+CUDNN_PIP=$("$PY" -c "import nvidia.cudnn as m; print(list(m.__path__)[0])" 2>/dev/null)
+if [ -n "$CUDNN_PIP" ]; then
+  export CUDNN_HOME=$CUDNN_PIP LD_LIBRARY_PATH=$CUDNN_PIP/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
 
 # ---------------------------------------------------------------------------------- final
 OUT=${OUT:-/tmp/te_out}
@@ -83,6 +111,7 @@ fail() {  # stage, message: the exact failure, also as one line in $OUT/te_h200_
   exit 1
 }
 
+say "cuDNN for TE: CUDNN_HOME=${CUDNN_HOME:-unset}"
 say "env: $(nvidia-smi -L 2>&1 | head -1) | $("$PY" -V 2>&1) | nproc $(nproc) | $(nvcc --version 2>/dev/null | tail -1)"
 "$PY" -c "import torch; print('[te-h200] torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 

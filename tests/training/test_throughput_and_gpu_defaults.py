@@ -62,6 +62,27 @@ def test_fused_adam_refuses_cpu_parameters():
         use_fused_adam(Wrapped())
 
 
+def test_megatron_builds_torch_adamw_where_te_would_be_picked(monkeypatch):
+    """With TE installed Megatron-Core's module flag says "not torch" and its Adam is TE's
+    FusedAdam; inside torch_adam_in_megatron the flag says torch (AdamW), and it is restored."""
+    import megatron.core.optimizer as mopt
+
+    from nvfp4_megatron.training.optim import torch_adam_in_megatron
+
+    class FusedAdam:  # stands for transformer_engine.pytorch.optimizers.FusedAdam
+        pass
+
+    monkeypatch.setattr(mopt, "Adam", FusedAdam)
+    monkeypatch.setattr(mopt, "USING_PYTORCH_OPTIMIZER", False)
+    with torch_adam_in_megatron():
+        assert mopt.USING_PYTORCH_OPTIMIZER is True
+    assert mopt.USING_PYTORCH_OPTIMIZER is False
+    monkeypatch.delattr(mopt, "USING_PYTORCH_OPTIMIZER")
+    with pytest.raises(RuntimeError, match="USING_PYTORCH_OPTIMIZER"):
+        with torch_adam_in_megatron():
+            pass
+
+
 def test_adam_step_counter_placement():
     from nvfp4_megatron.training.checkpoint import _step_tensor
 
