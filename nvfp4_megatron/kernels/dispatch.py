@@ -137,6 +137,25 @@ def quantize_fp8_current(x: torch.Tensor, fp8_dtype: torch.dtype, *, pow2_scale:
     return formats.quantize_fp8_current(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax)
 
 
+def quantize_fp8_current_transposed(x: torch.Tensor, fp8_dtype: torch.dtype, *,
+                                    pow2_scale: bool = False,
+                                    amax: torch.Tensor | float | None = None,
+                                    config: dict | None = None
+                                    ) -> tuple[formats.FP8Quantized, torch.Tensor]:
+    """``quantize_fp8_current`` of a 2-D ``x`` and its transposed bytes ``[C, R]`` (contiguous,
+    equal to ``q.data.t()``): one kernel, one read of ``x`` on CUDA (cast-transpose); the reference
+    and a transposing copy otherwise."""
+    if uses_kernel(x):
+        from nvfp4_megatron.kernels import fp8
+
+        return fp8.quantize_fp8_current_transposed(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax,
+                                                   config=config)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_fp8_current_transposed: need a 2-D tensor, got shape {tuple(x.shape)}")
+    q = formats.quantize_fp8_current(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax)
+    return q, q.data.t().contiguous()
+
+
 def quantize_fp8_block(x: torch.Tensor, fp8_dtype: torch.dtype, *,
                        tile: tuple[int, int] = (1, 128),
                        pow2_scale: bool = False) -> formats.FP8BlockQuantized:

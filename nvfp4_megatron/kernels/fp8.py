@@ -22,7 +22,41 @@ from nvfp4_megatron.kernels._common import FP32_MAX, load_tile_3d, pow2_fp32, ro
 from nvfp4_megatron.kernels.amax import amax_2d
 
 DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
+# cast-transpose: square-ish tiles so both stores write >= 64 contiguous bytes per row
+DEFAULT_T_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4}
 _FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+@triton.jit
+def _cs_scale(amax_ptr, scales_ptr, first, MAXV: tl.constexpr, POW2: tl.constexpr):
+    """The FP8-CS scale from the global amax in device memory; the ``first`` program stores
+    ``scale`` and ``scale_inv`` to ``scales_ptr[0:2]``."""
+    amax = tl.load(amax_ptr)
+    valid = (amax > 0.0) & (amax <= FP32_MAX)
+    scale = tl.minimum(tl.div_rn(MAXV, tl.where(valid, amax, 1.0)), FP32_MAX)
+    scale = tl.where(valid, scale, 1.0)
+    if POW2:
+        sbits = scale.to(tl.int32, bitcast=True)
+        scale = pow2_fp32(((sbits >> 23) & 0xFF) - 127)  # scale >= 2^-126 here: floor(log2) from the exponent
+    if first:
+        tl.store(scales_ptr, scale)
+        tl.store(scales_ptr + 1, tl.div_rn(1.0, scale))
+    return scale
+
+
+@triton.jit
+def _fp8_codes(v, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr,
+               HW_CVT: tl.constexpr):
+    """FP8 bytes (uint8) of FP32 ``v``: RNE, saturating finite, as the contract."""
+    if HW_CVT:  # cvt.rn.satfinite.{e4m3,e5m2}x2.f32 (sm_89+): RNE + saturation, as the contract
+        if MBITS == 3:
+            code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            code = v.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        code, _ = round_fp8(v, MBITS, EMIN, MAXV)
+        code = code.to(tl.uint8)
+    return code
 
 
 @triton.jit
@@ -34,30 +68,40 @@ def _fp8_cs_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    amax = tl.load(amax_ptr)
-    valid = (amax > 0.0) & (amax <= FP32_MAX)
-    scale = tl.minimum(tl.div_rn(MAXV, tl.where(valid, amax, 1.0)), FP32_MAX)
-    scale = tl.where(valid, scale, 1.0)
-    if POW2:
-        sbits = scale.to(tl.int32, bitcast=True)
-        scale = pow2_fp32(((sbits >> 23) & 0xFF) - 127)  # scale >= 2^-126 here: floor(log2) from the exponent
-    if (pid_r == 0) & (pid_c == 0):
-        tl.store(scales_ptr, scale)
-        tl.store(scales_ptr + 1, tl.div_rn(1.0, scale))
+    scale = _cs_scale(amax_ptr, scales_ptr, (pid_r == 0) & (pid_c == 0), MAXV, POW2)
 
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     chunks = pid_c * G + tl.arange(0, G)
     x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, x_ptr, 16, False)
-    if HW_CVT:  # cvt.rn.satfinite.{e4m3,e5m2}x2.f32 (sm_89+): RNE + saturation, as the contract
-        if MBITS == 3:
-            code = (x * scale).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            code = (x * scale).to(tl.float8e5).to(tl.uint8, bitcast=True)
-    else:
-        code, _ = round_fp8(x * scale, MBITS, EMIN, MAXV)
+    code = _fp8_codes(x * scale, MBITS, EMIN, MAXV, HW_CVT)
     cols = chunks[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     mask = (rows[:, None, None] < R) & (cols < C)
-    tl.store(data_ptr + rows[:, None, None].to(tl.int64) * C + cols, code.to(tl.uint8), mask=mask)
+    tl.store(data_ptr + rows[:, None, None].to(tl.int64) * C + cols, code, mask=mask)
+
+
+@triton.jit
+def _fp8_cs_t_kernel(
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, scales_ptr, R, C, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr, POW2: tl.constexpr,
+    HW_CVT: tl.constexpr,
+):
+    """Cast-transpose: one read of the ``[R, C]`` tile, the FP8 bytes written twice, row-major
+    to ``data`` ``[R, C]`` and transposed to ``data_t`` ``[C, R]`` (both contiguous). The bytes
+    are the ones ``_fp8_cs_kernel`` writes: one scale, elementwise."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    scale = _cs_scale(amax_ptr, scales_ptr, (pid_r == 0) & (pid_c == 0), MAXV, POW2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c,
+                mask=mask, other=0.0).to(tl.float32)
+    code = _fp8_codes(x * scale, MBITS, EMIN, MAXV, HW_CVT)
+    tl.store(data_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], code, mask=mask)
+    code_t = tl.trans(code)
+    mask_t = (cols[:, None] < C) & (rows[None, :] < R)
+    tl.store(data_t_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], code_t, mask=mask_t)
 
 
 def quantize_fp8_current(
@@ -69,32 +113,65 @@ def quantize_fp8_current(
     config: dict | None = None,
 ) -> FP8Quantized:
     """Triton twin of ``formats.quantize_fp8_current`` (same arguments, same ``FP8Quantized``, same bits)."""
+    return _quantize(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax, config=config,
+                     transpose=False)[0]
+
+
+def quantize_fp8_current_transposed(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    pow2_scale: bool = False,
+    amax: torch.Tensor | float | None = None,
+    config: dict | None = None,
+) -> tuple[FP8Quantized, torch.Tensor]:
+    """``quantize_fp8_current`` of a 2-D ``x`` plus the transposed bytes, from one read of ``x``.
+
+    Returns ``(q, data_t)``: ``q`` as ``quantize_fp8_current(x)`` gives it, and ``data_t``, the
+    contiguous ``[C, R]`` FP8 tensor equal to ``q.data.t()`` bit for bit, which is also what
+    quantizing ``x.t()`` gives (one scale from the same amax, elementwise). Hopper's FP8 GEMM takes
+    only row-major A and column-major B, so Dgrad and Wgrad need these transposed copies
+    (Transformer Engine's ``cast_transpose``).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_fp8_current_transposed: need a 2-D tensor, got shape {tuple(x.shape)}")
+    return _quantize(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax, config=config,
+                     transpose=True)
+
+
+def _quantize(x, fp8_dtype, *, pow2_scale, amax, config, transpose):
     from nvfp4_megatron.formats.inputs import amax_tensor, check_float_input, check_fp8_dtype
 
     check_float_input(x, min_ndim=0)
     check_fp8_dtype(fp8_dtype)
-    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    cfg = dict((DEFAULT_T_CONFIG if transpose else DEFAULT_CONFIG) if config is None else config)
     x2d = x.reshape(1, 1) if x.dim() == 0 else (x.reshape(1, -1) if x.dim() == 1 else x)
     if x2d.dim() > 2:
         x2d = x2d.reshape(-1, x.shape[-1])
     rows, cols = x2d.shape
     amax_fp32 = amax_2d(x2d) if amax is None else amax_tensor(amax, device=x.device)
     data = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
+    data_t = torch.empty(cols, rows, dtype=torch.uint8, device=x.device) if transpose else None
     scales = torch.ones(2, dtype=torch.float32, device=x.device)
     mbits, emin = _FORMAT[fp8_dtype]
-    if x.numel():
+    consts = dict(MBITS=mbits, EMIN=emin, MAXV=FP8_MAX[fp8_dtype], POW2=bool(pow2_scale),
+                  HW_CVT=x.is_cuda, num_warps=cfg["num_warps"])
+    if x.numel() and transpose:
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
+        _fp8_cs_t_kernel[grid](
+            x2d, amax_fp32.reshape(1), data, data_t, scales, rows, cols, x2d.stride(0),
+            x2d.stride(1), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], **consts)
+    elif x.numel():
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, 16 * cfg["G"]))
         _fp8_cs_kernel[grid](
             x2d, amax_fp32.reshape(1), data, scales, rows, cols, x2d.stride(0), x2d.stride(1),
-            BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], MBITS=mbits, EMIN=emin, MAXV=FP8_MAX[fp8_dtype],
-            POW2=bool(pow2_scale), HW_CVT=x.is_cuda, num_warps=cfg["num_warps"],
-        )
+            BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], **consts)
     else:
         from nvfp4_megatron.formats.fp8 import fp8_scale_from_amax
 
         scales[0] = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
         scales[1] = 1.0 / scales[0]
-    return FP8Quantized(
+    q = FP8Quantized(
         data=data.view(fp8_dtype).reshape(x.shape),
         scale=scales[0],
         scale_inv=scales[1],
@@ -102,3 +179,4 @@ def quantize_fp8_current(
         fp8_dtype=fp8_dtype,
         shape=torch.Size(x.shape),
     )
+    return q, (data_t.view(fp8_dtype) if transpose else None)

@@ -133,6 +133,9 @@ class QuantizedOperand:
     tq: TensorQuant
     finite: torch.Tensor    # bool 0-d: the high-precision tensor had no Inf/NaN
     transposed: bool = False
+    # per-tensor FP8 on CUDA only: the contiguous bytes of the other orientation (``q.data``'s
+    # transpose), written by the same cast-transpose kernel; ``t()`` then swaps the two copies
+    fp8_t: torch.Tensor | None = None
 
     def values(self) -> torch.Tensor:
         """FP32 exact block-scaled values (``q * s_b``), without the per-tensor decode scale."""
@@ -161,14 +164,24 @@ class QuantizedOperand:
 
     def fp8_data(self) -> torch.Tensor:
         """The FP8 elements of a per-tensor FP8 copy as a contiguous 2-D ``[rows, K]`` tensor
-        (a transposed copy is materialised here, through uint8)."""
+        (a transposed copy without ``fp8_t`` is materialised here, through uint8)."""
         d = self.q.data.reshape(-1, self.q.data.shape[-1])
         if not self.transposed:
             return d.contiguous()
         return d.view(torch.uint8).t().contiguous().view(d.dtype)
 
     def t(self) -> "QuantizedOperand":
-        return dataclasses.replace(self, transposed=not self.transposed)
+        """The transposed operand: with ``fp8_t`` the two byte copies swap (no copy, no flag),
+        otherwise a flag that ``values``/``fp8_data`` honour."""
+        if self.fp8_t is None:
+            return dataclasses.replace(self, transposed=not self.transposed)
+        data = self.q.data.reshape(-1, self.q.data.shape[-1])
+        q = dataclasses.replace(self.q, data=self.fp8_t, shape=self.fp8_t.shape)
+        return dataclasses.replace(self, q=q, fp8_t=data)
+
+    def one_orientation(self) -> "QuantizedOperand":
+        """Only the copy this operand is read in (what the backward pass saves)."""
+        return self if self.fp8_t is None else dataclasses.replace(self, fp8_t=None)
 
 
 def _notify(layer_key: str, role: str, tq: TensorQuant) -> None:
@@ -193,10 +206,15 @@ def _reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
 
 
 def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "", role: str = "",
-                     amax_group=None, occ: tuple | None = None) -> QuantizedOperand:
+                     amax_group=None, occ: tuple | None = None,
+                     transposed_copy: bool = False) -> QuantizedOperand:
     """Quantize a 2-D high-precision tensor along its last dim as ``tq`` says (via dispatch).
 
     ``amax_group``: a process group over which the per-tensor amax is reduced (MAX), or None.
+    ``transposed_copy``: the caller will also use the transposed operand; for per-tensor FP8
+    with a Triton kernel, the cast-transpose kernel writes both byte copies from one read
+    (``fp8_t``), so the real FP8 GEMMs of Dgrad/Wgrad get them without a strided copy. Same bits
+    either way (tests/kernels, tests/gpu).
     ``occ``: ``(unclamped X, residual, compensate)`` when ``x2d`` is an OCC-clamped input, for the
     telemetry (which then compares the unclamped X with what the Fprop GEMM effectively uses).
     """
@@ -206,6 +224,7 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
         fn(layer_key, role, tq)
     x2d = x2d.detach()
     fmt = tq.format
+    fp8_t = None
     # One amax pass serves three purposes: the non-finite check, the TP reduction, and (passed
     # as amax=) the quantizer's own global amax. Post-RHT when the copy is transformed; a linear
     # transform of finite values is finite, so the check is unchanged.
@@ -224,6 +243,9 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
         q = dispatch.quantize_mx(x2d, _FP8_TORCH[tq.fp8_dtype], block=tq.tile[1])
     elif fmt == "mxfp4":
         q = dispatch.quantize_mx(x2d, "e2m1", block=tq.tile[1])
+    elif fmt == "fp8" and transposed_copy and dispatch.uses_kernel(x2d):
+        q, fp8_t = dispatch.quantize_fp8_current_transposed(
+            x2d, _FP8_TORCH[tq.fp8_dtype], pow2_scale=tq.pow2_scale, amax=amax)
     elif fmt == "fp8":
         q = dispatch.quantize_fp8_current(x2d, _FP8_TORCH[tq.fp8_dtype], pow2_scale=tq.pow2_scale,
                                           amax=amax)
@@ -243,7 +265,7 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
                                            occ_compensate=occ[2])
             desc += " OCC" + ("+comp" if occ[2] else "")
         qtelemetry.record(layer_key, role, sums, desc)
-    return QuantizedOperand(q=q, tq=tq, finite=finite)
+    return QuantizedOperand(q=q, tq=tq, finite=finite, fp8_t=fp8_t)
 
 
 def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
@@ -374,6 +396,13 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
         w_fprop = xq = residual = None
         ms = recipe.msfp4
+        need_wgrad = ctx.needs_input_grad[1]  # False under no_grad / frozen weights
+        # per-tensor FP8: the Wgrad copy of X and the Dgrad copy of W are the transposes of the
+        # Fprop copies; the cast-transpose kernel makes them in the same pass
+        x_col_is_fprop_t = (need_wgrad and _saved_input_mode == "quantized"
+                            and recipe.fprop.input.is_quantized
+                            and _fp8_transpose_reuse(recipe.fprop.input, recipe.wgrad.input))
+        w_t_needed = any(ctx.needs_input_grad) and _same_weight_copy(recipe)
         if recipe.fprop.input.is_quantized:
             x_fprop, residual, occ_info = x2d, None, None
             if ms is not None and ms.occ and bool(torch.isfinite(x2d).all()):
@@ -382,9 +411,11 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 if not ms.occ_compensate:
                     residual = None  # clamped values are dropped (the paper's Table 1 ablation)
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
-                                  amax_group=group, occ=occ_info)
+                                  amax_group=group, occ=occ_info,
+                                  transposed_copy=x_col_is_fprop_t and residual is None)
             w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
-                                       role="fprop.weight", amax_group=group)
+                                       role="fprop.weight", amax_group=group,
+                                       transposed_copy=w_t_needed)
             out = quantized_gemm(xq, w_fprop,
                                  out_dtype=torch.float32 if residual is not None else input.dtype)
             if residual is not None:  # OCC compensation, high precision (sparse in the paper)
@@ -395,7 +426,6 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if bias is not None:
             out = out + bias
 
-        need_wgrad = ctx.needs_input_grad[1]  # False under no_grad / frozen weights
         x_col = None
         save_input = None
         x_residual = None
@@ -410,10 +440,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 else:  # Fprop in BF16 (precision switch): no OCC, the copy it would have made
                     x_col = _fprop_copy_t(x2d, tq, layer_key=key, role="wgrad.input",
                                           amax_group=group)
-            elif (tq.is_quantized and _saved_input_mode == "quantized" and residual is None
-                    and recipe.fprop.input.is_quantized
-                    and _fp8_transpose_reuse(recipe.fprop.input, tq)):
-                x_col = xq.t()  # saved as FP8 [tokens, in]; transposed when Wgrad needs it
+            elif x_col_is_fprop_t and residual is None:
+                x_col = xq.t().one_orientation()  # X's FP8 bytes, saved in the Wgrad orientation
                 _notify(key, "wgrad.input", tq)
                 qtelemetry.record_alias(key, "fprop.input", "wgrad.input")
             elif tq.is_quantized and _saved_input_mode == "quantized":
@@ -421,7 +449,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                                          layer_key=key, role="wgrad.input", amax_group=group)
             else:
                 save_input = input
-        w_dgrad = w_fprop.t() if (w_fprop is not None and _same_weight_copy(recipe)) else None
+        w_dgrad = w_fprop.t().one_orientation() if (w_fprop is not None and w_t_needed) else None
         ctx.save_for_backward(save_input, weight)
         ctx.x_col, ctx.w_dgrad, ctx.x_residual = x_col, w_dgrad, x_residual
         ctx.w_dge = w_fprop if (ms is not None and ms.dge and need_wgrad) else None
@@ -441,9 +469,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
         # Dgrad: dX = dY · W
         dyq = None
+        dy_reused = ctx.need_wgrad and _fp8_transpose_reuse(recipe.dgrad.grad_output,
+                                                            recipe.wgrad.grad_output)
         if recipe.dgrad.grad_output.is_quantized:
             dyq = quantize_operand(dy2d, recipe.dgrad.grad_output, layer_key=key,
-                                   role="dgrad.grad_output", amax_group=group)
+                                   role="dgrad.grad_output", amax_group=group,
+                                   transposed_copy=dy_reused)
             wq = ctx.w_dgrad
             if wq is not None and wq.tq.format == "fp8":
                 _notify(key, "dgrad.weight", recipe.dgrad.weight)
@@ -469,7 +500,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if ctx.need_wgrad:
             tq = recipe.wgrad.grad_output
             if tq.is_quantized:
-                if dyq is not None and _fp8_transpose_reuse(recipe.dgrad.grad_output, tq):
+                if dyq is not None and dy_reused:
                     dy_col = dyq.t()
                     _notify(key, "wgrad.grad_output", tq)
                     qtelemetry.record_alias(key, "dgrad.grad_output", "wgrad.grad_output")

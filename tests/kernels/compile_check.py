@@ -48,6 +48,12 @@ def variants():
             out.append((f"fp8 m{mb} pow2={pow2}", k_fp8._fp8_cs_kernel,
                         {"x_ptr": "*bf16", "amax_ptr": "*fp32", "data_ptr": "*u8", "scales_ptr": "*fp32"},
                         dict(BLOCK_R=32, G=8, MBITS=mb, EMIN=emin, MAXV=maxv, POW2=pow2, HW_CVT=True)))
+            out.append((f"fp8 cast-transpose m{mb} pow2={pow2}", k_fp8._fp8_cs_t_kernel,
+                        {"x_ptr": "*bf16", "amax_ptr": "*fp32", "data_ptr": "*u8",
+                         "data_t_ptr": "*u8", "scales_ptr": "*fp32"},
+                        dict({k: v for k, v in k_fp8.DEFAULT_T_CONFIG.items() if k != "num_warps"},
+                             MBITS=mb, EMIN=emin, MAXV=maxv, POW2=pow2,
+                             HW_CVT=True)))
     return out
 
 

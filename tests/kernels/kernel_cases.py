@@ -84,6 +84,14 @@ def check_fp8(name: str, x: torch.Tensor, fp8_dtype, **kw) -> None:
     for field in ("scale", "scale_inv", "amax"):
         _same(name, field, getattr(got, field), getattr(want, field))
     assert got.data.dtype == want.data.dtype and got.shape == want.shape, name
+    if x.dim() == 2:  # the cast-transpose kernel: same q, and the transposed bytes of the reference
+        got_q, got_t = k_fp8.quantize_fp8_current_transposed(x, fp8_dtype, **kw)
+        _same(name + " (cast-transpose)", "data", got_q.data, want.data)
+        for field in ("scale", "scale_inv", "amax"):
+            _same(name + " (cast-transpose)", field, getattr(got_q, field), getattr(want, field))
+        want_t = formats.quantize_fp8_current(x.cpu().t(), fp8_dtype, **kw).data
+        _same(name + " (cast-transpose)", "data_t", got_t, want_t)
+        assert got_t.is_contiguous() and got_t.dtype == want.data.dtype, name
 
 
 def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=True) -> list[str]:

@@ -132,10 +132,13 @@ def test_tp2_sp_matches_tp1(world1, world2):
         l2 = _read(world2, f"{r}_tp2")["losses"]
         assert len(l1) == len(l2) == 5
         rel = [abs(a - b) / abs(a) for a, b in zip(l1, l2)]
-        assert max(rel) < 1e-3, (r, rel)
-        # Tighter bound that a missing TP amax reduction violates (measured 1e-5..7e-4 without
-        # it on this model; with it the two layouts agree to summation order).
-        assert max(rel) < 1e-5, (r, rel)
+        # With the TP amax reduction the two layouts differ only in summation order. Over the
+        # first 3 steps that stays below 1e-6 (measured 0.0 for all three recipes); later, a
+        # summation-order difference can flip an FP8 code and grow (fp8_cs, 2026-12-03, another
+        # CI machine: 0, 0, 0, 1.2e-5, 7.8e-6; earlier machines stayed under 1e-5). A missing
+        # amax reduction shows from step 0 (test below: 1.5e-5, 5.4e-4, 2.6e-4, ...).
+        assert max(rel[:3]) < 1e-6, (r, rel)
+        assert max(rel) < 1e-4, (r, rel)
         calls = _read(world2, f"{r}_tp2", rank=1)["calls"]
         assert calls == _expected_calls(range(4), ROLES_2D + (
             () if r == "nvfp4_no_sr" else ("dgrad.weight",)))
@@ -143,10 +146,10 @@ def test_tp2_sp_matches_tp1(world1, world2):
 
 def test_tp_comparison_detects_a_missing_amax_reduction(world1, world2):
     # The worker replaces LinearCall.amax_group by None for this run: each rank then scales its
-    # shard by its own amax. The tight bound above must see the difference.
+    # shard by its own amax. The tight bound above (first 3 steps) must see the difference.
     l1 = _read(world1, "nvfp4_no_sr_tp1")["losses"]
     bad = _read(world2, "no_amax_reduce_tp2")["losses"]
-    assert max(abs(a - b) / abs(a) for a, b in zip(l1, bad)) > 1e-5
+    assert max(abs(a - b) / abs(a) for a, b in zip(l1[:3], bad[:3])) > 1e-6
 
 
 def test_pipeline_parallel_uses_global_block_indices(world2):

@@ -72,11 +72,12 @@ def _generic(name: str) -> bool:
         t.format != "e2m1_vector" for t in r.linear.operands().values())
 
 
-def ref_linear_gemm(a, b, tq_a: TensorQuant, tq_b: TensorQuant, gen=None):
-    """One GEMM of the linear: a BF16 GEMM is torch.matmul in the input dtype (what the layer
-    runs for a GEMM whose operands are bf16), a quantized one the formats reference in FP32."""
+def ref_linear_gemm(a, b, tq_a: TensorQuant, tq_b: TensorQuant, gen=None, *, plain=None):
+    """One GEMM of the linear: a BF16 GEMM is ``plain``, the torch.matmul in the input dtype that
+    the layer runs, with the layer's operand layouts (CPU BF16 matmul kernels round differently
+    for other strides on some machines); a quantized one the formats reference in FP32."""
     if not tq_a.is_quantized:
-        return torch.matmul(a, b.t())
+        return plain
     return ref_gemm(ref_operand(a, tq_a, gen), ref_operand(b, tq_b)).to(a.dtype)
 
 
@@ -92,17 +93,19 @@ def test_matches_formats_reference_exactly(name):
     y, dx, dw = _run(lin, x, w, dy)
     qstate.reset_state()
     qstate.set_step(11)
-    y_ref = ref_linear_gemm(x, w, lin.fprop.input, lin.fprop.weight)
+    # the layer's BF16 GEMMs: Y = X·Wᵀ, dX = dY·W, dW = dYᵀ·X (same calls, same strides)
+    bf16 = (torch.matmul(x, w.t()), torch.matmul(dy, w), torch.matmul(dy.t(), x))
+    y_ref = ref_linear_gemm(x, w, lin.fprop.input, lin.fprop.weight, plain=bf16[0])
     g_d = _sr_gen("L", "dgrad.grad_output") if lin.dgrad.grad_output.stochastic_rounding else None
-    dx_ref = ref_linear_gemm(dy, w.t().contiguous(), lin.dgrad.grad_output, lin.dgrad.weight, g_d)
+    dx_ref = ref_linear_gemm(dy, w.t().contiguous(), lin.dgrad.grad_output, lin.dgrad.weight, g_d,
+                             plain=bf16[1])
     g_w = _sr_gen("L", "wgrad.grad_output") if lin.wgrad.grad_output.stochastic_rounding else None
     dw_ref = ref_linear_gemm(dy.t().contiguous(), x.t().contiguous(), lin.wgrad.grad_output,
-                             lin.wgrad.input, g_w)
+                             lin.wgrad.input, g_w, plain=bf16[2])
     assert torch.equal(y, y_ref)
     assert torch.equal(dx, dx_ref)
     assert torch.equal(dw, dw_ref)
     # and each quantized GEMM did something: not the BF16 result
-    bf16 = (torch.matmul(x, w.t()), torch.matmul(dy, w), torch.matmul(dy.t(), x))
     for gemm, out, plain in zip((lin.fprop, lin.dgrad, lin.wgrad), (y, dx, dw), bf16):
         quantized = next(iter(dataclasses.asdict(gemm).values()))["format"] != "bf16"
         assert torch.equal(out, plain) != quantized, (name, type(gemm).__name__)
@@ -304,3 +307,26 @@ def test_wgrad_operand_equals_te_reference_fixture():
     assert np.array_equal(op.q.data.numpy(), te["data"])
     assert np.array_equal(op.q.scale.view(torch.uint8).numpy(), te["scale"])
     assert op.q.amax.numpy().tobytes() == te["amax"].tobytes()
+
+
+def test_fp8_operand_with_both_orientations_transposes_by_swapping():
+    """A per-tensor FP8 operand carrying the other orientation's bytes (``fp8_t``, the CUDA
+    cast-transpose path): ``t()`` swaps the copies, and every view of it equals the flag-transposed
+    operand without ``fp8_t`` (values, bytes, alpha); ``one_orientation`` drops the other copy."""
+    from nvfp4_megatron.kernels import dispatch
+
+    x = torch.randn(48, 80, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tq = TensorQuant(format="fp8", fp8_dtype="e4m3")
+    q, data_t = dispatch.quantize_fp8_current_transposed(x, torch.float8_e4m3fn)
+    assert torch.equal(data_t.view(torch.uint8), q.data.view(torch.uint8).t())
+    finite = torch.tensor(True)
+    both = qlinear.QuantizedOperand(q=q, tq=tq, finite=finite, fp8_t=data_t)
+    plain = qlinear.QuantizedOperand(q=q, tq=tq, finite=finite)
+    for a, b in ((both, plain), (both.t(), plain.t()), (both.t().t(), plain.t().t())):
+        assert torch.equal(a.values(), b.values())
+        assert torch.equal(a.fp8_data().view(torch.uint8), b.fp8_data().view(torch.uint8))
+        assert torch.equal(a.alpha(), b.alpha())
+    t = both.t()
+    assert not t.transposed and t.q.data is data_t and t.q.shape == (80, 48)
+    assert t.fp8_t.data_ptr() == q.data.data_ptr()
+    assert t.one_orientation().fp8_t is None and plain.one_orientation() is plain
