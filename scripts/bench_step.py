@@ -21,7 +21,9 @@ progress line; MFU against the GPU's dense BF16 peak).
 Usage (GPU): ``python scripts/bench_step.py --json out.json``. ``--saved-input`` measures the
 memory saved by keeping the Wgrad copy of X quantized (``quantized``) versus in BF16 (``bf16``);
 ``RECIPE:bf16`` in ``--recipes`` runs one recipe that way. ``--profile RECIPES`` adds one profiled
-step (kernel and host-call tables).
+step (kernel and host-call tables). ``--fp8-transpose copy`` makes the transposed FP8 copies by a
+strided copy before the GEMM instead of the cast-transpose kernel (same bytes), to measure the
+kernel; ``RECIPE@copy`` in ``--recipes`` runs one recipe that way.
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ def run_recipe(spec: str, args, log) -> dict:
     from nvfp4_megatron.training.model import build_training_stack
     from nvfp4_megatron.training.throughput import StepMeter
 
-    recipe_name, _, saved = spec.partition(":")
+    spec_, _, transpose = spec.partition("@")
+    recipe_name, _, saved = spec_.partition(":")
     saved = saved or args.saved_input
+    transpose = transpose or args.fp8_transpose
+    if transpose not in ("kernel", "copy"):
+        raise ValueError(f"{spec}: the part after '@' must be 'kernel' or 'copy'")
     prev = qlinear.set_saved_input_mode(saved)
+    prev_t = qlinear.set_fp8_cast_transpose(transpose == "kernel")
     qstate.reset_state()
     torch.manual_seed(1234)
     cfg = compose(args, recipe_name)
@@ -103,7 +110,7 @@ def run_recipe(spec: str, args, log) -> dict:
     ntok = mb * seq
     fl = meter.flops_per_step
     res = {
-        "recipe": recipe_name, "saved_input": saved, "micro_batch": mb, "seq": seq,
+        "recipe": recipe_name, "saved_input": saved, "fp8_transpose": transpose, "micro_batch": mb, "seq": seq,
         "quantized_blocks": list(table.quantized_blocks()), "bf16_blocks": list(table.bf16_blocks),
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
         "step_ms_all": [t * 1e3 for t in times], "tokens_per_s": ntok / med,
@@ -115,7 +122,7 @@ def run_recipe(spec: str, args, log) -> dict:
         f"{ntok / med:,.0f} tok/s, {fl / med / 1e12:.0f} TFLOP/s, MFU {res['mfu']:.1%}, "
         f"peak {peak / 2**30:.2f} GiB (static {static / 2**30:.2f}), loss {losses[0]:.3f}"
         f"->{losses[-1]:.3f}")
-    if recipe_name in args.profile:
+    if spec in args.profile:
         res["profile"] = prof = profile_step(step, args.warmup + args.steps)
         log(f"[{spec}] profiled step: wall {prof['wall_ms_profiled']:.1f} ms, GPU busy "
             f"{prof['gpu_busy_ms']:.1f} ms, sync-like calls {prof['sync_like_calls']}")
@@ -123,6 +130,7 @@ def run_recipe(spec: str, args, log) -> dict:
         log(prof["cpu_table"])
     del ddp, opt, table, stack
     qlinear.set_saved_input_mode(prev)
+    qlinear.set_fp8_cast_transpose(prev_t)
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -168,7 +176,8 @@ def main() -> int:
     ap.add_argument("--token-ids", type=int, default=None,
                     help="draw the batch's token ids from [0, N) (default: the whole vocabulary)")
     ap.add_argument("--saved-input", default="quantized", choices=("quantized", "bf16"))
-    ap.add_argument("--profile", default="", help="comma-separated recipes to profile one step of")
+    ap.add_argument("--fp8-transpose", default="kernel", choices=("kernel", "copy"))
+    ap.add_argument("--profile", default="", help="comma-separated --recipes entries to profile one step of")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.profile = [p for p in args.profile.split(",") if p]
@@ -219,7 +228,7 @@ def main() -> int:
                 continue
             step_x = r["step_ms_median"] / base["step_ms_median"]
             mem_x = r["peak_mem_gib"] / base["peak_mem_gib"]
-            log(f"{r['recipe']:>18s} saved={r['saved_input']:9s} step x{step_x:.3f} of bf16, "
+            log(f"{r['recipe']:>18s} saved={r['saved_input']:9s} fp8T={r['fp8_transpose']:6s} step x{step_x:.3f} of bf16, "
                 f"peak mem x{mem_x:.3f}")
     torch.distributed.destroy_process_group()
     return 0

@@ -24,6 +24,7 @@ from nvfp4_megatron.kernels.amax import amax_2d
 DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
 # cast-transpose: square-ish tiles so both stores write >= 64 contiguous bytes per row
 DEFAULT_T_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4}
+CAST_TRANSPOSE_DTYPES = (torch.bfloat16, torch.float16)  # FP32: see quantize_fp8_current_transposed
 _FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
@@ -88,7 +89,8 @@ def _fp8_cs_t_kernel(
 ):
     """Cast-transpose: one read of the ``[R, C]`` tile, the FP8 bytes written twice, row-major
     to ``data`` ``[R, C]`` and transposed to ``data_t`` ``[C, R]`` (both contiguous). The bytes
-    are the ones ``_fp8_cs_kernel`` writes: one scale, elementwise."""
+    are the ones ``_fp8_cs_kernel`` writes: one scale, elementwise. BF16/FP16 inputs only (see
+    the comment below and ``quantize_fp8_current_transposed``)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     scale = _cs_scale(amax_ptr, scales_ptr, (pid_r == 0) & (pid_c == 0), MAXV, POW2)
@@ -97,9 +99,14 @@ def _fp8_cs_t_kernel(
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c,
                 mask=mask, other=0.0).to(tl.float32)
-    code = _fp8_codes(x * scale, MBITS, EMIN, MAXV, HW_CVT)
+    v = x * scale
+    code = _fp8_codes(v, MBITS, EMIN, MAXV, HW_CVT)
     tl.store(data_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], code, mask=mask)
-    code_t = tl.trans(code)
+    # Transposed in FP32, then converted again (elementwise: the same bytes). For FP32 *inputs*
+    # the transposed bytes came out wrong on the H200 (Triton 3.6, 2026-12-04: 25 % of a 256x2048
+    # input, whether the codes or the FP32 values were transposed; BF16 inputs exact), so the
+    # wrapper launches this kernel for BF16/FP16 inputs only.
+    code_t = _fp8_codes(tl.trans(v), MBITS, EMIN, MAXV, HW_CVT)
     mask_t = (cols[:, None] < C) & (rows[None, :] < R)
     tl.store(data_t_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], code_t, mask=mask_t)
 
@@ -131,10 +138,18 @@ def quantize_fp8_current_transposed(
     contiguous ``[C, R]`` FP8 tensor equal to ``q.data.t()`` bit for bit, which is also what
     quantizing ``x.t()`` gives (one scale from the same amax, elementwise). Hopper's FP8 GEMM takes
     only row-major A and column-major B, so Dgrad and Wgrad need these transposed copies
-    (Transformer Engine's ``cast_transpose``).
+    (Transformer Engine's ``cast_transpose``). BF16/FP16 inputs run the cast-transpose kernel;
+    FP32 inputs the row-major kernel and a transposing copy (same bytes; see below).
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_fp8_current_transposed: need a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in CAST_TRANSPOSE_DTYPES:
+        # FP32 input: the cast-transpose kernel wrote wrong transposed bytes on the H200 (see
+        # _fp8_cs_t_kernel), so the row-major kernel runs and the bytes are transposed by a copy:
+        # the same bytes, slower. Training operands are BF16 and take the kernel.
+        q = _quantize(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax, config=None,
+                      transpose=False)[0]
+        return q, q.data.view(torch.uint8).t().contiguous().view(q.data.dtype)
     return _quantize(x, fp8_dtype, pow2_scale=pow2_scale, amax=amax, config=config,
                      transpose=True)
 

@@ -243,7 +243,7 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
         q = dispatch.quantize_mx(x2d, _FP8_TORCH[tq.fp8_dtype], block=tq.tile[1])
     elif fmt == "mxfp4":
         q = dispatch.quantize_mx(x2d, "e2m1", block=tq.tile[1])
-    elif fmt == "fp8" and transposed_copy and dispatch.uses_kernel(x2d):
+    elif fmt == "fp8" and transposed_copy and _fp8_cast_transpose and dispatch.uses_kernel(x2d):
         q, fp8_t = dispatch.quantize_fp8_current_transposed(
             x2d, _FP8_TORCH[tq.fp8_dtype], pow2_scale=tq.pow2_scale, amax=amax)
     elif fmt == "fp8":
@@ -303,6 +303,19 @@ def _alpha(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor | None:
     if alpha_a is not None or alpha_b is not None:
         return (alpha_a if alpha_a is not None else alpha_b).float()
     return None
+
+
+_fp8_cast_transpose = True
+
+
+def set_fp8_cast_transpose(enabled: bool) -> bool:
+    """Whether per-tensor FP8 copies that are also used transposed come from the cast-transpose
+    kernel (default) or, as before it, from a strided copy of the row-major bytes before the GEMM
+    (same bytes; exists to measure the kernel: ``scripts/bench_step.py --fp8-transpose copy``).
+    Returns the previous setting."""
+    global _fp8_cast_transpose
+    prev, _fp8_cast_transpose = _fp8_cast_transpose, bool(enabled)
+    return prev
 
 
 SAVED_INPUT_MODES = ("quantized", "bf16")
