@@ -35,7 +35,10 @@ saves only it (packed E2M1 codes + E4M3 scales, FP8 + scale, ...), never X in BF
 of a 2D-tiled weight is the saved Fprop copy. Per-tensor FP8 copies with the same settings are
 transposes of each other bit for bit (one scale, elementwise), so with FP8-CS X, W and dY are each
 quantized once and the Wgrad/Dgrad copies are their transposes (the saved X is then the Fprop
-FP8 copy). ``set_saved_input_mode("bf16")`` saves X instead and quantizes its Wgrad copy in
+FP8 copy, kept in the Wgrad orientation). On CUDA the cast-transpose kernel writes both byte
+orientations of such a copy in one pass (``QuantizedOperand.fp8_t``), since Hopper's FP8 GEMM
+needs Dgrad's W and Wgrad's dY and X transposed in memory; ``set_fp8_cast_transpose(False)``
+makes them by a strided copy instead (same bytes), to measure the kernel. ``set_saved_input_mode("bf16")`` saves X instead and quantizes its Wgrad copy in
 backward (same numbers), to measure the saving.
 
 Distributed rules: with sequence parallelism the input is all-gathered *before* quantization
