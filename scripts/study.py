@@ -3,11 +3,13 @@
     python scripts/study.py --corpus debian_docs --arms bf16,nvfp4 --seeds 1,2 --time-limit 540 --pack $OUT/runs.tgz
     python scripts/study.py --list                      # the arms and their overrides
     python scripts/study.py --arms nvfp4 --dry          # print the commands only
+    python scripts/study.py --recipe study_mini --parallel 10 --arms bf16,nvfp4   # side by side, one GPU
 
 Each (corpus, arm, seed) is one ``pretrain.py +recipe=study_30m`` run (``torchrun --standalone
 --nproc_per_node=N`` with ``--nproc N``) in ``ROOT/<corpus>/<arm>/seed_<s>``, for the same token
 budget (``--tokens``, default the recipe's 3.2e8 = 10.5 tokens per non-embedding parameter). Runs are
-taken in order; a finished one is skipped, an unfinished one resumes from its newest checkpoint
+taken in order (``--parallel N``: up to N at once, each its own process on the same GPU, its output
+in its ``sweep.log`` only; the data caches are built once before they start); a finished one is skipped, an unfinished one resumes from its newest checkpoint
 (``pretrain.py``'s own resume: bit-exact). At ``--time-limit`` seconds after the start the running
 trainer gets SIGTERM: it finishes its step, saves a checkpoint and exits; the next call resumes
 it. ``--pack FILE`` then writes every run's config, metrics, result and logs (no checkpoints, no
@@ -73,8 +75,9 @@ def arm_overrides(arm: str, tokens: float) -> list[str]:
     return ov
 
 
-def run_overrides(corpus: str, arm: str, seed: int, tokens: float, extra: list[str]) -> list[str]:
-    return ["+recipe=study_30m", *CORPORA[corpus], *arm_overrides(arm, tokens),
+def run_overrides(corpus: str, arm: str, seed: int, tokens: float, extra: list[str],
+                  recipe: str = "study_30m") -> list[str]:
+    return [f"+recipe={recipe}", *CORPORA[corpus], *arm_overrides(arm, tokens),
             f"train.seed={seed}", f"train.train_tokens={tokens:.6g}", *extra]
 
 
@@ -90,6 +93,87 @@ def pack(root: Path, out: Path) -> None:
     print(f"[study] packed {root} -> {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 
+def prime_data(cfgs, log=print) -> None:
+    """Build the default corpus and Megatron's index caches once, in this process, before runs
+    start side by side: otherwise every run trains the same BPE tokenizer and writes the same
+    cache files at the same time. The trainers then only read (``[data] reusing verified ...``)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from nvfp4_megatron.cli.compose import to_plain
+    from nvfp4_megatron.training.loop import build_datasets
+
+    seen = set()
+    for cfg in cfgs:
+        c = to_plain(cfg)
+        key = repr((c["data"], c["model"]["vocab_size"], c["model"]["seq_length"],
+                    c["train"]["seed"], c["train"]["global_batch_size"], c["train"]["eval_iters"],
+                    planned_iters(cfg)))
+        if key in seen:
+            continue
+        seen.add(key)
+        if not dist.is_initialized():
+            store = tempfile.mkdtemp(prefix="study_store_")
+            dist.init_process_group("gloo", init_method=f"file://{store}/s", rank=0, world_size=1)
+        t0 = time.time()
+        build_datasets(c, rank0=True, iters=planned_iters(cfg), log=log)
+        log(f"[study] data ready for seed {c['train']['seed']} ({time.time() - t0:.1f} s)")
+
+
+def run_parallel(plans, *, nproc: int, parallel: int, deadline: float | None, log=print) -> int:
+    """Up to ``parallel`` runs at once (each one ``pretrain.py`` process on the same GPU(s)); a
+    run's output goes to its ``sweep.log``. At ``deadline`` every running trainer gets SIGTERM
+    (it saves and exits; the next call resumes it) and no new run starts."""
+    import os
+    import signal
+    import subprocess
+    from datetime import datetime, timezone
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+    queue = list(plans)
+    running: dict = {}
+    rc, stopping = 0, False
+    while queue or running:
+        now = time.time()
+        if deadline is not None and now >= deadline and not stopping:
+            stopping = True
+            for child, (job, *_rest) in running.items():
+                child.send_signal(signal.SIGTERM)
+                log(f"[study] {job.name}: time limit, SIGTERM sent (it saves and stops)")
+        while queue and len(running) < parallel and not stopping and (
+                deadline is None or now < deadline - 60):
+            job, run_dir, iters = queue.pop(0)
+            status = job_status(run_dir, iters)
+            if status == "done":
+                log(f"[study] {job.name}: finished earlier ({iters} steps), skipped")
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [*launch_command(nproc), *job.overrides, run_dir_override(run_dir)]
+            logf = open(run_dir / "sweep.log", "a", encoding="utf-8")
+            logf.write(f"\n# {datetime.now(timezone.utc).isoformat()} {' '.join(cmd)}\n")
+            logf.flush()
+            child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            running[child] = (job, run_dir, iters, logf, time.time())
+            log(f"[study] {job.name}: {'resuming' if status == 'partial' else 'starting'} "
+                f"({iters} steps) in {run_dir}")
+        if queue and (stopping or (deadline is not None and now >= deadline - 60)):
+            for job, _d, _i in queue:
+                log(f"[study] {job.name}: not started (time limit)")
+            rc, queue = 1, []
+        for child in [c for c in running if c.poll() is not None]:
+            job, run_dir, iters, logf, t0 = running.pop(child)
+            logf.close()
+            after = job_status(run_dir, iters)
+            log(f"[study] {job.name}: {after} (exit code {child.returncode}, "
+                f"{time.time() - t0:.0f} s)")
+            if after != "done":
+                rc = 1
+        time.sleep(0.5)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="default")
@@ -98,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=float, default=3.2e8)
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--recipe", default="study_30m", help="the model recipe (recipes/<name>.yaml)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs side by side (separate processes on the same GPU)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds from now; the running trainer then saves and stops")
     ap.add_argument("--pack", type=Path, default=None, help="write the runs' small files here (.tgz)")
@@ -119,12 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         for seed in seeds:
             run_dir = args.root / args.corpus / arm / f"seed_{seed}"
-            ov = run_overrides(args.corpus, arm, seed, args.tokens, args.extra)
+            ov = run_overrides(args.corpus, arm, seed, args.tokens, args.extra, args.recipe)
             cfg = compose_config([*ov, run_dir_override(run_dir)])  # every run checked first
             plans.append((Job(name=f"{arm}/seed_{seed}", overrides=tuple(ov)), run_dir,
-                          planned_iters(cfg)))
+                          planned_iters(cfg), cfg))
+    if args.parallel > 1 and not args.dry:
+        prime_data([p[3] for p in plans])
+        rc = run_parallel([p[:3] for p in plans], nproc=args.nproc, parallel=args.parallel,
+                          deadline=deadline, log=lambda s: print(s, flush=True))
+        if args.pack is not None:
+            pack(args.root / args.corpus, args.pack)
+        return rc
     rc = 0
-    for job, run_dir, iters in plans:
+    for job, run_dir, iters, _cfg in plans:
         cmd = " ".join([*launch_command(args.nproc), *job.overrides, run_dir_override(run_dir)])
         status = job_status(run_dir, iters)
         if args.dry:
