@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="default")
     ap.add_argument("--arms", default="bf16", help=f"comma-separated, from: {', '.join(ARMS)}")
     ap.add_argument("--seeds", default="1")
+    ap.add_argument("--main-seeds", default=None,
+                    help=f"seeds of the main arms ({', '.join(MAIN_ARMS)}) instead of --seeds")
     ap.add_argument("--tokens", type=float, default=3.2e8)
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--nproc", type=int, default=1)
@@ -202,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"error: unknown arm(s) {bad}; known: {list(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    main_seeds = seeds if args.main_seeds is None else [int(s) for s in args.main_seeds.split(",") if s]
     plans = []
     for arm in arms:
-        for seed in seeds:
+        for seed in (main_seeds if arm in MAIN_ARMS else seeds):
             run_dir = args.root / args.corpus / arm / f"seed_{seed}"
             ov = run_overrides(args.corpus, arm, seed, args.tokens, args.extra, args.recipe)
             cfg = compose_config([*ov, run_dir_override(run_dir)])  # every run checked first
