@@ -20,6 +20,13 @@ is listed and marked, and its arm is marked "unfinished". A last table gives eac
 (mean over seeds) at the steps all runs reached, every ``--every`` steps, minus the baseline's: the
 comparison for runs cut off by a time limit (``scripts/run_hybrid_proxy.sh``).
 
+Paired gaps: a seed sets the data order and also which held-out sequences the validation draws,
+so two seeds of one arm differ by their validation sample as much as by training noise. The
+paired gap of a run is its validation loss minus the baseline run's *of the same seed*, at the
+same step; per arm, the mean of its runs' paired final gaps and their range ("paired gap" column),
+and a table of the paired gaps at every validation step the run and its baseline both reached
+(unfinished runs included: the comparison of a cut-off run at the steps it did reach).
+
 Writes ``DIR/compare.png`` (train loss, EMA-smoothed; validation loss; validation loss over the
 last half of the tokens), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
 """
@@ -96,6 +103,7 @@ def read_run(run: Path) -> dict:
         "train": [(r["step"] * tokens_per_step, r["loss"]) for r in train],
         "train_by_step": {r["step"]: r["loss"] for r in train},
         "valid": [(r["step"] * tokens_per_step, r["loss"]) for r in valid],
+        "valid_by_step": {r["step"]: r["loss"] for r in valid},
         "steps": last_step, "tokens": train[-1].get("tokens", last_step * tokens_per_step) if train else 0,
         "final_valid_loss": final_valid["loss"] if final_valid else None,
         "train_time_s": sum(r.get("step_time_s", 0.0) for r in train),
@@ -151,6 +159,13 @@ def summarise(runs: list[dict], names: list[str], baseline: str | None) -> dict:
         if base is not None and a["final_valid_loss"] is not None and base["final_valid_loss"]:
             a["gap_nats"] = a["final_valid_loss"] - base["final_valid_loss"]
             a["gap_rel_pct"] = 100.0 * a["gap_nats"] / base["final_valid_loss"]
+    base_final = {r["seed"]: r["final_valid_loss"] for r in base["runs"]
+                  if r["final_valid_loss"] is not None} if base is not None else {}
+    for a in arms.values():
+        paired = [r["final_valid_loss"] - base_final[r["seed"]] for r in a["runs"]
+                  if r["final_valid_loss"] is not None and r["seed"] in base_final]
+        a["paired_gaps"] = paired
+        a["paired_gap_nats"] = statistics.fmean(paired) if paired and a is not base else None
     return {"baseline": base["arm"] if base else None, "arms": list(arms.values())}
 
 
@@ -177,21 +192,56 @@ def step_table(summary: dict, every: int) -> list[str]:
     return lines
 
 
+def paired_table(summary: dict) -> list[str]:
+    """Validation loss minus the same-seed baseline run's, at each validation step both reached."""
+    base = next((a for a in summary["arms"] if a["arm"] == summary["baseline"]), None)
+    if base is None:
+        return []
+    by_seed = {r["seed"]: r["valid_by_step"] for r in base["runs"]}
+    steps = sorted({s for v in by_seed.values() for s in v})
+    lines = [f"Paired validation gap (run minus the {base['arm']} run of the same seed, nats), "
+             "at every validation step both reached:", "",
+             "| arm | seed | " + " | ".join(str(s) for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for a in summary["arms"]:
+        if a is base:
+            continue
+        for r in a["runs"]:
+            b = by_seed.get(r["seed"])
+            if b is None:
+                continue
+            cells = [f"{r['valid_by_step'][s] - b[s]:+.4f}" if s in r["valid_by_step"] and s in b
+                     else "" for s in steps]
+            flag = "" if r["finished"] else " (unfinished)"
+            lines.append(f"| {a['arm']}{flag} | {r['seed']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
+
+
+def _paired(a) -> str:
+    g = a["paired_gap_nats"]
+    if g is None:
+        return "–"
+    if len(a["paired_gaps"]) == 1:
+        return f"{g:+.4f}"
+    return f"{g:+.4f} [{min(a['paired_gaps']):+.4f}, {max(a['paired_gaps']):+.4f}]"
 
 
 def markdown(summary: dict, every: int = 10) -> str:
     base = summary["baseline"]
     lines = [f"| arm | seeds | final valid loss (mean) | gap to {base or 'baseline'} (nats) | "
-             "gap (%) | spread over seeds (max-min) | std | tokens | train time (s, mean) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "gap (%) | paired gap (nats; same-seed mean [min, max]) | spread over seeds (max-min) "
+             "| std | tokens | train time (s, mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for a in summary["arms"]:
         flag = "" if a["finished"] else " (unfinished)"
         tokens = ", ".join(f"{t:,}" for t in a["tokens"])
         lines.append(f"| {a['arm']}{flag} | {', '.join(a['seeds'])} | {_f(a['final_valid_loss'], '.4f')} "
                      f"| {_f(a['gap_nats'], '+.4f')} | {_f(a['gap_rel_pct'], '+.2f')} "
-                     f"| {_f(a['spread'], '.4f')} | {_f(a['std'], '.4f')} | {tokens} "
+                     f"| {_paired(a)} | {_f(a['spread'], '.4f')} | {_f(a['std'], '.4f')} | {tokens} "
                      f"| {a['train_time_s']:.1f} |")
     lines += ["", "| run | arm | seed | steps | tokens | final valid loss | train time (s) | finished |",
               "|---|---|---|---|---|---|---|---|"]
@@ -200,7 +250,7 @@ def markdown(summary: dict, every: int = 10) -> str:
             lines.append(f"| {r['run_dir']} | {a['arm']} | {r['seed']} | {r['steps']} | "
                          f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | "
                          f"{r['train_time_s']:.1f} | {'yes' if r['finished'] else 'no'} |")
-    lines += [""] + step_table(summary, every)
+    lines += [""] + paired_table(summary) + step_table(summary, every)
     return "\n".join(lines) + "\n"
 
 

@@ -53,8 +53,15 @@ def test_table_groups_seeds_into_arms_and_measures_the_gap(tmp_path, capsys):
     assert arms["nvfp4"]["tokens"] == [64] and arms["nvfp4"]["train_time_s"] == pytest.approx(2.0)
     assert arms["nvfp4"]["seeds"] == ["1", "2"] and arms["nvfp4"]["finished"]
     assert arms["mxfp4"]["final_valid_loss"] is None and not arms["mxfp4"]["finished"]
+    # paired: nvfp4 seed 1 (3.3) - bf16 seed 1 (3.0) = 0.3, seed 2: 3.4 - 3.2 = 0.2
+    assert arms["nvfp4"]["paired_gaps"] == pytest.approx([0.3, 0.2])
+    assert arms["nvfp4"]["paired_gap_nats"] == pytest.approx(0.25)
+    assert arms["bf16"]["paired_gap_nats"] is None and arms["mxfp4"]["paired_gap_nats"] is None
     md = (out / "compare.md").read_text()
-    assert "| nvfp4 | 1, 2 | 3.3500 | +0.2500 | +8.06 | 0.1000 |" in md
+    assert "| nvfp4 | 1, 2 | 3.3500 | +0.2500 | +8.06 | +0.2500 [+0.2000, +0.3000] | 0.1000 |" in md
+    # the unfinished mxfp4 run still gets its paired gap at the step it reached (4.1 - 4.0 at step 2)
+    assert "| mxfp4 (unfinished) | 1 | +0.1000 |  |" in md
+    assert "| nvfp4 | 2 |  | +0.2000 |" in md
     assert "mxfp4 (unfinished)" in md
     assert (out / "compare.png").stat().st_size > 10_000
     assert md in capsys.readouterr().out
