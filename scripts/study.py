@@ -3,14 +3,16 @@
     python scripts/study.py --corpus debian_docs --arms bf16,nvfp4 --seeds 1,2 --time-limit 540 --pack $OUT/runs.tgz
     python scripts/study.py --list                      # the arms and their overrides
     python scripts/study.py --arms nvfp4 --dry          # print the commands only
-    python scripts/study.py --recipe study_mini --parallel 10 --arms bf16,nvfp4   # side by side, one GPU
+    python scripts/study.py --recipe study_mini --parallel 8 --arms bf16,nvfp4    # side by side, one GPU
 
-Each (corpus, arm, seed) is one ``pretrain.py +recipe=study_30m`` run (``torchrun --standalone
---nproc_per_node=N`` with ``--nproc N``) in ``ROOT/<corpus>/<arm>/seed_<s>``, for the same token
-budget (``--tokens``, default the recipe's 3.2e8 = 10.5 tokens per non-embedding parameter). Runs are
-taken in order (``--parallel N``: up to N at once, each its own process on the same GPU, its output
-in its ``sweep.log`` only; the data caches are built once before they start); a finished one is skipped, an unfinished one resumes from its newest checkpoint
-(``pretrain.py``'s own resume: bit-exact). At ``--time-limit`` seconds after the start the running
+Each (corpus, arm, seed) is one ``pretrain.py +recipe=<--recipe>`` run (default study_30m;
+``torchrun --standalone --nproc_per_node=N`` with ``--nproc N``) in ``ROOT/<corpus>/<arm>/seed_<s>``,
+for the same token budget (``--tokens``, default the recipe's ``train.train_tokens``: study_30m
+3.2e8 = 10.5 tokens per non-embedding parameter, study_mini 5.2e7 = 10.2). Runs are taken in order;
+``--parallel N`` runs up to N at once, each its own process on the same GPU with its output in its
+``sweep.log`` only, after the data caches are built once in this process (on one H200, 8 study_mini
+runs fit in memory side by side, 17 did not). A finished run is skipped, an unfinished one resumes
+from its newest checkpoint (``pretrain.py``'s own resume: bit-exact). At ``--time-limit`` seconds after the start the running
 trainer gets SIGTERM: it finishes its step, saves a checkpoint and exits; the next call resumes
 it. ``--pack FILE`` then writes every run's config, metrics, result and logs (no checkpoints, no
 TensorBoard) into one .tgz for ``scripts/compare_runs.py``.
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--main-seeds", default=None,
                     help=f"seeds of the main arms ({', '.join(MAIN_ARMS)}) instead of --seeds")
-    ap.add_argument("--tokens", type=float, default=3.2e8)
+    ap.add_argument("--tokens", type=float, default=None,
+                    help="tokens per run (default: the recipe's train.train_tokens)")
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--recipe", default="study_30m", help="the model recipe (recipes/<name>.yaml)")
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("extra", nargs="*", help="more overrides for every run (key=value)")
     args = ap.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = float(compose_config([f"+recipe={args.recipe}"]).train.train_tokens)
     if args.list:
         for arm, ov in ARMS.items():
             print(f"{arm:<20} {' '.join(arm_overrides(arm, args.tokens))}")
