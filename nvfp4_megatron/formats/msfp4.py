@@ -80,6 +80,14 @@ def dge_derivative(
     delta_fp32 = torch.as_tensor(delta, dtype=torch.float32, device=x_fp32.device)
     if bool((delta_fp32 <= 0).any()):
         raise ValueError("dge_derivative: every interval width delta must be > 0")
+    return _dge_unchecked(x_fp32, delta_fp32, k=k, cap=cap)
+
+
+def _dge_unchecked(x_fp32: torch.Tensor, delta_fp32: torch.Tensor, *, k: float, cap: float
+                   ) -> torch.Tensor:
+    """:func:`dge_derivative`'s arithmetic without its argument checks, for callers whose widths
+    are positive by construction: the ``delta > 0`` check reads a device tensor back to the host,
+    one GPU synchronisation per call (per layer backward under DGE)."""
     t = torch.abs(2.0 * x_fp32 / delta_fp32 - 1.0)
     d = (1.0 / k) * torch.pow(t, 1.0 / k - 1.0)  # t = 0 -> +inf for k > 1, capped below
     return torch.clamp(d, max=cap)
@@ -98,7 +106,9 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
     grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=x_fp32.device)
     idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
     lo, hi = grid[idx], grid[idx + 1]
-    d = dge_derivative(a - lo, hi - lo, k=k, cap=cap)
+    if k <= 0 or cap <= 0:
+        raise ValueError(f"dge_derivative_e2m1: k={k} and cap={cap} must be > 0 (the paper: 5, 3.0)")
+    d = _dge_unchecked(a - lo, hi - lo, k=k, cap=cap)  # the E2M1 grid's widths: 0.5, 1, 2 > 0
     return torch.where(a > F4_E2M1_MAX, torch.zeros_like(d), d)
 
 

@@ -330,3 +330,26 @@ def test_occ_threshold_avoids_kthvalue(monkeypatch):
 def test_dataclass_stays_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_recipe("msfp4").linear.msfp4.occ = False
+
+
+def test_dge_e2m1_without_the_width_check_is_bitwise_the_checked_formula():
+    """dge_derivative_e2m1 skips dge_derivative's `delta > 0` read-back (a GPU sync per layer
+    backward) because the E2M1 grid's widths are positive; the values must not change."""
+    import torch
+
+    from nvfp4_megatron.formats.msfp4 import E2M1_GRID, dge_derivative, dge_derivative_e2m1
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(4096, generator=g) * 3, torch.tensor(E2M1_GRID),
+                   -torch.tensor(E2M1_GRID), torch.tensor([6.5, -7.0, 0.0])])
+    a = x.abs()
+    grid = torch.tensor(E2M1_GRID)
+    idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
+    lo, hi = grid[idx], grid[idx + 1]
+    for k, cap in ((5.0, 3.0), (3.0, 10.0)):
+        want = torch.where(a > 6.0, torch.zeros_like(a), dge_derivative(a - lo, hi - lo, k=k, cap=cap))
+        assert torch.equal(dge_derivative_e2m1(x, k=k, cap=cap), want)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dge_derivative_e2m1(x, k=0.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dge_derivative_e2m1(x, cap=-1.0)
