@@ -27,6 +27,8 @@ than hiding it as 0). Zero encodes as zero; nothing finite becomes NaN.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nvfp4_megatron.formats.constants import E2M1_GRID, E2M1_SIGN_BIT, F4_E2M1_MAX
@@ -34,8 +36,18 @@ from nvfp4_megatron.formats.constants import E2M1_GRID, E2M1_SIGN_BIT, F4_E2M1_M
 _MAX_CODE = 7
 
 
+@functools.cache
+def _table(device: torch.device, signed: bool) -> torch.Tensor:
+    """The E2M1 magnitudes (``signed``: followed by their negatives, in code order) on ``device``,
+    built once per device. Building it from the Python constants is a host-to-device copy, and on
+    CUDA such a copy waits for the stream: once per call it made every quantizer call wait for
+    all the GPU work queued before it. Shared and read-only: callers only index it."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=device)
+    return torch.cat([grid, -grid]) if signed else grid
+
+
 def _grid(device: torch.device) -> torch.Tensor:
-    return torch.tensor(E2M1_GRID, dtype=torch.float32, device=device)
+    return _table(torch.device(device), False)
 
 
 def _signed(mag_u8: torch.Tensor, x_fp32: torch.Tensor) -> torch.Tensor:
@@ -113,8 +125,7 @@ def decode_e2m1(codes_u8: torch.Tensor) -> torch.Tensor:
     """FP32 values of E2M1 codes (uint8, one code per element; the high nibble must be 0)."""
     if codes_u8.dtype != torch.uint8:
         raise ValueError(f"decode_e2m1: codes must be uint8, got {codes_u8.dtype}")
-    grid = _grid(codes_u8.device)
-    table = torch.cat([grid, -grid])  # 0x8 is -0.0
+    table = _table(codes_u8.device, True)  # code 0x8 is -0.0
     return table[codes_u8.long() & 0xF]
 
 

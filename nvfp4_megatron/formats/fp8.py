@@ -41,7 +41,7 @@ def fp8_scale_from_amax(amax_fp32: torch.Tensor, fp8_dtype: torch.dtype, *, pow2
     amax_fp32 = amax_fp32.float()
     valid = torch.isfinite(amax_fp32) & (amax_fp32 > 0)
     safe = torch.where(valid, amax_fp32, torch.ones_like(amax_fp32))
-    fmax = torch.tensor(FP8_MAX[fp8_dtype], dtype=torch.float32, device=amax_fp32.device)
+    fmax = torch.full_like(safe, FP8_MAX[fp8_dtype])  # a fill, not a host-to-device copy
     scale = torch.where(valid, torch.clamp(fmax / safe, max=FP32_MAX), torch.ones_like(safe))
     if pow2_scale:
         scale = pow2_fp32(floor_log2_exact(scale))

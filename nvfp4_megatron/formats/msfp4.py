@@ -28,7 +28,7 @@ import torch
 
 from nvfp4_megatron.formats.inputs import check_float_input
 from nvfp4_megatron.formats.constants import E2M1_GRID, F4_E2M1_MAX
-from nvfp4_megatron.formats.e2m1 import decode_e2m1, encode_e2m1_rne
+from nvfp4_megatron.formats.e2m1 import _grid, decode_e2m1, encode_e2m1_rne
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,7 +103,7 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
     """
     x_fp32 = x_scaled.float()
     a = x_fp32.abs()
-    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=x_fp32.device)
+    grid = _grid(x_fp32.device)  # made once per device: no host-to-device copy per call
     idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
     lo, hi = grid[idx], grid[idx + 1]
     if k <= 0 or cap <= 0:
@@ -135,7 +135,10 @@ def _quantile_linear(v_fp32: torch.Tensor, q: float) -> torch.Tensor:
     else:  # the bottom hi_i + 1 values, ascending: rank r is at r
         bottom = torch.topk(v_fp32, hi_i + 1, largest=False, sorted=True).values
         lo_v, hi_v = bottom[lo_i], bottom[hi_i]
-    return torch.lerp(lo_v, hi_v, weight.to(v_fp32.device))
+    # the FP32 weight as a Python scalar (exact: a double holds every float): lerp converts it
+    # back to FP32, the same arithmetic as a 0-d tensor weight, without a host-to-device copy
+    # (which waits for the GPU stream)
+    return torch.lerp(lo_v, hi_v, float(weight))
 
 
 def outlier_clamp(x: torch.Tensor, alpha: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,9 +151,17 @@ def outlier_clamp(x: torch.Tensor, alpha: float = 0.99) -> tuple[torch.Tensor, t
     if not 0.5 < alpha < 1.0:
         raise ValueError(f"outlier_clamp: alpha={alpha} must be in (0.5, 1) (the paper uses 0.99)")
     x_fp32 = x.float()
-    flat = x_fp32.reshape(-1)
-    if bool(torch.isnan(flat).any()):
+    if bool(torch.isnan(x_fp32).any()):
         raise ValueError("outlier_clamp: x contains NaN; quantiles are undefined")
+    return outlier_clamp_unchecked(x_fp32, alpha)
+
+
+def outlier_clamp_unchecked(x_fp32: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`outlier_clamp` without its checks, for the training path: the NaN check reads a
+    device tensor back to the host, one GPU synchronisation per call. The caller must make a
+    non-finite ``x`` visible itself (``quant.linear`` ANDs the input's finiteness into the
+    quantized copy's flag, so the GEMM output is NaN): here NaN/Inf give meaningless quantiles."""
+    flat = x_fp32.reshape(-1)
     hi = _quantile_linear(flat, alpha)
     lo = _quantile_linear(flat, 1.0 - alpha)
     clamped = torch.clamp(x_fp32, min=lo, max=hi)

@@ -102,9 +102,9 @@ def nvfp4_global_scales(amax_fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     ``S_enc = min(2688 / amax, FLT_MAX)``, or 1 if amax is 0 or not finite; ``S_dec = 1 / S_enc``.
     """
     amax_fp32 = amax_fp32.float()
-    num = torch.tensor(NVFP4_GLOBAL_SCALE_NUM, dtype=torch.float32, device=amax_fp32.device)
     valid = torch.isfinite(amax_fp32) & (amax_fp32 > 0)
     safe = torch.where(valid, amax_fp32, torch.ones_like(amax_fp32))
+    num = torch.full_like(safe, NVFP4_GLOBAL_SCALE_NUM)  # a fill, not a host-to-device copy
     s_enc = torch.clamp(num / safe, max=FP32_MAX)
     s_enc = torch.where(valid, s_enc, torch.ones_like(s_enc))
     return s_enc, 1.0 / s_enc
@@ -186,7 +186,7 @@ def quantize_nvfp4(
     amax_fp32 = global_amax(x_fp32, amax)
     s_enc, s_dec = nvfp4_global_scales(amax_fp32)
 
-    inv6_fp32 = torch.tensor(1.0 / F4_E2M1_MAX, dtype=torch.float32, device=x.device)
+    inv6_fp32 = torch.full((), 1.0 / F4_E2M1_MAX, dtype=torch.float32, device=x.device)
     amax_b = _block_amax(x_fp32, tile)
     s_b_e4m3 = e4m3_rne_satfinite(amax_b * (s_enc * inv6_fp32))
     enc_b = torch.clamp(1.0 / (s_b_e4m3.float() * s_dec), max=FP32_MAX)

@@ -97,7 +97,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nvfp4_megatron.formats.msfp4 import dge_derivative_e2m1, outlier_clamp, quantize_absmax_e2m1
+from nvfp4_megatron.formats.msfp4 import (dge_derivative_e2m1, outlier_clamp_unchecked,
+                                           quantize_absmax_e2m1)
 from nvfp4_megatron.kernels import dispatch
 from nvfp4_megatron.quant import gemm
 from nvfp4_megatron.quant import state as qstate
@@ -420,15 +421,21 @@ class QuantizedLinearFunction(torch.autograd.Function):
                             and _fp8_transpose_reuse(recipe.fprop.input, recipe.wgrad.input))
         w_t_needed = any(ctx.needs_input_grad) and _same_weight_copy(recipe)
         if recipe.fprop.input.is_quantized:
-            x_fprop, residual, occ_info = x2d, None, None
-            if ms is not None and ms.occ and bool(torch.isfinite(x2d).all()):
-                x_fprop, residual = outlier_clamp(x2d, ms.occ_quantile)
+            x_fprop, residual, occ_info, x_finite = x2d, None, None, None
+            if ms is not None and ms.occ:
+                # No host read-back here (each one waits for the GPU queue): a non-finite X gives
+                # meaningless quantiles, and clamping can turn an Inf into a finite value, so
+                # X's own finiteness is ANDed into the copy's flag below (output all NaN).
+                x_finite = torch.isfinite(x2d).all()
+                x_fprop, residual = outlier_clamp_unchecked(x2d.float(), ms.occ_quantile)
                 occ_info = (x2d, residual, ms.occ_compensate)
                 if not ms.occ_compensate:
                     residual = None  # clamped values are dropped (the paper's Table 1 ablation)
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
                                   amax_group=group, occ=occ_info,
                                   transposed_copy=x_col_is_fprop_t and residual is None)
+            if x_finite is not None:
+                xq = dataclasses.replace(xq, finite=xq.finite & x_finite)
             w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
                                        role="fprop.weight", amax_group=group,
                                        transposed_copy=w_t_needed)

@@ -353,3 +353,95 @@ def test_dge_e2m1_without_the_width_check_is_bitwise_the_checked_formula():
         dge_derivative_e2m1(x, k=0.0)
     with pytest.raises(ValueError, match="must be > 0"):
         dge_derivative_e2m1(x, cap=-1.0)
+
+
+class _DeviceTraffic:
+    """Records, while active, what would make a CUDA stream wait for the host: a device tensor
+    read back (``.item()``, ``bool()``: ``aten._local_scalar_dense``), a host tensor copied to
+    the device (``.to(device)``, ``copy_``), and ``torch.tensor``/``torch.as_tensor`` built on a
+    device (a host-to-device copy inside the factory, which the dispatcher does not show)."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        hits = self.hits = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is aten._local_scalar_dense.default and args[0].device.type != "cpu":
+                    hits.append(f"read-back of a {args[0].device.type} tensor")
+                out = func(*args, **kwargs)
+                if func in (aten._to_copy.default, aten.copy_.default):
+                    src = args[1] if func is aten.copy_.default else args[0]
+                    if src.device.type == "cpu" and out.device.type != "cpu":
+                        hits.append(f"host-to-device {func}")
+                return out
+
+        self.mode = Mode()
+        for name in ("tensor", "as_tensor"):
+            orig = getattr(torch, name)
+
+            def factory(*a, _orig=orig, _name=name, **k):
+                dev = k.get("device")
+                if dev is not None and torch.device(dev).type != "cpu":
+                    hits.append(f"torch.{_name}(..., device={dev})")
+                return _orig(*a, **k)
+            monkeypatch.setattr(torch, name, factory)
+
+
+@pytest.mark.parametrize("name", MS_RECIPES)
+def test_layer_step_never_waits_for_the_device(monkeypatch, name):
+    """Fprop + Dgrad + Wgrad of an msfp4-family layer run without one host/device round trip.
+    On a GPU each one waits for all the work queued before it; with the study's runs sharing one
+    H200, the ~4-9 of them per layer made fp4_direct/msfp4 5-10x slower than nvfp4 (2026-12-04
+    profile, docs/PERFORMANCE.md). The layer runs on the ``meta`` device, where a read-back is an
+    error and every copy from the host is seen; the second step is watched (the first makes the
+    per-device constants). Fails on the code before this fix."""
+    lin = get_recipe(name).linear
+    x = torch.empty(T, K, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(N, K, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = quantized_linear(x, w, None, LinearCall(recipe=lin, layer_key="L"))
+    y.backward(torch.empty_like(y))  # first use: per-device constants are made once, here
+    traffic = _DeviceTraffic(monkeypatch)
+    with traffic.mode:
+        y = quantized_linear(x, w, None, LinearCall(recipe=lin, layer_key="L"))
+        y.backward(torch.empty_like(y))
+    assert traffic.hits == []
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+def test_device_traffic_probe_sees_what_it_must():
+    """The probe above is not blind: each kind of round trip it looks for is reported."""
+    mp = pytest.MonkeyPatch()
+    try:
+        traffic = _DeviceTraffic(mp)
+        with traffic.mode:
+            torch.tensor([0.0, 0.5], device="meta")
+            torch.tensor(2.0).to("meta")
+            torch.empty(3, device="meta").copy_(torch.ones(3))
+        with pytest.raises(RuntimeError, match="meta"), traffic.mode:
+            bool(torch.empty((), device="meta"))
+    finally:
+        mp.undo()
+    assert traffic.hits[:3] == ["torch.tensor(..., device=meta)",
+                                "host-to-device aten._to_copy.default",
+                                "host-to-device aten.copy_.default"]
+    assert traffic.hits[3:] == ["read-back of a meta tensor"]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["msfp4", "msfp4_no_dge"])
+def test_occ_with_non_finite_input_gives_nan_output(name, bad):
+    """OCC clamps without checking X first (no read-back); a clamp can turn an Inf into a
+    finite value, so X's finiteness travels with the quantized copy: Y and dW are all NaN, as for
+    every other recipe, and a finite input stays finite."""
+    lin = get_recipe(name).linear
+    x, w, dy = _inputs()
+    y, dx, dw = _run(lin, x, w, dy)
+    assert torch.isfinite(y).all() and torch.isfinite(dw).all()
+    x[5, 7] = bad
+    y, dx, dw = _run(lin, x, w, dy)
+    assert torch.isnan(y).all() and torch.isnan(dw).all()
+    assert torch.isfinite(dx).all()  # dX = dY·W does not read X
