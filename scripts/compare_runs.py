@@ -27,6 +27,16 @@ same step; per arm, the mean of its runs' paired final gaps and their range ("pa
 and a table of the paired gaps at every validation step the run and its baseline both reached
 (unfinished runs included: the comparison of a cut-off run at the steps it did reach).
 
+Paired train gap: every arm of one seed trains on the same batch at each step, so a run's train
+loss minus its same-seed baseline run's, averaged over the last ``--train-window`` steps both
+reached (default 100), compares arms on window x tokens-per-step token positions rather than on
+one validation draw: the steadier measure when validation uses few tokens. It is a training-set
+loss (on repeated data it also measures memorisation). Per run and per arm (mean [min, max]).
+
+Study layout: a directory that is neither a run nor a sweep is searched for run directories at
+any depth (``scripts/study.py --root``: ``CORPUS/ARM/seed_N``); ``--arm-from-dir`` names each run's
+arm by its directory (the one above ``seed_N`` in that layout) instead of by its config.
+
 Writes ``DIR/compare.png`` (train loss, EMA-smoothed; validation loss; validation loss over the
 last half of the tokens), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
 """
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import statistics
 import sys
@@ -66,6 +77,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
             runs.append(p)
             continue
         sub = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file()) if p.is_dir() else []
+        if not sub and p.is_dir():  # e.g. a study root: CORPUS/ARM/seed_N
+            sub = sorted(m.parent for m in p.rglob("metrics.jsonl"))
         if not sub:
             raise SystemExit(f"error: {p} is neither a run directory (metrics.jsonl) nor holds any")
         runs += sub
@@ -111,6 +124,13 @@ def read_run(run: Path) -> dict:
     }
 
 
+def dir_arm_name(run_dir: str) -> str:
+    """The arm a run directory belongs to by its path: the parent's name for ``ARM/seed_N``
+    (``scripts/study.py``'s layout), else the directory's own name."""
+    p = Path(run_dir)
+    return p.parent.name if re.fullmatch(r"seed_\d+", p.name) else p.name
+
+
 def arm_names(runs: list[dict], labels: dict[str, str]) -> list[str]:
     keys = sorted({k for r in runs for k in r["config"]})
     varying = [k for k in keys if k != SEED_KEY and not k.startswith(IGNORED_PREFIXES)
@@ -129,7 +149,18 @@ def arm_names(runs: list[dict], labels: dict[str, str]) -> list[str]:
     return names
 
 
-def summarise(runs: list[dict], names: list[str], baseline: str | None) -> dict:
+def paired_train_gap(run: dict, base_run: dict, window: int) -> tuple[float, int, int] | None:
+    """Mean of (run - baseline) train loss over the last ``window`` steps both reached, with the
+    first and last step of that window; None if they share no step."""
+    common = sorted(set(run["train_by_step"]) & set(base_run["train_by_step"]))[-window:]
+    if not common:
+        return None
+    gap = statistics.fmean(run["train_by_step"][s] - base_run["train_by_step"][s] for s in common)
+    return gap, common[0], common[-1]
+
+
+def summarise(runs: list[dict], names: list[str], baseline: str | None,
+              train_window: int = 100) -> dict:
     arms: dict[str, dict] = {}
     for r, name in zip(runs, names):
         arms.setdefault(name, {"arm": name, "runs": []})["runs"].append(r)
@@ -166,6 +197,16 @@ def summarise(runs: list[dict], names: list[str], baseline: str | None) -> dict:
                   if r["final_valid_loss"] is not None and r["seed"] in base_final]
         a["paired_gaps"] = paired
         a["paired_gap_nats"] = statistics.fmean(paired) if paired and a is not base else None
+    base_runs = {r["seed"]: r for r in base["runs"]} if base is not None else {}
+    for a in arms.values():
+        for r in a["runs"]:
+            pt = (paired_train_gap(r, base_runs[r["seed"]], train_window)
+                  if a is not base and r["seed"] in base_runs else None)
+            r["paired_train_gap"] = pt[0] if pt else None
+            r["paired_train_steps"] = [pt[1], pt[2]] if pt else None
+        gaps = [r["paired_train_gap"] for r in a["runs"] if r["paired_train_gap"] is not None]
+        a["paired_train_gaps"] = gaps
+        a["paired_train_gap_nats"] = statistics.fmean(gaps) if gaps else None
     return {"baseline": base["arm"] if base else None, "arms": list(arms.values())}
 
 
@@ -221,34 +262,38 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
-def _paired(a) -> str:
-    g = a["paired_gap_nats"]
+def _paired(a, key: str = "paired_gap") -> str:
+    g, gaps = a[f"{key}_nats"], a[f"{key}s"]
     if g is None:
         return "–"
-    if len(a["paired_gaps"]) == 1:
+    if len(gaps) == 1:
         return f"{g:+.4f}"
-    return f"{g:+.4f} [{min(a['paired_gaps']):+.4f}, {max(a['paired_gaps']):+.4f}]"
+    return f"{g:+.4f} [{min(gaps):+.4f}, {max(gaps):+.4f}]"
 
 
-def markdown(summary: dict, every: int = 10) -> str:
+def markdown(summary: dict, every: int = 10, train_window: int = 100) -> str:
     base = summary["baseline"]
     lines = [f"| arm | seeds | final valid loss (mean) | gap to {base or 'baseline'} (nats) | "
-             "gap (%) | paired gap (nats; same-seed mean [min, max]) | spread over seeds (max-min) "
+             "gap (%) | paired gap (nats; same-seed mean [min, max]) | paired train gap (last "
+             f"{train_window} common steps; mean [min, max]) | spread over seeds (max-min) "
              "| std | tokens | train time (s, mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in summary["arms"]:
         flag = "" if a["finished"] else " (unfinished)"
         tokens = ", ".join(f"{t:,}" for t in a["tokens"])
         lines.append(f"| {a['arm']}{flag} | {', '.join(a['seeds'])} | {_f(a['final_valid_loss'], '.4f')} "
                      f"| {_f(a['gap_nats'], '+.4f')} | {_f(a['gap_rel_pct'], '+.2f')} "
-                     f"| {_paired(a)} | {_f(a['spread'], '.4f')} | {_f(a['std'], '.4f')} | {tokens} "
+                     f"| {_paired(a)} | {_paired(a, 'paired_train_gap')} | {_f(a['spread'], '.4f')} | {_f(a['std'], '.4f')} | {tokens} "
                      f"| {a['train_time_s']:.1f} |")
-    lines += ["", "| run | arm | seed | steps | tokens | final valid loss | train time (s) | finished |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | arm | seed | steps | tokens | final valid loss | paired train gap "
+              "(steps) | train time (s) | finished |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for a in summary["arms"]:
         for r in a["runs"]:
+            pt = "–" if r["paired_train_gap"] is None else \
+                f"{r['paired_train_gap']:+.4f} ({r['paired_train_steps'][0]}–{r['paired_train_steps'][1]})"
             lines.append(f"| {r['run_dir']} | {a['arm']} | {r['seed']} | {r['steps']} | "
-                         f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | "
+                         f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | {pt} | "
                          f"{r['train_time_s']:.1f} | {'yes' if r['finished'] else 'no'} |")
     lines += [""] + paired_table(summary) + step_table(summary, every)
     return "\n".join(lines) + "\n"
@@ -311,7 +356,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="name a run's arm explicitly (repeatable)")
     ap.add_argument("--every", type=int, default=10,
                     help="train-loss table: every N steps of those all runs reached (default 10)")
+    ap.add_argument("--train-window", type=int, default=100,
+                    help="paired train gap: the last N steps a run and its baseline both reached")
+    ap.add_argument("--arm-from-dir", action="store_true",
+                    help="name arms by directory (ARM/seed_N: ARM) instead of by config")
     args = ap.parse_args(argv)
+    if args.train_window < 1:
+        raise SystemExit(f"error: --train-window {args.train_window}: expected a positive number of steps")
     labels = {}
     for item in args.label:
         run, eq, name = item.partition("=")
@@ -319,11 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --label {item!r}: expected RUN_DIR=NAME")
         labels[str(Path(run))] = name
     runs = [read_run(r) for r in find_runs(args.runs)]
-    summary = summarise(runs, arm_names(runs, labels), args.baseline)
+    if args.arm_from_dir:
+        labels = {r["run_dir"]: dir_arm_name(r["run_dir"]) for r in runs} | labels
+    summary = summarise(runs, arm_names(runs, labels), args.baseline, args.train_window)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.every < 1:
         raise SystemExit(f"error: --every {args.every}: expected a positive number of steps")
-    md = markdown(summary, args.every)
+    md = markdown(summary, args.every, args.train_window)
     (args.out / "compare.md").write_text(md)
     plain = {"baseline": summary["baseline"], "arms": [
         {**{k: v for k, v in a.items() if k != "runs"},

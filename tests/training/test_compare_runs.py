@@ -58,7 +58,11 @@ def test_table_groups_seeds_into_arms_and_measures_the_gap(tmp_path, capsys):
     assert arms["nvfp4"]["paired_gap_nats"] == pytest.approx(0.25)
     assert arms["bf16"]["paired_gap_nats"] is None and arms["mxfp4"]["paired_gap_nats"] is None
     md = (out / "compare.md").read_text()
-    assert "| nvfp4 | 1, 2 | 3.3500 | +0.2500 | +8.06 | +0.2500 [+0.2000, +0.3000] | 0.1000 |" in md
+    # paired train gap, last 100 common steps (1-4): seed 1 (0 + 0 + 0 + 9.0 - 4.6) / 4 = 1.1, seed 2: 0
+    assert arms["nvfp4"]["paired_train_gaps"] == pytest.approx([1.1, 0.0])
+    assert ("| nvfp4 | 1, 2 | 3.3500 | +0.2500 | +8.06 | +0.2500 [+0.2000, +0.3000] "
+            "| +0.5500 [+0.0000, +1.1000] | 0.1000 |") in md
+    assert arms["bf16"]["paired_train_gap_nats"] is None
     # the unfinished mxfp4 run still gets its paired gap at the step it reached (4.1 - 4.0 at step 2)
     assert "| mxfp4 (unfinished) | 1 | +0.1000 |  |" in md
     assert "| nvfp4 | 2 |  | +0.2000 |" in md
@@ -83,3 +87,29 @@ def test_arm_names_from_the_differing_keys_and_baseline_errors(tmp_path):
         compare_runs.summarise(runs, compare_runs.arm_names(runs, {}), "nvfp4")
     with pytest.raises(SystemExit, match="neither a run directory"):
         compare_runs.find_runs([tmp_path / "nothing"])
+
+
+def test_study_layout_arm_from_dir_and_train_window(tmp_path):
+    """A study root (CORPUS/ARM/seed_N) is searched at any depth; --arm-from-dir names arms by
+    ARM even where their configs differ in several keys; --train-window picks the last N steps."""
+    root = tmp_path / "study" / "debian_docs"
+    _run(root / "bf16", "seed_1", "bf16", 1, {4: 3.0})
+    _run(root / "nvfp4_last_bf16", "seed_1", "nvfp4", 1, {4: 3.2}, last_blocks=1,
+         extra_rows=[{"kind": "train", "step": 4, "loss": 4.8, "tokens": 64, "step_time_s": 0.5}])
+    _run(root / "nvfp4", "seed_1", "nvfp4", 1, {4: 3.3})
+    out = tmp_path / "rep"
+    assert compare_runs.main([str(tmp_path / "study"), "--baseline", "bf16", "--arm-from-dir",
+                              "--train-window", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    arms = {a["arm"]: a for a in data["arms"]}
+    assert set(arms) == {"bf16", "nvfp4", "nvfp4_last_bf16"}
+    # steps 3-4: (4.7 - 4.7 + 4.8 - 4.6) / 2 = 0.1; nvfp4 trains like bf16 here: 0
+    assert arms["nvfp4_last_bf16"]["paired_train_gap_nats"] == pytest.approx(0.1)
+    assert arms["nvfp4_last_bf16"]["runs"][0]["paired_train_steps"] == [3, 4]
+    assert arms["nvfp4"]["paired_train_gap_nats"] == pytest.approx(0.0)
+    assert arms["nvfp4_last_bf16"]["paired_gap_nats"] == pytest.approx(0.2)
+    md = (out / "compare.md").read_text()
+    assert "paired train gap (last 2 common steps" in md and "| +0.1000 (3–4) |" in md
+    assert compare_runs.dir_arm_name(str(tmp_path / "sweep" / "job3")) == "job3"
+    with pytest.raises(SystemExit, match="--train-window 0"):
+        compare_runs.main([str(tmp_path / "study"), "--train-window", "0", "--out", str(out)])
