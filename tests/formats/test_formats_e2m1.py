@@ -160,3 +160,20 @@ def test_sr_mean_is_unbiased_within_five_standard_errors():
     # and it really is better than RNE on average (RNE is biased per element)
     rne = decode_e2m1(encode_e2m1_rne(y)).double().numpy()
     assert err.mean() < np.abs(rne - y.double().numpy()).mean() / 5
+
+
+def test_bucketize_count_equals_the_compare_count():
+    """encode_e2m1_rne counts thresholds with bucketize on CUDA and with compares on the CPU;
+    both formulas run here on the CPU over every 2^16-th FP32 bit pattern (both signs, every
+    exponent, Inf, NaN) and the thresholds with their FP32 neighbours."""
+    from nvfp4_megatron.formats.e2m1 import (_RNE_ABOVE, _RNE_AT_OR_ABOVE,
+                                             _rne_magnitude_bucketize, _rne_magnitude_compare)
+
+    bits = torch.arange(0, 1 << 32, 1 << 16, dtype=torch.int64)
+    patterns = (bits - (1 << 31)).to(torch.int32).view(torch.float32)
+    t = torch.tensor(_RNE_ABOVE + _RNE_AT_OR_ABOVE + (0.0, 6.0, 7.0))
+    edges = torch.cat([t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)])
+    a = torch.cat([patterns, edges]).abs()
+    a = a[~torch.isnan(a)]  # NaN's count is overwritten by the caller (code 7)
+    assert len(a) > 60_000
+    assert torch.equal(_rne_magnitude_bucketize(a), _rne_magnitude_compare(a))

@@ -68,3 +68,15 @@ def test_msfp4_layer_strict_mode_deterministic_and_close_to_cpu(strict, name):
     c = _run(lin, x, w, dy)
     for tg, tc in zip(a, c):
         torch.testing.assert_close(tg.cpu().float(), tc.float(), rtol=2e-2, atol=1e-2 * tc.float().abs().max().item())
+
+
+def test_e2m1_encode_on_cuda_equals_the_cpu_encode():
+    """The CUDA encoder counts thresholds with bucketize, the CPU one with compares: same codes
+    for every 2^12-th FP32 bit pattern (both signs, Inf, NaN) and the thresholds' neighbours."""
+    from nvfp4_megatron.formats import encode_e2m1_rne
+
+    bits = torch.arange(0, 1 << 32, 1 << 12, dtype=torch.int64)
+    x = (bits - (1 << 31)).to(torch.int32).view(torch.float32)
+    t = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x = torch.cat([x, t, -t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)])
+    assert torch.equal(encode_e2m1_rne(x.cuda()).cpu(), encode_e2m1_rne(x))
