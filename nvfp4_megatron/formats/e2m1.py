@@ -46,7 +46,8 @@ def _table(device: torch.device, signed: bool) -> torch.Tensor:
     return torch.cat([grid, -grid]) if signed else grid
 
 
-def _grid(device: torch.device) -> torch.Tensor:
+def e2m1_grid(device: torch.device | str) -> torch.Tensor:
+    """The eight E2M1 magnitudes (FP32) on ``device``: one shared, read-only tensor per device."""
     return _table(torch.device(device), False)
 
 
@@ -139,7 +140,7 @@ def encode_e2m1_sr(
     a = torch.clamp(x_fp32.abs(), max=F4_E2M1_MAX)  # NaN stays NaN here, handled below
     lo_code = _floor_code(a)
     hi_code = torch.clamp(lo_code + 1, max=_MAX_CODE)
-    grid = _grid(x_fp32.device)
+    grid = e2m1_grid(x_fp32.device)
     lo = grid[lo_code.long()]
     hi = grid[hi_code.long()]
     width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))

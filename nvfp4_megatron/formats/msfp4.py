@@ -28,7 +28,7 @@ import torch
 
 from nvfp4_megatron.formats.inputs import check_float_input
 from nvfp4_megatron.formats.constants import E2M1_GRID, F4_E2M1_MAX
-from nvfp4_megatron.formats.e2m1 import _grid, decode_e2m1, encode_e2m1_rne
+from nvfp4_megatron.formats.e2m1 import decode_e2m1, e2m1_grid, encode_e2m1_rne
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,7 +103,7 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
     """
     x_fp32 = x_scaled.float()
     a = x_fp32.abs()
-    grid = _grid(x_fp32.device)  # made once per device: no host-to-device copy per call
+    grid = e2m1_grid(x_fp32.device)  # made once per device: no host-to-device copy per call
     idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
     lo, hi = grid[idx], grid[idx + 1]
     if k <= 0 or cap <= 0:
