@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
