@@ -101,13 +101,13 @@ def dge_derivative_e2m1(x_scaled: torch.Tensor, *, k: float = 5.0, cap: float = 
     the saturation point (|x| > 6) the derivative is 0: clamping passes no gradient; |x| = 6 is
     the upper end of the last interval [4, 6], so it gets f'(δ) = 1/k like every grid point.
     """
+    if k <= 0 or cap <= 0:
+        raise ValueError(f"dge_derivative_e2m1: k={k} and cap={cap} must be > 0 (the paper: 5, 3.0)")
     x_fp32 = x_scaled.float()
     a = x_fp32.abs()
     grid = e2m1_grid(x_fp32.device)  # made once per device: no host-to-device copy per call
     idx = torch.clamp(torch.bucketize(a, grid, right=True) - 1, 0, len(E2M1_GRID) - 2)
     lo, hi = grid[idx], grid[idx + 1]
-    if k <= 0 or cap <= 0:
-        raise ValueError(f"dge_derivative_e2m1: k={k} and cap={cap} must be > 0 (the paper: 5, 3.0)")
     d = _dge_unchecked(a - lo, hi - lo, k=k, cap=cap)  # the E2M1 grid's widths: 0.5, 1, 2 > 0
     return torch.where(a > F4_E2M1_MAX, torch.zeros_like(d), d)
 

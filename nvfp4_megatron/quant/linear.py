@@ -219,8 +219,10 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     with a Triton kernel, the cast-transpose kernel writes both byte copies from one read
     (``fp8_t``), so the real FP8 GEMMs of Dgrad/Wgrad get them without a strided copy. Same bits
     either way (tests/kernels, tests/gpu).
-    ``occ``: ``(unclamped X, residual, compensate)`` when ``x2d`` is an OCC-clamped input, for the
-    telemetry (which then compares the unclamped X with what the Fprop GEMM effectively uses).
+    ``occ``: ``(unclamped X, residual, compensate)`` when ``x2d`` is an OCC-clamped input: the copy
+    is finite only if the unclamped X is (a clamp can turn an Inf into a finite value, and OCC
+    clamps without a check, which would read the GPU back), and the telemetry compares the
+    unclamped X with what the Fprop GEMM effectively uses.
     """
     if not tq.is_quantized:
         raise ValueError(f"quantize_operand: {role or 'operand'} is bf16; nothing to quantize")
@@ -234,6 +236,8 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     # transform of finite values is finite, so the check is unchanged.
     amax = dispatch.amax(x2d, rht=(fmt == "nvfp4" and tq.rht))
     finite = torch.isfinite(amax)
+    if occ is not None:
+        finite = finite & torch.isfinite(occ[0]).all()
     if amax_group is not None and fmt in GLOBAL_SCALE_FORMATS:
         amax = _reduce_amax(amax, amax_group)
     if fmt == "nvfp4":
@@ -421,12 +425,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
                             and _fp8_transpose_reuse(recipe.fprop.input, recipe.wgrad.input))
         w_t_needed = any(ctx.needs_input_grad) and _same_weight_copy(recipe)
         if recipe.fprop.input.is_quantized:
-            x_fprop, residual, occ_info, x_finite = x2d, None, None, None
+            x_fprop, residual, occ_info = x2d, None, None
             if ms is not None and ms.occ:
                 # No host read-back here (each one waits for the GPU queue): a non-finite X gives
-                # meaningless quantiles, and clamping can turn an Inf into a finite value, so
-                # X's own finiteness is ANDed into the copy's flag below (output all NaN).
-                x_finite = torch.isfinite(x2d).all()
+                # meaningless quantiles; quantize_operand makes the copy non-finite (output NaN)
                 x_fprop, residual = outlier_clamp_unchecked(x2d.float(), ms.occ_quantile)
                 occ_info = (x2d, residual, ms.occ_compensate)
                 if not ms.occ_compensate:
@@ -434,8 +436,6 @@ class QuantizedLinearFunction(torch.autograd.Function):
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
                                   amax_group=group, occ=occ_info,
                                   transposed_copy=x_col_is_fprop_t and residual is None)
-            if x_finite is not None:
-                xq = dataclasses.replace(xq, finite=xq.finite & x_finite)
             w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
                                        role="fprop.weight", amax_group=group,
                                        transposed_copy=w_t_needed)
