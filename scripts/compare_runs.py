@@ -31,14 +31,16 @@ Paired train gap: every arm of one seed trains on the same batch at each step, s
 loss minus its same-seed baseline run's, averaged over the last ``--train-window`` steps both
 reached (default 100), compares arms on window x tokens-per-step token positions rather than on
 one validation draw: the steadier measure when validation uses few tokens. It is a training-set
-loss (on repeated data it also measures memorisation). Per run and per arm (mean [min, max]).
+loss (on repeated data it also measures memorisation). Per run and per arm (mean [min, max]); and
+per run over consecutive windows of that many steps, counted back from the last common step (a
+table), which shows whether a recipe's gap opens, closes or changes sign during training.
 
 Study layout: a directory that is neither a run nor a sweep is searched for run directories at
 any depth (``scripts/study.py --root``: ``CORPUS/ARM/seed_N``); ``--arm-from-dir`` names each run's
 arm by its directory (the one above ``seed_N`` in that layout) instead of by its config.
 
 Writes ``DIR/compare.png`` (train loss, EMA-smoothed; validation loss; validation loss over the
-last half of the tokens), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
+last half of the tokens; with a baseline, each run's paired train gap step by step, EMA-smoothed), ``DIR/compare.md`` and ``DIR/compare.json``; prints the Markdown.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def read_run(run: Path) -> dict:
     final_valid = valid[-1] if valid and valid[-1]["step"] == last_step else None
     finished = bool(result) and result.get("stopped_by_signal") is None and final_valid is not None
     return {
-        "run_dir": str(run), "config": cfg, "seed": cfg.get(SEED_KEY),
+        "run_dir": str(run), "config": cfg, "seed": cfg.get(SEED_KEY), "tokens_per_step": tokens_per_step,
         "train": [(r["step"] * tokens_per_step, r["loss"]) for r in train],
         "train_by_step": {r["step"]: r["loss"] for r in train},
         "valid": [(r["step"] * tokens_per_step, r["loss"]) for r in valid],
@@ -157,6 +159,19 @@ def paired_train_gap(run: dict, base_run: dict, window: int) -> tuple[float, int
         return None
     gap = statistics.fmean(run["train_by_step"][s] - base_run["train_by_step"][s] for s in common)
     return gap, common[0], common[-1]
+
+
+def paired_train_windows(run: dict, base_run: dict, window: int) -> list[tuple[int, int, float]]:
+    """(first step, last step, mean run - baseline train loss) over consecutive windows of
+    ``window`` common steps, counted back from the last common step (so the last window is the one
+    :func:`paired_train_gap` reports; the first may be shorter)."""
+    common = sorted(set(run["train_by_step"]) & set(base_run["train_by_step"]))
+    out = []
+    for end in range(len(common), 0, -window):
+        chunk = common[max(0, end - window):end]
+        gap = statistics.fmean(run["train_by_step"][s] - base_run["train_by_step"][s] for s in chunk)
+        out.append((chunk[0], chunk[-1], gap))
+    return out[::-1]
 
 
 def summarise(runs: list[dict], names: list[str], baseline: str | None,
@@ -204,6 +219,8 @@ def summarise(runs: list[dict], names: list[str], baseline: str | None,
                   if a is not base and r["seed"] in base_runs else None)
             r["paired_train_gap"] = pt[0] if pt else None
             r["paired_train_steps"] = [pt[1], pt[2]] if pt else None
+            r["paired_train_windows"] = (paired_train_windows(r, base_runs[r["seed"]], train_window)
+                                         if pt else [])
         gaps = [r["paired_train_gap"] for r in a["runs"] if r["paired_train_gap"] is not None]
         a["paired_train_gaps"] = gaps
         a["paired_train_gap_nats"] = statistics.fmean(gaps) if gaps else None
@@ -258,6 +275,24 @@ def paired_table(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def paired_train_table(summary: dict, window: int) -> list[str]:
+    """Each run's paired train gap per window of ``window`` steps (columns: the window's last step):
+    how a recipe's gap opens or closes over training, not only where it ends."""
+    runs = [(a, r) for a in summary["arms"] for r in a["runs"] if r["paired_train_windows"]]
+    if not runs:
+        return []
+    ends = sorted({w[1] for _, r in runs for w in r["paired_train_windows"]})
+    lines = [f"Paired train gap by window of {window} steps (run minus the {summary['baseline']} "
+             "run of the same seed, mean over the window ending at the column's step):", "",
+             "| arm | seed | " + " | ".join(str(e) for e in ends) + " |",
+             "|---|---|" + "---|" * len(ends)]
+    for a, r in runs:
+        by_end = {w[1]: w[2] for w in r["paired_train_windows"]}
+        cells = [f"{by_end[e]:+.4f}" if e in by_end else "" for e in ends]
+        lines.append(f"| {a['arm']} | {r['seed']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
@@ -295,7 +330,8 @@ def markdown(summary: dict, every: int = 10, train_window: int = 100) -> str:
             lines.append(f"| {r['run_dir']} | {a['arm']} | {r['seed']} | {r['steps']} | "
                          f"{r['tokens']:,} | {_f(r['final_valid_loss'], '.4f')} | {pt} | "
                          f"{r['train_time_s']:.1f} | {'yes' if r['finished'] else 'no'} |")
-    lines += [""] + paired_table(summary) + step_table(summary, every)
+    lines += [""] + paired_table(summary) + paired_train_table(summary, train_window)
+    lines += step_table(summary, every)
     return "\n".join(lines) + "\n"
 
 
@@ -315,18 +351,27 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    fig, axes = plt.subplots(1, 4, figsize=(24, 5.2))
+    base = next((a for a in summary["arms"] if a["arm"] == summary["baseline"]), None)
+    base_train = {r["seed"]: r["train_by_step"] for r in base["runs"]} if base else {}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")  # past the colour cycle (10 arms), the line style tells arms apart
     for i, a in enumerate(summary["arms"]):
-        c = colors[i % len(colors)]
+        c, ls = colors[i % len(colors)], styles[(i // len(colors)) % len(styles)]
         for j, r in enumerate(a["runs"]):
             lab = a["arm"] if j == 0 else None
             tr = _ema(r["train"])
             if tr:
-                axes[0].plot([x for x, _ in tr], [y for _, y in tr], color=c, lw=1, label=lab)
+                axes[0].plot([x for x, _ in tr], [y for _, y in tr], color=c, ls=ls, lw=1, label=lab)
+            b = base_train.get(r["seed"]) if a is not base else None
+            if b:  # the paired train gap, step by step (tokens of the run's own steps)
+                gap = [(s * r["tokens_per_step"], r["train_by_step"][s] - b[s])
+                       for s in sorted(set(r["train_by_step"]) & set(b))]
+                gap = _ema(gap, alpha=0.02)
+                axes[3].plot([x for x, _ in gap], [y for _, y in gap], color=c, ls=ls, lw=1, label=lab)
             va = r["valid"]
-            for ax in axes[1:]:
-                ax.plot([x for x, _ in va], [y for _, y in va], color=c, lw=1.2, marker=".",
+            for ax in axes[1:3]:
+                ax.plot([x for x, _ in va], [y for _, y in va], color=c, ls=ls, lw=1.2, marker=".",
                         label=lab)
     max_tok = max((r["tokens"] for a in summary["arms"] for r in a["runs"]), default=0)
     tail = [y for a in summary["arms"] for r in a["runs"] for x, y in r["valid"] if x >= max_tok / 2]
@@ -335,12 +380,14 @@ def plot(summary: dict, path: Path) -> None:
         pad = 0.05 * (hi - lo or 1e-3)
         axes[2].set_xlim(max_tok / 2, max_tok * 1.01)
         axes[2].set_ylim(lo - pad, hi + pad)
-    titles = ("train loss (EMA 0.05)", "validation loss", "validation loss, last half of the tokens")
+    titles = ("train loss (EMA 0.05)", "validation loss", "validation loss, last half of the tokens",
+              f"train loss minus the same-seed {summary['baseline']} run (EMA 0.02)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("tokens")
         ax.set_ylabel("nats / token")
         ax.grid(alpha=0.3)
+    axes[3].axhline(0.0, color="k", lw=0.8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

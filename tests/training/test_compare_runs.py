@@ -113,3 +113,28 @@ def test_study_layout_arm_from_dir_and_train_window(tmp_path):
     assert compare_runs.dir_arm_name(str(tmp_path / "sweep" / "job3")) == "job3"
     with pytest.raises(SystemExit, match="--train-window 0"):
         compare_runs.main([str(tmp_path / "study"), "--train-window", "0", "--out", str(out)])
+
+
+def test_paired_train_gap_by_window_counts_back_from_the_last_step(tmp_path):
+    """The windowed paired train gap: windows of N common steps counted back from the last one (the
+    last window equals the reported paired train gap; the first may be shorter), one table row per
+    run, and none for the baseline."""
+    root = tmp_path / "study" / "dd"
+    _run(root / "bf16", "seed_1", "bf16", 1, {4: 3.0})
+    # step 1: 5.9 vs bf16 4.9 (+1.0); step 4: 4.9 vs 4.6 (+0.3); steps 2-3 equal
+    _run(root / "msfp4", "seed_1", "msfp4", 1, {4: 3.1}, extra_rows=[
+        {"kind": "train", "step": 1, "loss": 5.9, "tokens": 16, "step_time_s": 0.5},
+        {"kind": "train", "step": 4, "loss": 4.9, "tokens": 64, "step_time_s": 0.5}])
+    out = tmp_path / "rep"
+    assert compare_runs.main([str(tmp_path / "study"), "--baseline", "bf16", "--arm-from-dir",
+                              "--train-window", "3", "--out", str(out)]) == 0
+    arms = {a["arm"]: a for a in json.loads((out / "compare.json").read_text())["arms"]}
+    run = arms["msfp4"]["runs"][0]
+    assert [w[:2] for w in run["paired_train_windows"]] == [[1, 1], [2, 4]]
+    assert [w[2] for w in run["paired_train_windows"]] == pytest.approx([1.0, 0.1])
+    assert run["paired_train_gap"] == pytest.approx(0.1)
+    assert arms["bf16"]["runs"][0]["paired_train_windows"] == []
+    md = (out / "compare.md").read_text()
+    table = md.split("Paired train gap by window of 3 steps")[1].split("\n\n")[1]
+    assert table.splitlines() == ["| arm | seed | 1 | 4 |", "|---|---|---|---|",
+                                  "| msfp4 | 1 | +1.0000 | +0.1000 |"]
