@@ -23,7 +23,11 @@ memory saved by keeping the Wgrad copy of X quantized (``quantized``) versus in 
 ``RECIPE:bf16`` in ``--recipes`` runs one recipe that way. ``--profile RECIPES`` adds one profiled
 step (kernel and host-call tables). ``--fp8-transpose copy`` makes the transposed FP8 copies by a
 strided copy before the GEMM instead of the cast-transpose kernel (same bytes), to measure the
-kernel; ``RECIPE@copy`` in ``--recipes`` runs one recipe that way.
+kernel; ``RECIPE@copy`` in ``--recipes`` runs one recipe that way. ``--microbatches N`` runs N
+micro-batches per step (the same batch N times; the global batch is N x ``--micro-batch``), inside
+the training loop's ``reuse_weight_copies`` scope (each weight quantized once per step);
+``--weight-copies fresh``, or ``RECIPE#fresh`` in ``--recipes``, quantizes the weights in every
+micro-batch instead (same numbers), to measure the reuse.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def compose(args, recipe_name: str) -> dict:
 
     overrides = [f"+recipe={args.recipe_yaml}", f"precision.recipe={recipe_name}",
                  f"model.seq_length={args.seq}", f"train.micro_batch_size={args.micro_batch}",
-                 f"train.global_batch_size={args.micro_batch}", "train.train_iters=100",
+                 f"train.global_batch_size={args.micro_batch * args.microbatches}",
+                 "train.train_iters=100",
                  "train.train_tokens=null", *args.set]
     return to_plain(compose_config(overrides))
 
@@ -57,7 +62,11 @@ def run_recipe(spec: str, args, log) -> dict:
     from nvfp4_megatron.training.model import build_training_stack
     from nvfp4_megatron.training.throughput import StepMeter
 
-    spec_, _, transpose = spec.partition("@")
+    spec_w, _, copies = spec.partition("#")
+    copies = copies or args.weight_copies
+    if copies not in ("reuse", "fresh"):
+        raise ValueError(f"{spec}: the part after '#' must be 'reuse' or 'fresh'")
+    spec_, _, transpose = spec_w.partition("@")
     recipe_name, _, saved = spec_.partition(":")
     saved = saved or args.saved_input
     transpose = transpose or args.fp8_transpose
@@ -72,6 +81,7 @@ def run_recipe(spec: str, args, log) -> dict:
     ddp, opt, table = stack.ddp, stack.optimizer, stack.table
     meter = StepMeter.for_run(cfg, world_size=1)
     mb, seq, vocab = args.micro_batch, args.seq, cfg["model"]["vocab_size"]
+    nmb = args.microbatches
     gen = torch.Generator(device="cuda").manual_seed(0)
     # token ids uniform over the vocabulary, or over [0, --token-ids) (the byte tokenizer of
     # pretrain.py's default corpus uses 256 ids: repeated ids change the embedding backward's cost)
@@ -86,8 +96,10 @@ def run_recipe(spec: str, args, log) -> dict:
         qstate.set_step(i)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        res = fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp],
-                 num_microbatches=1, seq_length=seq, micro_batch_size=mb, forward_only=False)
+        with qlinear.reuse_weight_copies(enabled=copies == "reuse"):  # as the training loop
+            res = fb(forward_step_func=forward_step, data_iterator=iter([batch] * nmb),
+                     model=[ddp], num_microbatches=nmb, seq_length=seq, micro_batch_size=mb,
+                     forward_only=False)
         opt.step()
         return res[0]["lm loss"]
 
@@ -107,10 +119,11 @@ def run_recipe(spec: str, args, log) -> dict:
             times.append(dt)
     peak = torch.cuda.max_memory_allocated()
     med = statistics.median(times)
-    ntok = mb * seq
+    ntok = mb * seq * nmb
     fl = meter.flops_per_step
     res = {
-        "recipe": recipe_name, "saved_input": saved, "fp8_transpose": transpose, "micro_batch": mb, "seq": seq,
+        "recipe": recipe_name, "saved_input": saved, "fp8_transpose": transpose,
+        "weight_copies": copies, "micro_batch": mb, "microbatches": nmb, "seq": seq,
         "quantized_blocks": list(table.quantized_blocks()), "bf16_blocks": list(table.bf16_blocks),
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
         "step_ms_all": [t * 1e3 for t in times], "tokens_per_s": ntok / med,
@@ -177,10 +190,14 @@ def main() -> int:
                     help="draw the batch's token ids from [0, N) (default: the whole vocabulary)")
     ap.add_argument("--saved-input", default="quantized", choices=("quantized", "bf16"))
     ap.add_argument("--fp8-transpose", default="kernel", choices=("kernel", "copy"))
+    ap.add_argument("--microbatches", type=int, default=1, help="micro-batches per step")
+    ap.add_argument("--weight-copies", default="reuse", choices=("reuse", "fresh"))
     ap.add_argument("--profile", default="", help="comma-separated --recipes entries to profile one step of")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.profile = [p for p in args.profile.split(",") if p]
+    if args.microbatches < 1:
+        ap.error(f"--microbatches {args.microbatches}: expected a positive number")
     if not torch.cuda.is_available():
         print("bench_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -228,7 +245,8 @@ def main() -> int:
                 continue
             step_x = r["step_ms_median"] / base["step_ms_median"]
             mem_x = r["peak_mem_gib"] / base["peak_mem_gib"]
-            log(f"{r['recipe']:>18s} saved={r['saved_input']:9s} fp8T={r['fp8_transpose']:6s} step x{step_x:.3f} of bf16, "
+            log(f"{r['recipe']:>18s} saved={r['saved_input']:9s} fp8T={r['fp8_transpose']:6s} "
+                f"W={r['weight_copies']:5s} step x{step_x:.3f} of bf16, "
                 f"peak mem x{mem_x:.3f}")
     torch.distributed.destroy_process_group()
     return 0

@@ -89,6 +89,7 @@ layer key, role, rank, call index), so a resumed run reproduces them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -346,6 +347,66 @@ def set_saved_input_mode(mode: str) -> str:
     return prev
 
 
+class WeightCopies:
+    """The quantized weight copies made inside one :func:`reuse_weight_copies` scope.
+
+    ``made``: copies quantized; ``reused``: quantizer calls answered from a copy already made.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple, tuple[torch.Tensor, QuantizedOperand]] = {}
+        self.made = 0
+        self.reused = 0
+
+    def get(self, weight: torch.Tensor, tq: TensorQuant, key: str, role: str, variant: tuple,
+            make: Callable[[], QuantizedOperand]) -> QuantizedOperand:
+        k = (id(weight), weight.data_ptr(), tuple(weight.shape), weight.dtype, key, role, tq,
+             variant)
+        hit = self._copies.get(k)
+        if hit is not None:
+            self.reused += 1
+            _notify(key, role, tq)  # the observers see every use of a copy, as without the scope
+            qtelemetry.record_alias(key, role, role)  # the same numbers as the first use
+            return hit[1]
+        op = make()
+        self._copies[k] = (weight, op)  # the weight held too: its id is not reused in the scope
+        self.made += 1
+        return op
+
+
+_weight_copies: WeightCopies | None = None
+
+
+@contextlib.contextmanager
+def reuse_weight_copies(enabled: bool = True):
+    """Inside, each weight is quantized once per (layer, role, settings) and the copy is reused by
+    every later micro-batch (issue 16; Transformer Engine's ``is_first_microbatch`` cache).
+
+    The caller promises that no weight changes inside the scope: the training loop wraps one
+    step's forward/backward schedule (the optimizer steps after it) and an evaluation. Weights
+    are quantized with round-to-nearest (stochastic rounding is for gradients only; a copy with
+    SR would never be reused), so a reused copy has the bits a new quantization would give: the
+    numbers are those without the scope (tests/quant/test_linear.py). The copies are dropped on
+    exit. ``enabled=False`` runs the scope without reuse (to measure it:
+    ``scripts/bench_step.py --weight-copies fresh``). Yields the :class:`WeightCopies` (or None).
+    """
+    global _weight_copies
+    if _weight_copies is not None:
+        raise RuntimeError("reuse_weight_copies: already inside a scope (scopes do not nest)")
+    _weight_copies = WeightCopies() if enabled else None
+    try:
+        yield _weight_copies
+    finally:
+        _weight_copies = None
+
+
+def _weight_operand(weight: torch.Tensor, tq: TensorQuant, *, key: str, role: str,
+                    variant: tuple, make: Callable[[], QuantizedOperand]) -> QuantizedOperand:
+    if _weight_copies is None or tq.stochastic_rounding:
+        return make()
+    return _weight_copies.get(weight, tq, key, role, variant, make)
+
+
 def _same_weight_copy(recipe: LinearRecipe) -> bool:
     """Dgrad may reuse the transposed Fprop weight copy: same settings and a square 2D tile, or
     per-tensor FP8 (elementwise with one scale from the same amax), or ``e2m1_vector`` (whose
@@ -436,9 +497,11 @@ class QuantizedLinearFunction(torch.autograd.Function):
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
                                   amax_group=group, occ=occ_info,
                                   transposed_copy=x_col_is_fprop_t and residual is None)
-            w_fprop = quantize_operand(weight, recipe.fprop.weight, layer_key=key,
-                                       role="fprop.weight", amax_group=group,
-                                       transposed_copy=w_t_needed)
+            w_fprop = _weight_operand(
+                weight, recipe.fprop.weight, key=key, role="fprop.weight", variant=(w_t_needed,),
+                make=lambda: quantize_operand(weight, recipe.fprop.weight, layer_key=key,
+                                              role="fprop.weight", amax_group=group,
+                                              transposed_copy=w_t_needed))
             out = quantized_gemm(xq, w_fprop,
                                  out_dtype=torch.float32 if residual is not None else input.dtype)
             if residual is not None:  # OCC compensation, high precision (sparse in the paper)
@@ -504,11 +567,17 @@ class QuantizedLinearFunction(torch.autograd.Function):
             if wq is not None:
                 qtelemetry.record_alias(key, "fprop.weight", "dgrad.weight")
             elif recipe.dgrad.weight.format == "e2m1_vector":  # Fprop in BF16: its copy, made now
-                wq = _fprop_copy_t(weight, recipe.dgrad.weight, layer_key=key,
-                                   role="dgrad.weight", amax_group=group)
+                wq = _weight_operand(
+                    weight, recipe.dgrad.weight, key=key, role="dgrad.weight",
+                    variant=("fprop_copy_t",),
+                    make=lambda: _fprop_copy_t(weight, recipe.dgrad.weight, layer_key=key,
+                                               role="dgrad.weight", amax_group=group))
             else:
-                wq = quantize_operand(weight.t(), recipe.dgrad.weight, layer_key=key,
-                                      role="dgrad.weight", amax_group=group)
+                wq = _weight_operand(
+                    weight, recipe.dgrad.weight, key=key, role="dgrad.weight",
+                    variant=("transposed",),
+                    make=lambda: quantize_operand(weight.t(), recipe.dgrad.weight, layer_key=key,
+                                                  role="dgrad.weight", amax_group=group))
             grad_input = quantized_gemm(dyq, wq, out_dtype=grad_output.dtype)
             grad_input = grad_input.reshape(ctx.total_shape)
         else:

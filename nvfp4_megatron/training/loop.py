@@ -2,7 +2,9 @@
 
 One step: ``quant.state.set_step`` (and the BF16 switch when the precision schedule says so, paper
 arXiv 2509.25149 App. D) -> this DP rank's micro-batches of the global batch -> Megatron's
-``get_forward_backward_func()`` schedule (pipeline parallelism included) -> the loss reduction over
+``get_forward_backward_func()`` schedule (pipeline parallelism included; inside
+``quant.linear.reuse_weight_copies``, so each weight is quantized once per step, not once per
+micro-batch) -> the loss reduction over
 the data-parallel replicas starts (asynchronously) -> the distributed optimizer steps (gradient
 clipping inside) -> the loss is read and checked (NaN/Inf stops the run before anything is saved,
 names the step and leaves the last checkpoint as it was) -> the LR scheduler steps. On GPUs a step
@@ -29,6 +31,7 @@ from omegaconf import OmegaConf
 from nvfp4_megatron.parallel.planner import run_layout
 from nvfp4_megatron.runtime.distributed import (configure_determinism, init_distributed,
                                                   initialize_model_parallel)
+from nvfp4_megatron.quant import linear as qlinear
 from nvfp4_megatron.quant import state as qstate
 from nvfp4_megatron.quant.recipe import switch_scope
 from nvfp4_megatron.quant.registry import recipe_from_config
@@ -394,9 +397,10 @@ def run(cfg) -> RunResult:
             mbs = data_lib.step_microbatches(valid_ds, step=e, global_batch_size=t["global_batch_size"],
                                              micro_batch_size=t["micro_batch_size"],
                                              dp_rank=dp_rank, dp_size=dp)
-            out = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                     num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
-                     forward_only=True)
+            with qlinear.reuse_weight_copies():  # weights fixed: each quantized once
+                out = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                         num_microbatches=nmb, seq_length=seq,
+                         micro_batch_size=t["micro_batch_size"], forward_only=True)
             losses_all.append(_StepReduce(out, info.device).result()[0])
         ddp.train()
         return sum(losses_all) / len(losses_all)
@@ -422,9 +426,12 @@ def run(cfg) -> RunResult:
                                          global_batch_size=t["global_batch_size"],
                                          micro_batch_size=t["micro_batch_size"],
                                          dp_rank=dp_rank, dp_size=dp)
-        losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                    num_microbatches=nmb, seq_length=seq, micro_batch_size=t["micro_batch_size"],
-                    forward_only=False)
+        # the weights change only in optimizer.step(): every micro-batch of the step uses the
+        # quantized weight copies the first one made (same bits; quant/linear.py)
+        with qlinear.reuse_weight_copies():
+            losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                        num_microbatches=nmb, seq_length=seq,
+                        micro_batch_size=t["micro_batch_size"], forward_only=False)
         reduce = _StepReduce(losses, info.device, signals.code())
         ok, grad_norm, _ = optimizer.step()
         loss, stopped = reduce.result()

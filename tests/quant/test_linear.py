@@ -330,3 +330,70 @@ def test_fp8_operand_with_both_orientations_transposes_by_swapping():
     assert not t.transposed and t.q.data is data_t and t.q.shape == (80, 48)
     assert t.fp8_t.data_ptr() == q.data.data_ptr()
     assert t.one_orientation().fp8_t is None and plain.one_orientation() is plain
+
+
+def _microbatches(linear, w, scope: bool, n: int = 3):
+    """``n`` micro-batches (different X, dY) through one weight, gradients accumulated, inside a
+    :func:`qlinear.reuse_weight_copies` scope or not; the SR state starts the same either way."""
+    qstate.reset_state()
+    qstate.set_step(0)
+    wi = w.clone().requires_grad_(True)
+    ys, dxs, calls = [], [], []
+    remove = qlinear.add_quantize_observer(lambda k, r, tq: calls.append(r))
+    try:
+        with qlinear.reuse_weight_copies(enabled=scope) as copies:
+            for m in range(n):
+                x, _, dy = _inputs(seed=10 + m)
+                xi = x.clone().requires_grad_(True)
+                y = quantized_linear(xi, wi, None, LinearCall(recipe=linear, layer_key="L"))
+                y.backward(dy)
+                ys.append(y.detach())
+                dxs.append(xi.grad)
+                if m == 0 and copies is not None:
+                    first = copies.made
+    finally:
+        remove()
+    stats = (first, copies.made, copies.reused) if copies is not None else None
+    return ys, dxs, wi.grad, calls, stats
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if get_recipe(n).is_quantized])
+def test_weight_copies_reused_across_microbatches_give_the_same_bits(name):
+    """Issue 16: inside ``reuse_weight_copies`` each weight is quantized once and its copies are
+    reused by the later micro-batches. Y, dX and the accumulated dW are bit-identical to
+    quantizing in every micro-batch, the observers see the same calls, and the copies made by
+    the first micro-batch are all that is made."""
+    linear = get_recipe(name).linear
+    _, w, _ = _inputs()
+    ys0, dxs0, dw0, calls0, _ = _microbatches(linear, w, scope=False)
+    ys1, dxs1, dw1, calls1, (first, made, reused) = _microbatches(linear, w, scope=True)
+    for a, b in zip(ys0 + dxs0 + [dw0], ys1 + dxs1 + [dw1]):
+        assert torch.equal(a, b)
+    assert calls1 == calls0
+    weight_roles = [r for r in calls0[:len(calls0) // 3] if r.endswith(".weight")]
+    quantized_weight = linear.fprop.weight.is_quantized or linear.dgrad.weight.is_quantized
+    assert first >= 1 if quantized_weight else first == 0
+    assert made == first and reused == 2 * first
+    assert first <= len(weight_roles)
+
+
+def test_weight_copies_scope_is_explicit_and_does_not_nest():
+    """Outside a scope nothing is kept (a changed weight is quantized anew); scopes do not nest;
+    ``enabled=False`` yields no cache; the copies are dropped on exit."""
+    linear = get_recipe("nvfp4").linear
+    x, w, _ = _inputs()
+    y1 = quantized_linear(x, w, None, LinearCall(recipe=linear, layer_key="L"))
+    w.mul_(2)  # in place: same tensor object, same storage
+    y2 = quantized_linear(x, w, None, LinearCall(recipe=linear, layer_key="L"))
+    assert not torch.equal(y1, y2)
+    with qlinear.reuse_weight_copies() as copies:
+        quantized_linear(x, w, None, LinearCall(recipe=linear, layer_key="L"))
+        assert copies.made == 1
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with qlinear.reuse_weight_copies():
+                pass
+    with qlinear.reuse_weight_copies() as fresh:
+        quantized_linear(x, w, None, LinearCall(recipe=linear, layer_key="L"))
+        assert fresh.made == 1 and fresh.reused == 0  # the previous scope's copy is gone
+    with qlinear.reuse_weight_copies(enabled=False) as none:
+        assert none is None
