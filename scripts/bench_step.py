@@ -54,6 +54,7 @@ def compose(args, recipe_name: str) -> dict:
 
 
 def run_recipe(spec: str, args, log) -> dict:
+    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import linear as qlinear
@@ -77,6 +78,10 @@ def run_recipe(spec: str, args, log) -> dict:
     qstate.reset_state()
     torch.manual_seed(1234)
     cfg = compose(args, recipe_name)
+    # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
+    # initialises them; without reseeding, each recipe after the first got other weights)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg["train"]["seed"])
+    qstate.set_run_seed(cfg["train"]["seed"])
     stack = build_training_stack(cfg, log=lambda msg: None)
     ddp, opt, table = stack.ddp, stack.optimizer, stack.table
     meter = StepMeter.for_run(cfg, world_size=1)

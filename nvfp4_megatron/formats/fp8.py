@@ -58,6 +58,10 @@ class FP8Quantized:
     amax: torch.Tensor
     fp8_dtype: torch.dtype
     shape: torch.Size
+    # What a GEMM multiplies its FP32 accumulator by: ``scale_inv``, or NaN when ``amax`` is not
+    # finite (every output NaN, the contract for non-finite input), 16-byte aligned for cuBLASLt.
+    # Written by the CUDA kernel in the same launch as the codes; None from this reference.
+    gemm_scale_inv: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.data.float() * self.scale_inv).to(dtype)

@@ -26,12 +26,14 @@ DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
 DEFAULT_T_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4}
 CAST_TRANSPOSE_DTYPES = (torch.bfloat16, torch.float16)  # FP32: see quantize_fp8_current_transposed
 _FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+_GEMM_SCALE, _SCALES_LEN = 4, 8  # the GEMM scale's slot (16-byte aligned) in the scales buffer
 
 
 @triton.jit
 def _cs_scale(amax_ptr, scales_ptr, first, MAXV: tl.constexpr, POW2: tl.constexpr):
     """The FP8-CS scale from the global amax in device memory; the ``first`` program stores
-    ``scale`` and ``scale_inv`` to ``scales_ptr[0:2]``."""
+    ``scale`` and ``scale_inv`` to ``scales_ptr[0:2]``, and to ``scales_ptr[4]`` (16 bytes in,
+    aligned for cuBLASLt) the GEMM scale: ``scale_inv``, or NaN when the amax is not finite."""
     amax = tl.load(amax_ptr)
     valid = (amax > 0.0) & (amax <= FP32_MAX)
     scale = tl.minimum(tl.div_rn(MAXV, tl.where(valid, amax, 1.0)), FP32_MAX)
@@ -40,8 +42,11 @@ def _cs_scale(amax_ptr, scales_ptr, first, MAXV: tl.constexpr, POW2: tl.constexp
         sbits = scale.to(tl.int32, bitcast=True)
         scale = pow2_fp32(((sbits >> 23) & 0xFF) - 127)  # scale >= 2^-126 here: floor(log2) from the exponent
     if first:
+        scale_inv = tl.div_rn(1.0, scale)
         tl.store(scales_ptr, scale)
-        tl.store(scales_ptr + 1, tl.div_rn(1.0, scale))
+        tl.store(scales_ptr + 1, scale_inv)
+        finite = amax <= FP32_MAX  # False for NaN and +Inf (amax >= 0)
+        tl.store(scales_ptr + 4, tl.where(finite, scale_inv, float("nan")))
     return scale
 
 
@@ -167,7 +172,8 @@ def _quantize(x, fp8_dtype, *, pow2_scale, amax, config, transpose):
     amax_fp32 = amax_2d(x2d) if amax is None else amax_tensor(amax, device=x.device)
     data = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
     data_t = torch.empty(cols, rows, dtype=torch.uint8, device=x.device) if transpose else None
-    scales = torch.ones(2, dtype=torch.float32, device=x.device)
+    # [scale, scale_inv, -, -, GEMM scale]: every used slot written by the kernel (no fill launch)
+    scales = torch.empty(_SCALES_LEN, dtype=torch.float32, device=x.device)
     mbits, emin = _FORMAT[fp8_dtype]
     consts = dict(MBITS=mbits, EMIN=emin, MAXV=FP8_MAX[fp8_dtype], POW2=bool(pow2_scale),
                   HW_CVT=x.is_cuda, num_warps=cfg["num_warps"])
@@ -186,6 +192,8 @@ def _quantize(x, fp8_dtype, *, pow2_scale, amax, config, transpose):
 
         scales[0] = fp8_scale_from_amax(amax_fp32, fp8_dtype, pow2_scale=pow2_scale)
         scales[1] = 1.0 / scales[0]
+        scales[_GEMM_SCALE] = torch.where(torch.isfinite(amax_fp32.reshape(())), scales[1],
+                                          float("nan"))
     q = FP8Quantized(
         data=data.view(fp8_dtype).reshape(x.shape),
         scale=scales[0],
@@ -193,5 +201,6 @@ def _quantize(x, fp8_dtype, *, pow2_scale, amax, config, transpose):
         amax=amax_fp32.reshape(()),
         fp8_dtype=fp8_dtype,
         shape=torch.Size(x.shape),
+        gemm_scale_inv=scales[_GEMM_SCALE],
     )
     return q, (data_t.view(fp8_dtype) if transpose else None)

@@ -141,6 +141,9 @@ class QuantizedOperand:
     # per-tensor FP8 on CUDA only: the contiguous bytes of the other orientation (``q.data``'s
     # transpose), written by the same cast-transpose kernel; ``t()`` then swaps the two copies
     fp8_t: torch.Tensor | None = None
+    # per-tensor FP8 from the CUDA kernel, amax neither reduced nor OCC-checked: the kernel's
+    # ``q.gemm_scale_inv`` is NaN exactly when ``finite`` is False (both from the same amax)
+    scale_guarded: bool = False
 
     def values(self) -> torch.Tensor:
         """FP32 exact block-scaled values (``q * s_b``), without the per-tensor decode scale."""
@@ -161,6 +164,14 @@ class QuantizedOperand:
         if self.tq.format == "fp8":
             return self.q.scale_inv
         return None
+
+    def gemm_scale(self) -> torch.Tensor:
+        """FP32 0-d ``scale_inv`` for a real FP8 GEMM, NaN unless ``finite`` (a NaN scale makes
+        every output NaN): the kernel's guarded scale when it is that, else one ``where``."""
+        if self.scale_guarded:
+            return self.q.gemm_scale_inv
+        nan = torch.full((), float("nan"), dtype=torch.float32, device=self.finite.device)
+        return torch.where(self.finite, self.q.scale_inv.float(), nan)
 
     def bf16_values(self, finite: torch.Tensor) -> torch.Tensor:
         """BF16 exact ``q * s_b`` (CUDA, one Triton pass), NaN everywhere unless ``finite``."""
@@ -274,7 +285,9 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
                                            occ_compensate=occ[2])
             desc += " OCC" + ("+comp" if occ[2] else "")
         qtelemetry.record(layer_key, role, sums, desc)
-    return QuantizedOperand(q=q, tq=tq, finite=finite, fp8_t=fp8_t)
+    guarded = (fmt == "fp8" and occ is None and amax_group is None
+               and getattr(q, "gemm_scale_inv", None) is not None)
+    return QuantizedOperand(q=q, tq=tq, finite=finite, fp8_t=fp8_t, scale_guarded=guarded)
 
 
 def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
@@ -288,14 +301,12 @@ def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
     fp8_dtypes = (a.tq.fp8_dtype, b.tq.fp8_dtype)
     backend = gemm.select_gemm_kernel(a.tq.format, b.tq.format, a.finite.device,
                                   fp8_dtypes=fp8_dtypes)
-    finite = a.finite & b.finite
     if backend == "fp8_scaled_mm":
-        # Fresh 0-d scales: cuBLASLt rejects scale pointers that are not 16-byte aligned (a
-        # quantizer's scale_inv may be a view into a small buffer); NaN scale = NaN output.
-        nan = torch.full((), float("nan"), dtype=torch.float32, device=a.finite.device)
-        scale_a = torch.where(finite, a.q.scale_inv.float(), nan)
-        scale_b = torch.where(finite, b.q.scale_inv.float(), nan)
-        return gemm.scaled_mm_fp8(a.fp8_data(), b.fp8_data(), scale_a, scale_b, out_dtype)
+        # each scale NaN when its operand is not finite: the epilogue multiplies both, so one
+        # NaN makes every output NaN (no AND of the flags, no per-GEMM launches on the host)
+        return gemm.scaled_mm_fp8(a.fp8_data(), b.fp8_data(), a.gemm_scale(), b.gemm_scale(),
+                                  out_dtype)
+    finite = a.finite & b.finite
     alpha = _alpha(a, b)
     if backend == "bf16_dequant":
         return gemm.bf16_mm(a.bf16_values(finite), b.bf16_values(finite).t(), alpha, out_dtype)

@@ -116,16 +116,24 @@ def test_linear_gpu_vs_cpu(recipe, tokens):
         torch.testing.assert_close(d, c, rtol=2.0 ** -7, atol=scale * 2.0 ** -9)
 
 
+@pytest.mark.parametrize("bad", ["x_inf", "w_nan"])
 @pytest.mark.parametrize("recipe", ["fp8_cs", "mxfp8", "nvfp4_no_sr"])
-def test_nonfinite_input_gives_nan_everywhere_gpu(recipe):
+def test_nonfinite_input_gives_nan_everywhere_gpu(recipe, bad):
+    """A non-finite X (W) makes every element of Y and dW (dX) NaN, and leaves the GEMM that does
+    not read it finite (the FP8 GEMMs take a NaN scale from the operand's own quantizer)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 256, generator=g).to(torch.bfloat16)
-    x[3, 0, 7] = float("inf")
     w = (torch.randn(128, 256, generator=g) * 0.05).to(torch.bfloat16)
     gy = torch.randn(64, 1, 128, generator=g).to(torch.bfloat16)
+    if bad == "x_inf":
+        x[3, 0, 7] = float("inf")
+    else:
+        w[5, 9] = float("nan")
     y, dx, dw = _linear(recipe, "cuda", x, w, gy)
     assert torch.isnan(y).all()
-    assert torch.isnan(dw).all()  # Wgrad's X copy is non-finite
+    hit, clean = (dw, dx) if bad == "x_inf" else (dx, dw)
+    assert torch.isnan(hit).all()    # Wgrad reads X, Dgrad reads W
+    assert torch.isfinite(clean).all()
 
 
 def test_fp8_cast_transpose_path_is_bit_identical_gpu(monkeypatch):

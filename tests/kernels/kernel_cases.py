@@ -84,14 +84,28 @@ def check_fp8(name: str, x: torch.Tensor, fp8_dtype, **kw) -> None:
     for field in ("scale", "scale_inv", "amax"):
         _same(name, field, getattr(got, field), getattr(want, field))
     assert got.data.dtype == want.data.dtype and got.shape == want.shape, name
+    _check_gemm_scale(name, got, want)
     if x.dim() == 2:  # the cast-transpose kernel: same q, and the transposed bytes of the reference
         got_q, got_t = k_fp8.quantize_fp8_current_transposed(x, fp8_dtype, **kw)
         _same(name + " (cast-transpose)", "data", got_q.data, want.data)
         for field in ("scale", "scale_inv", "amax"):
             _same(name + " (cast-transpose)", field, getattr(got_q, field), getattr(want, field))
+        _check_gemm_scale(name + " (cast-transpose)", got_q, want)
         want_t = formats.quantize_fp8_current(x.cpu().t(), fp8_dtype, **kw).data
         _same(name + " (cast-transpose)", "data_t", got_t, want_t)
         assert got_t.is_contiguous() and got_t.dtype == want.data.dtype, name
+
+
+def _check_gemm_scale(name: str, got, want) -> None:
+    """The kernel's GEMM scale: ``scale_inv`` bit for bit when the amax is finite, NaN when not
+    (what makes every FP8 GEMM output NaN), at a 16-byte aligned address (cuBLASLt)."""
+    g = got.gemm_scale_inv
+    assert g is not None and g.dim() == 0 and g.dtype == torch.float32, name
+    assert g.data_ptr() % 16 == 0, f"{name}: GEMM scale not 16-byte aligned"
+    if torch.isfinite(want.amax).item():
+        _same(name, "gemm_scale_inv", g, want.scale_inv)
+    else:
+        assert torch.isnan(g).item(), f"{name}: amax {want.amax.item()} but GEMM scale {g.item()}"
 
 
 def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=True) -> list[str]:

@@ -42,6 +42,7 @@ kc.check_nvfp4("special bf16 columnwise rht sr", xb.t(), rht=True, stochastic_ro
 for ed in (torch.float8_e4m3fn, torch.float8_e5m2, "e2m1"):
     kc.check_mx(f"special mx {{ed}}", x, ed)
 kc.check_fp8("special fp8 (Inf/NaN amax)", x, torch.float8_e4m3fn)
+kc.check_fp8("special fp8 (Inf amax, no NaN)", x[:4], torch.float8_e4m3fn)
 kc.check_fp8("special fp8 finite", x[8:], torch.float8_e5m2)
 kc.check_fp8("zeros", torch.zeros(4, 16), torch.float8_e4m3fn)
 kc.check_nvfp4("zeros", torch.zeros(4, 16))
