@@ -11,6 +11,19 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM act as Ctrl-C in this (pytest) process: pytest stops the session, and the
+    running test's ``finally`` blocks kill the runs it started in their own sessions (kill -9 and
+    SIGTERM tests), which a plain SIGTERM (``timeout`` on the GPU suite) would leave running
+    beside whatever comes next."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def command(run_dir, cache_dir, overrides, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", str(ROOT / "pretrain.py"), f"run_dir={run_dir}",
