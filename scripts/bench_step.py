@@ -27,7 +27,10 @@ kernel; ``RECIPE@copy`` in ``--recipes`` runs one recipe that way. ``--microbatc
 micro-batches per step (the same batch N times; the global batch is N x ``--micro-batch``), inside
 the training loop's ``reuse_weight_copies`` scope (each weight quantized once per step);
 ``--weight-copies fresh``, or ``RECIPE#fresh`` in ``--recipes``, quantizes the weights in every
-micro-batch instead (same numbers), to measure the reuse.
+micro-batch instead (same numbers), to measure the reuse. ``RECIPE+graph`` (after any other
+suffix) trains it with ``train.cuda_graph=true``: the step's forward/backward captured once as a
+CUDA graph after ``training.graphs.WARMUP_STEPS`` eager steps and replayed (``training/graphs.py``;
+``--warmup`` must be at least that, so the timed steps are all replays).
 """
 
 from __future__ import annotations
@@ -42,23 +45,32 @@ import time
 import torch
 
 
-def compose(args, recipe_name: str) -> dict:
+def compose(args, recipe_name: str, extra: tuple[str, ...] = ()) -> dict:
     from nvfp4_megatron.cli.compose import compose_config, to_plain
 
     overrides = [f"+recipe={args.recipe_yaml}", f"precision.recipe={recipe_name}",
                  f"model.seq_length={args.seq}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.global_batch_size={args.micro_batch * args.microbatches}",
                  "train.train_iters=100",
-                 "train.train_tokens=null", *args.set]
+                 "train.train_tokens=null", *args.set, *extra]
     return to_plain(compose_config(overrides))
 
 
 def run_recipe(spec: str, args, log) -> dict:
+    from nvfp4_megatron.training.graphs import graph_stream
+
+    graphed = spec.endswith("+graph")
+    with graph_stream(graphed):  # a graphed model is built and trained on the capture stream
+        return _run_recipe(spec.removesuffix("+graph"), graphed, args, log)
+
+
+def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
+    from nvfp4_megatron.training.graphs import WARMUP_STEPS, StepGraph, check_graph_config
     from nvfp4_megatron.training.loop import make_forward_step
     from nvfp4_megatron.training.model import build_training_stack
     from nvfp4_megatron.training.throughput import StepMeter
@@ -77,7 +89,7 @@ def run_recipe(spec: str, args, log) -> dict:
     prev_t = qlinear.set_fp8_cast_transpose(transpose == "kernel")
     qstate.reset_state()
     torch.manual_seed(1234)
-    cfg = compose(args, recipe_name)
+    cfg = compose(args, recipe_name, ("train.cuda_graph=true",) if graphed else ())
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg["train"]["seed"])
@@ -96,15 +108,27 @@ def run_recipe(spec: str, args, log) -> dict:
              "position_ids": torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, seq)}
     forward_step = make_forward_step()
     fb = get_forward_backward_func()
+    step_graph = None
+    if graphed:
+        if args.warmup < WARMUP_STEPS:
+            raise ValueError(f"{spec}+graph: --warmup must be >= {WARMUP_STEPS} (the eager steps "
+                             "before the capture)")
+        check_graph_config(cfg, world_size=1)
+        step_graph = StepGraph(fb=fb, forward_step=forward_step, model=ddp, num_microbatches=nmb,
+                               seq_length=seq, micro_batch_size=mb,
+                               reuse_weight_copies=copies == "reuse", log=log)
 
     def step(i: int) -> float:
         qstate.set_step(i)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        with qlinear.reuse_weight_copies(enabled=copies == "reuse"):  # as the training loop
-            res = fb(forward_step_func=forward_step, data_iterator=iter([batch] * nmb),
-                     model=[ddp], num_microbatches=nmb, seq_length=seq, micro_batch_size=mb,
-                     forward_only=False)
+        if step_graph is not None and i >= WARMUP_STEPS:  # as the training loop
+            res = step_graph.run([batch] * nmb)
+        else:
+            with qlinear.reuse_weight_copies(enabled=copies == "reuse"):  # as the training loop
+                res = fb(forward_step_func=forward_step, data_iterator=iter([batch] * nmb),
+                         model=[ddp], num_microbatches=nmb, seq_length=seq, micro_batch_size=mb,
+                         forward_only=False)
         opt.step()
         return res[0]["lm loss"]
 
@@ -127,7 +151,7 @@ def run_recipe(spec: str, args, log) -> dict:
     ntok = mb * seq * nmb
     fl = meter.flops_per_step
     res = {
-        "recipe": recipe_name, "saved_input": saved, "fp8_transpose": transpose,
+        "recipe": recipe_name, "cuda_graph": graphed, "saved_input": saved, "fp8_transpose": transpose,
         "weight_copies": copies, "micro_batch": mb, "microbatches": nmb, "seq": seq,
         "quantized_blocks": list(table.quantized_blocks()), "bf16_blocks": list(table.bf16_blocks),
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
@@ -136,13 +160,14 @@ def run_recipe(spec: str, args, log) -> dict:
         "peak_mem_gib": peak / 2**30, "static_mem_gib": static / 2**30,
         "losses": losses,
     }
-    log(f"[{spec}] step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
+    label = spec + ("+graph" if graphed else "")
+    log(f"[{label}] step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
         f"{ntok / med:,.0f} tok/s, {fl / med / 1e12:.0f} TFLOP/s, MFU {res['mfu']:.1%}, "
         f"peak {peak / 2**30:.2f} GiB (static {static / 2**30:.2f}), loss {losses[0]:.3f}"
         f"->{losses[-1]:.3f}")
-    if spec in args.profile:
+    if label in args.profile:
         res["profile"] = prof = profile_step(step, args.warmup + args.steps)
-        log(f"[{spec}] profiled step: wall {prof['wall_ms_profiled']:.1f} ms, GPU busy "
+        log(f"[{label}] profiled step: wall {prof['wall_ms_profiled']:.1f} ms, GPU busy "
             f"{prof['gpu_busy_ms']:.1f} ms, sync-like calls {prof['sync_like_calls']}")
         log(prof["gpu_table"])
         log(prof["cpu_table"])

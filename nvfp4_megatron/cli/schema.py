@@ -233,6 +233,10 @@ class TrainConfig:
     deterministic: bool = True
     # DDP reduce-scatters gradient buckets during the backward; null -> on with GPUs (NCCL), off on CPU
     overlap_grad_reduce: Optional[bool] = None
+    # capture each step's forward/backward (all micro-batches) as one CUDA graph and replay it, so
+    # the host's per-kernel launches leave the step (training/graphs.py): one GPU, no dropout;
+    # the same numbers as without (the first steps run eagerly to warm up)
+    cuda_graph: bool = False
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

@@ -69,7 +69,8 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
                    rht_signs=None, stochastic_rounding: bool = False,
                    generator: torch.Generator | None = None, rand: torch.Tensor | None = None,
                    amax: torch.Tensor | float | None = None,
-                   config: dict | None = None) -> formats.NVFP4Quantized:
+                   config: dict | None = None,
+                   seed: torch.Tensor | None = None) -> formats.NVFP4Quantized:
     """NVFP4 of ``x`` along its last dimension (docs/formats.md "NVFP4").
 
     Args:
@@ -79,6 +80,8 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
         stochastic_rounding, generator, rand: SR to E2M1; ``rand`` gives the uniforms explicitly.
         amax: a global amax to use instead of ``max |x|`` (e.g. TP-reduced).
         config: Triton tile sizes (kernel path only).
+        seed: SR on the kernel path only: the int32 ``[1]`` device tensor holding the Philox seed
+            (``quant.state.sr_seed_tensor``), instead of one drawn from ``generator``.
 
     Returns:
         ``formats.NVFP4Quantized`` (packed codes, E4M3 block scales, global scales).
@@ -88,7 +91,10 @@ def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: boo
     if uses_kernel(x):
         from nvfp4_megatron.kernels import nvfp4
 
-        return nvfp4.quantize_nvfp4(x, **kw, config=config)
+        return nvfp4.quantize_nvfp4(x, **kw, config=config, seed=seed)
+    if seed is not None:
+        raise ValueError("quantize_nvfp4: seed= is the Triton kernel's Philox seed (CUDA tensors); "
+                         "the reference draws from generator=")
     return formats.quantize_nvfp4(x, **kw)
 
 

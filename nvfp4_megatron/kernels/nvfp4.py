@@ -18,8 +18,9 @@ through its strides (no transpose copy), blocks run along the token dimension, a
 
 Stochastic rounding: 24-bit uniforms from Philox4x32-10 (``tl.randint4x``: counter-based, so the
 same seed gives the same codes for any tile shape or grid), one call per 4 elements, the seed
-drawn from ``generator``; or, for draw-for-draw tests against the reference, an explicit ``rand``
-tensor.
+read from device memory: an explicit ``seed`` tensor (the training path, ``quant.state.sr_seed_tensor``,
+which a CUDA graph can replay with new seeds) or one drawn from ``generator``; or, for
+draw-for-draw tests against the reference, an explicit ``rand`` tensor.
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ def _seed_from_generator(generator: torch.Generator | None, device: torch.device
     return seed.to(device=device, dtype=torch.int32)
 
 
+def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An explicit Philox seed: int32, one element, on the quantized tensor's device (read by the
+    kernel from memory, so a CUDA graph replays it with whatever the slot holds then)."""
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int32 and seed.numel() == 1
+            and seed.device == device):
+        raise ValueError(f"seed must be a one-element int32 tensor on {device}, got "
+                         f"{getattr(seed, 'dtype', type(seed))} {tuple(getattr(seed, 'shape', ()))} "
+                         f"on {getattr(seed, 'device', '?')}")
+    return seed
+
+
 def quantize_nvfp4_2d(
     x2d: torch.Tensor,
     *,
@@ -134,6 +146,7 @@ def quantize_nvfp4_2d(
     rand: torch.Tensor | None,
     amax: torch.Tensor | None,
     config: dict | None = None,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel launch on a validated 2-D view: (data, scale_u8, amax, s_enc, s_dec)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
@@ -150,19 +163,20 @@ def quantize_nvfp4_2d(
         s_enc, s_dec = nvfp4_global_scales(amax_fp32)
         return data, scale, amax_fp32, s_enc, s_dec
     dummy_f = torch.empty(1, dtype=torch.float32, device=dev)
-    seed = torch.zeros(1, dtype=torch.int32, device=dev)
-    rand_c = dummy_f
+    rand_c, seed_c = dummy_f, data  # not read unless SR draws with the kernel's Philox
     if stochastic_rounding:
         if rand is not None:
             rand_c = rand.to(device=dev, dtype=torch.float32).reshape(rows, cols).contiguous()
+        elif seed is not None:
+            seed_c = check_seed_tensor(seed, dev)
         else:
-            seed = _seed_from_generator(generator, dev)
+            seed_c = _seed_from_generator(generator, dev)
     block_r = cfg["BLOCK_R"]
     if tile[0] != 1 and block_r % tile[0] != 0:
         raise ValueError(f"kernel config BLOCK_R={block_r} must be a multiple of the tile height {tile[0]}")
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols // 16, cfg["G"]))
     _nvfp4_kernel[grid](
-        x2d, h if rht else dummy_f, amax_fp32.reshape(1), rand_c, seed,
+        x2d, h if rht else dummy_f, amax_fp32.reshape(1), rand_c, seed_c,
         data, scale, gscale,
         rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
@@ -193,6 +207,7 @@ def quantize_nvfp4(
     rand: torch.Tensor | None = None,
     amax: torch.Tensor | float | None = None,
     config: dict | None = None,
+    seed: torch.Tensor | None = None,
 ) -> NVFP4Quantized:
     """Triton twin of ``formats.quantize_nvfp4`` (same arguments, same ``NVFP4Quantized``, same bits for RNE)."""
     from nvfp4_megatron.formats.inputs import amax_tensor
@@ -204,7 +219,7 @@ def quantize_nvfp4(
     signs = tuple(int(v) for v in hadamard_signs(rht_signs)) if rht else None
     data, scale, amax_fp32, s_enc, s_dec = quantize_nvfp4_2d(
         as_2d(x), tile=tile, rht=rht, rht_signs=rht_signs, stochastic_rounding=stochastic_rounding,
-        generator=generator, rand=rand, amax=amax_fp32, config=config,
+        generator=generator, rand=rand, amax=amax_fp32, config=config, seed=seed,
     )
     lead = tuple(x.shape[:-1])
     return NVFP4Quantized(

@@ -83,8 +83,10 @@ Telemetry (``quant/telemetry.py``): while the collector is on (every
 ``logging.quant_stats_interval`` steps), each quantizer call records how far its copy is from
 the high-precision tensor; copies that reuse another copy are recorded under their own role too.
 
-Stochastic rounding draws come from a generator seeded by ``quant.state.sr_seed`` (run seed, step,
-layer key, role, rank, call index), so a resumed run reproduces them.
+Stochastic rounding draws are seeded by ``quant.state.sr_seed`` (run seed, step, layer key, role,
+rank, call index), so a resumed run reproduces them: on the CPU through a generator for the
+reference, on CUDA as the Triton kernel's Philox seed in device memory (its low 31 bits;
+``sr_seed_tensor``), which a captured CUDA graph of the step refills before every replay.
 """
 
 from __future__ import annotations
@@ -253,12 +255,14 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     if amax_group is not None and fmt in GLOBAL_SCALE_FORMATS:
         amax = _reduce_amax(amax, amax_group)
     if fmt == "nvfp4":
-        gen = None
-        if tq.stochastic_rounding:
+        gen = seed = None
+        if tq.stochastic_rounding and dispatch.uses_kernel(x2d):
+            seed = qstate.sr_seed_tensor(layer_key, role, x2d.device)  # graph-capturable
+        elif tq.stochastic_rounding:
             gen = qstate.sr_generator(layer_key, role, x2d.device)
         q = dispatch.quantize_nvfp4(x2d, tile=tq.tile, rht=tq.rht,
                                     stochastic_rounding=tq.stochastic_rounding, generator=gen,
-                                    amax=amax)
+                                    amax=amax, seed=seed)
     elif fmt == "mxfp8":
         q = dispatch.quantize_mx(x2d, _FP8_TORCH[tq.fp8_dtype], block=tq.tile[1])
     elif fmt == "mxfp4":

@@ -10,10 +10,17 @@ Stochastic-rounding seeds are a hash of (run seed, step, layer key, role, rank, 
 the step). The call index counts how many times one (layer, role) was quantized in the current
 step (micro-batches, activation recomputation), and restarts at every :func:`set_step`; so a run
 resumed at step N draws exactly the same random bits as the uninterrupted run did from step N on.
+
+On a GPU the Triton quantizer reads its 31-bit Philox seed from device memory
+(:func:`sr_seed_tensor`): one host-to-device copy per draw in eager mode, or, while a CUDA graph of
+the step is captured (:func:`capture_seed_slots`), a slot of a static buffer that
+:meth:`SeedSlots.fill` rewrites with the current step's seeds before every replay. Both give the
+kernel the same number, so a graphed step draws the eager step's bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import weakref
@@ -92,16 +99,85 @@ def _rank() -> int:
     return 0
 
 
-def sr_seed(layer_key: str, role: str, *, rank: int | None = None) -> int:
-    """A 63-bit seed for one stochastic-rounding draw; advances the (layer, role) call index."""
+def _next_call(layer_key: str, role: str) -> int:
     idx = _call_counts.get((layer_key, role), 0)
     _call_counts[(layer_key, role)] = idx + 1
-    r = _rank() if rank is None else rank
-    msg = f"{_state.run_seed}|{_state.step}|{layer_key}|{role}|{r}|{idx}".encode()
+    return idx
+
+
+def _seed_of(run_seed: int, step: int, layer_key: str, role: str, rank: int, idx: int) -> int:
+    msg = f"{run_seed}|{step}|{layer_key}|{role}|{rank}|{idx}".encode()
     return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") >> 1
 
 
+def sr_seed(layer_key: str, role: str, *, rank: int | None = None) -> int:
+    """A 63-bit seed for one stochastic-rounding draw; advances the (layer, role) call index."""
+    idx = _next_call(layer_key, role)
+    r = _rank() if rank is None else rank
+    return _seed_of(_state.run_seed, _state.step, layer_key, role, r, idx)
+
+
 def sr_generator(layer_key: str, role: str, device: torch.device) -> torch.Generator:
+    """A generator for the formats reference (CPU): seeded by :func:`sr_seed`."""
     gen = torch.Generator(device=device)
     gen.manual_seed(sr_seed(layer_key, role))
     return gen
+
+
+def kernel_seed(seed63: int) -> int:
+    """The Triton kernel's Philox seed (int32, >= 0) of a :func:`sr_seed` value: its low 31 bits."""
+    return seed63 & 0x7FFFFFFF
+
+
+class SeedSlots:
+    """The stochastic-rounding seeds of a captured CUDA graph: one int32 slot of a static device
+    buffer per draw, in capture order, each remembering (layer, role, rank, call index); ``fill``
+    writes the seeds of the current step (run seed and step from :func:`get_state`) into them."""
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 14) -> None:
+        self.buffer = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.keys: list[tuple[str, str, int, int]] = []
+
+    def slot(self, layer_key: str, role: str, rank: int, idx: int) -> torch.Tensor:
+        i = len(self.keys)
+        if i >= self.buffer.numel():
+            raise RuntimeError(f"SeedSlots: more than {self.buffer.numel()} stochastic-rounding "
+                               "draws in one captured step")
+        self.keys.append((layer_key, role, rank, idx))
+        return self.buffer[i:i + 1]
+
+    def seeds(self) -> list[int]:
+        """The kernel seeds of the current step, slot by slot (what eager mode would draw)."""
+        s = _state
+        return [kernel_seed(_seed_of(s.run_seed, s.step, *k)) for k in self.keys]
+
+    def fill(self) -> None:
+        """Write the current step's seeds into the slots (stream-ordered before a replay)."""
+        if self.keys:
+            host = torch.tensor(self.seeds(), dtype=torch.int32)
+            self.buffer[:len(self.keys)].copy_(host, non_blocking=True)
+
+
+_capturing: SeedSlots | None = None
+
+
+@contextlib.contextmanager
+def capture_seed_slots(slots: SeedSlots):
+    """While a CUDA graph is captured: :func:`sr_seed_tensor` hands out ``slots`` (no host copy,
+    which a capture cannot contain)."""
+    global _capturing
+    prev, _capturing = _capturing, slots
+    try:
+        yield slots
+    finally:
+        _capturing = prev
+
+
+def sr_seed_tensor(layer_key: str, role: str, device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device``: the kernel seed of the next draw of (layer, role)."""
+    idx = _next_call(layer_key, role)
+    r = _rank()
+    if _capturing is not None:
+        return _capturing.slot(layer_key, role, r, idx)
+    seed = kernel_seed(_seed_of(_state.run_seed, _state.step, layer_key, role, r, idx))
+    return torch.tensor([seed], dtype=torch.int32).to(device, non_blocking=True)

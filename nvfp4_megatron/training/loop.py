@@ -241,11 +241,14 @@ class QuantStats:
                  + (" (+ the Table-1 OCC settings of their inputs)" if table1 else ""))
         return cls(interval, table1, log)
 
+    def records(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, as ``begin``) records telemetry."""
+        return self.interval is not None and step % self.interval == 0
+
     def begin(self, step: int) -> None:
         from nvfp4_megatron.quant import telemetry as qtel
 
-        qtel.begin_step(self.interval is not None and step % self.interval == 0,
-                        table1=self.table1)
+        qtel.begin_step(self.records(step), table1=self.table1)
 
     def end(self, step: int) -> None:
         from nvfp4_megatron.quant import telemetry as qtel
@@ -281,9 +284,21 @@ def local_mamba_runs(c: dict) -> bool:
 
 def run(cfg) -> RunResult:
     """Train according to the composed config ``cfg`` (see ``configs/`` and ``recipes/``)."""
+    from nvfp4_megatron.training.graphs import graph_stream
+
+    # a graphed run builds its model and trains on the capture stream (training/graphs.py)
+    graphed = bool(OmegaConf.select(cfg, "train.cuda_graph", default=False))
+    with graph_stream(graphed and torch.cuda.is_available()):
+        return _run(cfg)
+
+
+def _run(cfg) -> RunResult:
     c = to_plain(cfg)
     m, p, t, d = c["model"], c["parallel"], c["train"], c["data"]
     info = init_distributed()
+    from nvfp4_megatron.training.graphs import WARMUP_STEPS, StepGraph, check_graph_config
+
+    check_graph_config(c, info.world_size)
     # Every layout rule (sizes vs world size, heads / groups / FFN / layers / experts vs
     # TP / PP / EP / ETP, sequence and batch divisibility) checked at once, before Megatron's own
     # asserts, by the same code as the dry run: a LayoutError (ValueError) lists each violated
@@ -377,6 +392,12 @@ def run(cfg) -> RunResult:
     forward_step = make_forward_step(inject)
     fb = get_forward_backward_func()
     dp_rank = ps.get_data_parallel_rank()
+    step_graph = None  # train.cuda_graph: the captured forward/backward (training/graphs.py)
+    if t["cuda_graph"]:
+        step_graph = StepGraph(fb=fb, forward_step=forward_step, model=ddp, num_microbatches=nmb,
+                               seq_length=seq, micro_batch_size=t["micro_batch_size"],
+                               log=log.info)
+    eager_warmup_left = WARMUP_STEPS
 
     def train_state() -> dict:
         return {"iteration": iteration, "scheduler": scheduler.state_dict(),
@@ -416,6 +437,9 @@ def run(cfg) -> RunResult:
             qstate.set_bf16_switch(scope)
             log.info(f"[precision] step {iteration}: switching {scope} GEMMs to BF16")
             log.record("precision", iteration, bf16_switch=scope)
+            if step_graph is not None:  # other GEMMs now: captured again after a warm-up step
+                step_graph.reset()
+                eager_warmup_left = max(eager_warmup_left, 1)
         qstate.set_step(iteration)
         inject["now"] = t["inject_nan_at_step"] is not None and iteration == t["inject_nan_at_step"]
         step_start = time.time()
@@ -426,12 +450,18 @@ def run(cfg) -> RunResult:
                                          global_batch_size=t["global_batch_size"],
                                          micro_batch_size=t["micro_batch_size"],
                                          dp_rank=dp_rank, dp_size=dp)
-        # the weights change only in optimizer.step(): every micro-batch of the step uses the
-        # quantized weight copies the first one made (same bits; quant/linear.py)
-        with qlinear.reuse_weight_copies():
-            losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
-                        num_microbatches=nmb, seq_length=seq,
-                        micro_batch_size=t["micro_batch_size"], forward_only=False)
+        graphed = (step_graph is not None and eager_warmup_left == 0 and not inject["now"]
+                   and not quant_stats.records(iteration + 1))
+        if graphed:  # the same schedule, replayed (training/graphs.py)
+            losses = step_graph.run(mbs)
+        else:
+            # the weights change only in optimizer.step(): every micro-batch of the step uses
+            # the quantized weight copies the first one made (same bits; quant/linear.py)
+            with qlinear.reuse_weight_copies():
+                losses = fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+                            num_microbatches=nmb, seq_length=seq,
+                            micro_batch_size=t["micro_batch_size"], forward_only=False)
+            eager_warmup_left = max(eager_warmup_left - 1, 0)
         reduce = _StepReduce(losses, info.device, signals.code())
         ok, grad_norm, _ = optimizer.step()
         loss, stopped = reduce.result()
@@ -454,6 +484,8 @@ def run(cfg) -> RunResult:
         gpu = {}
         if torch.cuda.is_available():
             gpu = {"mfu": meter.mfu(dt), "peak_mem_gib": meter.peak_memory_gib()}
+        if step_graph is not None:
+            gpu["graphed"] = graphed
         log.record("train", iteration, loss=loss, lr=lr, grad_norm=gn,
                    tokens=iteration * tokens_per_step, step_time_s=dt,
                    tflops_per_gpu=meter.tflops_per_gpu(dt), **gpu)

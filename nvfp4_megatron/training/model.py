@@ -224,9 +224,12 @@ def wrap_model(model, config, *, bf16: bool, overlap_grad_reduce: bool = False,
 
 
 def resolve_overlap_grad_reduce(train: dict) -> bool:
-    """``train.overlap_grad_reduce``: null -> on when there is a GPU (NCCL), off on CPU (gloo)."""
+    """``train.overlap_grad_reduce``: null -> on when there is a GPU (NCCL) and the step is not a
+    CUDA graph (``train.cuda_graph``: no collective inside the graph), off on CPU (gloo)."""
     v = train["overlap_grad_reduce"]
-    return torch.cuda.is_available() if v is None else bool(v)
+    if v is None:
+        return torch.cuda.is_available() and not train.get("cuda_graph", False)
+    return bool(v)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,43 @@ def test_nan_exits_3_and_keeps_the_last_checkpoint(tmp_path, gpu_cache):
     assert "loss is nan at step 7" in out, out[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000005"]
     assert _tree_digest(ckpt) == digest
+
+
+# train.cuda_graph: (name, overrides). nvfp4 draws stochastic-rounding seeds every step (the
+# replays must get the eager seeds); the switch run drops the graph at step 8 and captures again
+GRAPH_CASES = {
+    "bf16": _overrides("bf16"),
+    "fp8_cs": _overrides("fp8_cs"),
+    "nvfp4": _overrides("nvfp4"),
+    "nvfp4_all_layers": _overrides("nvfp4_all_layers"),
+    "nvfp4_switch_all": [*_overrides("nvfp4"), "precision.switch_to_bf16.scope=all",
+                         "precision.switch_to_bf16.at_step=8"],
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_CASES))
+def test_cuda_graph_trains_the_same_bits(name, tmp_path, gpu_cache):
+    # 2 micro-batches per step (weight copies reused inside the graph too); telemetry every 5
+    # steps (those steps run eagerly); an evaluation at step 6 between replays
+    base = [*GRAPH_CASES[name], "train.train_iters=12", "train.eval_interval=6",
+            "train.save=false", "logging.quant_stats_interval=5"]
+    runs = {}
+    for graph in (False, True):
+        run_dir = tmp_path / f"{name}_{'graph' if graph else 'eager'}"
+        rc, out = _run(run_dir, gpu_cache, [*base, f"train.cuda_graph={str(graph).lower()}"])
+        assert rc == 0, out[-4000:]
+        _summarise(f"{name}{'+graph' if graph else ''}", run_dir, out)
+        runs[graph] = (_rows(run_dir), _rows(run_dir, "valid"), out)
+    (eager, eager_valid, _), (graphed, graphed_valid, out) = runs[False], runs[True]
+    assert [r["loss"] for r in graphed] == [r["loss"] for r in eager]
+    assert [r["grad_norm"] for r in graphed] == [r["grad_norm"] for r in eager]
+    assert [r["loss"] for r in graphed_valid] == [r["loss"] for r in eager_valid]
+    # steps 1-2 warm up, 5 and 10 record telemetry; the switch run warms up again at step 9
+    want_eager = {1, 2, 5, 10} | ({9} if name == "nvfp4_switch_all" else set())
+    assert {r["step"] for r in graphed if not r["graphed"]} == want_eager, graphed
+    seeds = [int(n) for n in re.findall(r"\[cuda_graph\] captured the step \(2 micro-batches, "
+                                        r"(\d+) stochastic-rounding seeds", out)]
+    # one capture, two for the switch run (its second one all BF16: no seeds); NVFP4 rounds the
+    # gradient copies stochastically, so its replays need seeds
+    want = {"nvfp4": "+", "nvfp4_all_layers": "+", "nvfp4_switch_all": "+0"}.get(name, "0")
+    assert ["+" if n > 0 else "0" for n in seeds] == list(want), (seeds, out[-3000:])

@@ -46,6 +46,20 @@ kc.check_fp8("special fp8 (Inf amax, no NaN)", x[:4], torch.float8_e4m3fn)
 kc.check_fp8("special fp8 finite", x[8:], torch.float8_e5m2)
 kc.check_fp8("zeros", torch.zeros(4, 16), torch.float8_e4m3fn)
 kc.check_nvfp4("zeros", torch.zeros(4, 16))
+# SR with the seed given as a device tensor (the training path; a CUDA graph replays it) draws
+# what the generator path draws when it holds the same seed; another seed draws other codes
+xs = kc.make_input((32, 64), torch.bfloat16, seed=3)
+s9 = torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(9), dtype=torch.int64)
+a = kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, generator=torch.Generator().manual_seed(9))
+b = kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=s9.to(torch.int32))
+c = kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=(s9 + 1).to(torch.int32))
+assert torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+assert not torch.equal(b.data, c.data)
+try:
+    kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=s9)  # int64: refused
+    raise AssertionError("an int64 seed tensor was accepted")
+except ValueError as e:
+    assert "one-element int32 tensor" in str(e), e
 print("INTERPRETER-OK")
 """
 
