@@ -14,7 +14,10 @@ micro-batch 2, one GPU. Each recipe keeps its own BF16-block policy (``nvfp4``: 
 
 Per recipe: build, ``--warmup`` steps, then ``--steps`` timed steps (CUDA-synchronised wall clock
 per step; the median is reported). Peak memory is ``torch.cuda.max_memory_allocated`` over the
-timed steps; ``static`` is what is allocated before the first step (weights, grads, optimizer).
+timed steps (for ``+graph``: over every step from the first, the capture included, since the
+graph's pool holds a step's activations from then on); ``reserved`` is what the caching
+allocator holds at the end; ``static`` is what is allocated before the first step (weights,
+grads, optimizer).
 FLOPs per step and MFU: ``training/throughput.py`` (the same formula as the training loop's
 progress line; MFU against the GPU's dense BF16 peak).
 
@@ -134,9 +137,12 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
 
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
+    # a graphed run's activations live in the graph's private pool from the capture on (a replay
+    # allocates nothing): its peak counts from the first step, capture included
+    torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(args.warmup + args.steps):
-        if i == args.warmup:
+        if i == args.warmup and step_graph is None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -147,6 +153,7 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
         if i >= args.warmup:
             times.append(dt)
     peak = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.memory_reserved()
     med = statistics.median(times)
     ntok = mb * seq * nmb
     fl = meter.flops_per_step
@@ -158,6 +165,7 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
         "step_ms_all": [t * 1e3 for t in times], "tokens_per_s": ntok / med,
         "tflops": fl / med / 1e12, "mfu": meter.mfu(med),
         "peak_mem_gib": peak / 2**30, "static_mem_gib": static / 2**30,
+        "reserved_gib": reserved / 2**30,
         "losses": losses,
     }
     label = spec + ("+graph" if graphed else "")
@@ -171,7 +179,7 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
             f"{prof['gpu_busy_ms']:.1f} ms, sync-like calls {prof['sync_like_calls']}")
         log(prof["gpu_table"])
         log(prof["cpu_table"])
-    del ddp, opt, table, stack
+    del ddp, opt, table, stack, step_graph
     qlinear.set_saved_input_mode(prev)
     qlinear.set_fp8_cast_transpose(prev_t)
     gc.collect()
