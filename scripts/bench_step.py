@@ -33,7 +33,7 @@ the training loop's ``reuse_weight_copies`` scope (each weight quantized once pe
 micro-batch instead (same numbers), to measure the reuse. ``RECIPE+graph`` (after any other
 suffix) trains it with ``train.cuda_graph=true``: the step's forward/backward captured once as a
 CUDA graph after ``training.graphs.WARMUP_STEPS`` eager steps and replayed (``training/graphs.py``;
-``--warmup`` must be at least that, so the timed steps are all replays).
+``--warmup`` must be larger than that, so the step that captures is not timed).
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
     fb = get_forward_backward_func()
     step_graph = None
     if graphed:
-        if args.warmup < WARMUP_STEPS:
-            raise ValueError(f"{spec}+graph: --warmup must be >= {WARMUP_STEPS} (the eager steps "
-                             "before the capture)")
+        if args.warmup <= WARMUP_STEPS:
+            raise ValueError(f"{spec}+graph: --warmup must be >= {WARMUP_STEPS + 1} (the eager "
+                             "steps before the capture, and the capturing step)")
         check_graph_config(cfg, world_size=1)
         step_graph = StepGraph(fb=fb, forward_step=forward_step, model=ddp, num_microbatches=nmb,
                                seq_length=seq, micro_batch_size=mb,
