@@ -33,7 +33,9 @@ the training loop's ``reuse_weight_copies`` scope (each weight quantized once pe
 micro-batch instead (same numbers), to measure the reuse. ``RECIPE+graph`` (after any other
 suffix) trains it with ``train.cuda_graph=true``: the step's forward/backward captured once as a
 CUDA graph after ``training.graphs.WARMUP_STEPS`` eager steps and replayed (``training/graphs.py``;
-``--warmup`` must be larger than that, so the step that captures is not timed).
+``--warmup`` must be larger than that, so the step that captures is not timed). ``RECIPE+tgemm``
+runs it with ``precision.emulated_gemm=triton`` (the emulated formats' GEMM with alpha in a Triton
+kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``.
 """
 
 from __future__ import annotations
@@ -62,15 +64,19 @@ def compose(args, recipe_name: str, extra: tuple[str, ...] = ()) -> dict:
 def run_recipe(spec: str, args, log) -> dict:
     from nvfp4_megatron.training.graphs import graph_stream
 
-    graphed = spec.endswith("+graph")
-    with graph_stream(graphed):  # a graphed model is built and trained on the capture stream
-        return _run_recipe(spec.removesuffix("+graph"), graphed, args, log)
+    base, _, suffixes = spec.partition("+")
+    flags = set(suffixes.split("+")) if suffixes else set()
+    if flags - {"graph", "tgemm"}:
+        raise ValueError(f"{spec}: the parts after '+' may be 'graph' and 'tgemm'")
+    with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
+        return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log)
 
 
-def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
+def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log) -> dict:
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nvfp4_megatron.quant import gemm as qgemm
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
     from nvfp4_megatron.training.graphs import WARMUP_STEPS, StepGraph, check_graph_config
@@ -92,7 +98,9 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
     prev_t = qlinear.set_fp8_cast_transpose(transpose == "kernel")
     qstate.reset_state()
     torch.manual_seed(1234)
-    cfg = compose(args, recipe_name, ("train.cuda_graph=true",) if graphed else ())
+    cfg = compose(args, recipe_name, (*(("train.cuda_graph=true",) if graphed else ()),
+                                      *(("precision.emulated_gemm=triton",) if tgemm else ())))
+    prev_mm = qgemm.set_emulated_mm(cfg["precision"]["emulated_gemm"])
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg["train"]["seed"])
@@ -158,7 +166,8 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
     ntok = mb * seq * nmb
     fl = meter.flops_per_step
     res = {
-        "recipe": recipe_name, "cuda_graph": graphed, "saved_input": saved, "fp8_transpose": transpose,
+        "recipe": recipe_name, "cuda_graph": graphed,
+        "emulated_gemm": cfg["precision"]["emulated_gemm"], "saved_input": saved, "fp8_transpose": transpose,
         "weight_copies": copies, "micro_batch": mb, "microbatches": nmb, "seq": seq,
         "quantized_blocks": list(table.quantized_blocks()), "bf16_blocks": list(table.bf16_blocks),
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
@@ -168,7 +177,7 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
         "reserved_gib": reserved / 2**30,
         "losses": losses,
     }
-    label = spec + ("+graph" if graphed else "")
+    label = spec + ("+graph" if graphed else "") + ("+tgemm" if tgemm else "")
     log(f"[{label}] step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
         f"{ntok / med:,.0f} tok/s, {fl / med / 1e12:.0f} TFLOP/s, MFU {res['mfu']:.1%}, "
         f"peak {peak / 2**30:.2f} GiB (static {static / 2**30:.2f}), loss {losses[0]:.3f}"
@@ -182,6 +191,7 @@ def _run_recipe(spec: str, graphed: bool, args, log) -> dict:
     del ddp, opt, table, stack, step_graph
     qlinear.set_saved_input_mode(prev)
     qlinear.set_fp8_cast_transpose(prev_t)
+    qgemm.set_emulated_mm(prev_mm)
     gc.collect()
     torch.cuda.empty_cache()
     return res

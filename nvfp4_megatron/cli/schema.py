@@ -85,6 +85,7 @@ LRSchedule = _choices("LRSchedule", "wsd", "cosine", "constant")
 CkptOptimFormat = _choices("CkptOptimFormat", "dp_reshardable", "fully_reshardable")
 SwitchScope = _choices("SwitchScope", "all", "fprop")
 Backend = _choices("Backend", "auto", "te", "emulated")
+EmulatedGemm = _choices("EmulatedGemm", "cublas", "triton")
 TokenDispatcher = _choices("TokenDispatcher", "alltoall", "allgather", "flex")
 # byte: 256 byte values + end-of-document; bpe: byte-level BPE trained locally with Hugging
 # Face `tokenizers`
@@ -174,6 +175,10 @@ class PrecisionConfig:
     switch_to_bf16: SwitchToBF16Config = field(default_factory=SwitchToBF16Config)
     dge: DGEConfig = field(default_factory=DGEConfig)
     occ: OCCConfig = field(default_factory=OCCConfig)
+    # the GEMM of the emulated formats on CUDA (NVFP4, MX; quant/gemm.py): cublas = torch.mm to
+    # FP32, then alpha in a second pass; triton = one Triton kernel, alpha in its epilogue. Same
+    # contract, other FP32 accumulation order
+    emulated_gemm: EmulatedGemm = EmulatedGemm.cublas
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,10 @@ rounded to its dtype. Three backends implement it; they differ only in FP32 accu
     tensor cores with FP32 accumulation; alpha multiplies the FP32 output in the pass that casts
     it to the output dtype. Without a per-tensor scale (MX) the GEMM writes the output dtype
     directly (FP32 accumulation, one rounding: the same as rounding the FP32 result). Hopper has
-    no FP4 and no block-scaled MX GEMM, so this is emulation, and is labelled so.
+    no FP4 and no block-scaled MX GEMM, so this is emulation, and is labelled so. With
+    ``set_emulated_mm("triton")`` (``precision.emulated_gemm=triton``) the multiplication is one
+    Triton kernel with alpha in its epilogue (``kernels/gemm_alpha.py``): no FP32 output pass; the
+    same contract, another FP32 accumulation order than cuBLAS's.
 ``fp32_reference``
     CPU tensors, FP8 block scaling (whose FP32 block ``scale_inv`` is not exact in BF16) and
     ``e2m1_vector`` (the Microsoft FP4 recipes: ``q / scale`` with an FP32 per-row scale is not
@@ -215,9 +218,28 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+EMULATED_MM = ("cublas", "triton")
+_emulated_mm = "cublas"
+
+
+def set_emulated_mm(impl: str) -> str:
+    """Which GEMM multiplies the BF16-dequant operands on CUDA (see the module docstring); returns
+    the previous one."""
+    global _emulated_mm
+    impl = getattr(impl, "value", impl)
+    if impl not in EMULATED_MM:
+        raise ValueError(f"set_emulated_mm({impl!r}): use one of {EMULATED_MM}")
+    prev, _emulated_mm = _emulated_mm, impl
+    return prev
+
+
 def bf16_mm(a: torch.Tensor, b_t: torch.Tensor, alpha: torch.Tensor | None,
             out_dtype: torch.dtype) -> torch.Tensor:
     """``a @ b_t`` on BF16 tensor cores with FP32 accumulation; alpha on the FP32 output."""
+    if _emulated_mm == "triton" and a.is_cuda:
+        from nvfp4_megatron.kernels.gemm_alpha import mm_alpha
+
+        return mm_alpha(a, b_t, alpha, out_dtype)
     if alpha is None:
         if out_dtype == torch.bfloat16:
             return torch.mm(a, b_t)

@@ -339,6 +339,9 @@ def _run(cfg) -> RunResult:
 
     tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
     recipe = recipe_from_config(c["precision"])
+    from nvfp4_megatron.quant import gemm as qgemm
+
+    qgemm.set_emulated_mm(c["precision"]["emulated_gemm"])
     qstate.reset_state()
     qstate.set_run_seed(t["seed"])
 

@@ -13,6 +13,9 @@
 * The quantized linear (forward, Dgrad, Wgrad) on the GPU against the same call on the CPU (same
   inputs, same fixed output gradient; quantizers are bit-exact, so only the GEMM differs).
 * Non-finite input gives NaN everywhere on every backend.
+* The BF16-dequant backend's two GEMMs (``precision.emulated_gemm``: cuBLAS + an alpha pass, or the
+  Triton kernel with alpha in its epilogue) pass the same bounds, and give the same bits where the
+  accumulation order cannot matter (operands whose partial sums are exact in FP32).
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def _exact(qa, qb):
     return (va @ vb.t()) * alpha, (va.abs() @ vb.abs().t()) * alpha
 
 
+@pytest.fixture(params=["cublas", "triton"])
+def emulated_mm(request):
+    prev = gemm.set_emulated_mm(request.param)
+    yield request.param
+    gemm.set_emulated_mm(prev)
+
+
 E4M3 = TensorQuant(format="fp8", fp8_dtype="e4m3")
 E5M2 = TensorQuant(format="fp8", fp8_dtype="e5m2")
 NV = TensorQuant(format="nvfp4", tile=(1, 16))
@@ -68,8 +78,10 @@ MX8 = TensorQuant(format="mxfp8", fp8_dtype="e4m3")
                                           ((E5M2, E4M3), "fp8_scaled_mm"),
                                           ((NV, NV2D), "bf16_dequant"),
                                           ((MX8, MX8), "bf16_dequant")])
-def test_gemm_backend_vs_exact(pair, backend, shape):
+def test_gemm_backend_vs_exact(pair, backend, shape, emulated_mm):
     m, n, k = shape
+    if backend != "bf16_dequant" and emulated_mm != "cublas":
+        pytest.skip("precision.emulated_gemm is the bf16_dequant backend's GEMM")
     if pair[0].format in ("nvfp4", "mxfp8") and k % 32:
         pytest.skip("block formats need K divisible by the block")
     qa, qb = _operands(pair[0], pair[1], m, n, k, seed=m + n + k)
@@ -102,7 +114,9 @@ def _linear(recipe_name: str, device: str, x, w, gy):
 
 @pytest.mark.parametrize("recipe", ["fp8_cs", "mxfp8", "nvfp4_no_sr", "mxfp4"])
 @pytest.mark.parametrize("tokens", [1008, 4096])
-def test_linear_gpu_vs_cpu(recipe, tokens):
+def test_linear_gpu_vs_cpu(recipe, tokens, emulated_mm):
+    if recipe == "fp8_cs" and emulated_mm != "cublas":
+        pytest.skip("fp8_cs runs _scaled_mm")
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 1, 512, generator=g).to(torch.bfloat16)
     w = (torch.randn(768, 512, generator=g) * 0.05).to(torch.bfloat16)
@@ -118,13 +132,15 @@ def test_linear_gpu_vs_cpu(recipe, tokens):
 
 @pytest.mark.parametrize("bad", ["x_inf", "w_nan"])
 @pytest.mark.parametrize("recipe", ["fp8_cs", "mxfp8", "nvfp4_no_sr"])
-def test_nonfinite_input_gives_nan_everywhere_gpu(recipe, bad):
+def test_nonfinite_input_gives_nan_everywhere_gpu(recipe, bad, emulated_mm):
     """A non-finite X (W) makes every element of Y and dW (dX) NaN, and leaves the GEMM that does
     not read it finite (the FP8 GEMMs take a NaN scale from the operand's own quantizer)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 256, generator=g).to(torch.bfloat16)
     w = (torch.randn(128, 256, generator=g) * 0.05).to(torch.bfloat16)
     gy = torch.randn(64, 1, 128, generator=g).to(torch.bfloat16)
+    if recipe == "fp8_cs" and emulated_mm != "cublas":
+        pytest.skip("fp8_cs runs _scaled_mm")
     if bad == "x_inf":
         x[3, 0, 7] = float("inf")
     else:
@@ -165,3 +181,27 @@ def test_fp8_cast_transpose_path_is_bit_identical_gpu(monkeypatch):
     slow = _linear("fp8_cs", "cuda", x, w, gy)
     for name, a, b in zip(("y", "dx", "dw"), fast, slow):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+
+
+@pytest.mark.parametrize("m,n,k", [(8192, 6144, 2048), (1000, 200, 208), (2048, 8192, 4096)])
+def test_triton_alpha_gemm_same_bits_as_cublas_on_exact_sums(m, n, k):
+    """Operands with values k/4, |k| <= 8 (exact in BF16): every partial sum is a multiple of 1/16
+    below 2^13, exact in FP32 in any order, so cuBLAS + the alpha pass and the Triton kernel must
+    give the same bits (BF16 and FP32 outputs, B read transposed as the linear reads it)."""
+    from nvfp4_megatron.kernels.gemm_alpha import mm_alpha
+
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    a = (torch.randint(-8, 9, (m, k), device="cuda", generator=g) / 4).to(torch.bfloat16)
+    bn = (torch.randint(-8, 9, (n, k), device="cuda", generator=g) / 4).to(torch.bfloat16)
+    alpha = torch.tensor(0.0013718, device="cuda")
+    prev = gemm.set_emulated_mm("cublas")
+    try:
+        for out_dtype, view in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+            want = gemm.bf16_mm(a, bn.t(), alpha, out_dtype)
+            got = mm_alpha(a, bn.t(), alpha, out_dtype)
+            assert torch.equal(got.view(view), want.view(view)), out_dtype
+        want = gemm.bf16_mm(a, bn.t(), None, torch.bfloat16)  # no alpha (MX): BF16 straight out
+        assert torch.equal(mm_alpha(a, bn.t(), None, torch.bfloat16).view(torch.int16),
+                           want.view(torch.int16))
+    finally:
+        gemm.set_emulated_mm(prev)

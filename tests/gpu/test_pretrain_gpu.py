@@ -226,6 +226,7 @@ GRAPH_CASES = {
     "fp8_cs": _overrides("fp8_cs"),
     "nvfp4": _overrides("nvfp4"),
     "nvfp4_all_layers": _overrides("nvfp4_all_layers"),
+    "nvfp4_tgemm": [*_overrides("nvfp4"), "precision.emulated_gemm=triton"],
     "nvfp4_switch_all": [*_overrides("nvfp4"), "precision.switch_to_bf16.scope=all",
                          "precision.switch_to_bf16.at_step=8"],
 }
@@ -255,5 +256,6 @@ def test_cuda_graph_trains_the_same_bits(name, tmp_path, gpu_cache):
                                         r"(\d+) stochastic-rounding seeds", out)]
     # one capture, two for the switch run (its second one all BF16: no seeds); NVFP4 rounds the
     # gradient copies stochastically, so its replays need seeds
-    want = {"nvfp4": "+", "nvfp4_all_layers": "+", "nvfp4_switch_all": "+0"}.get(name, "0")
+    want = {"nvfp4": "+", "nvfp4_all_layers": "+", "nvfp4_tgemm": "+",
+            "nvfp4_switch_all": "+0"}.get(name, "0")
     assert ["+" if n > 0 else "0" for n in seeds] == list(want), (seeds, out[-3000:])

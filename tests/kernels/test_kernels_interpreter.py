@@ -60,6 +60,28 @@ try:
     raise AssertionError("an int64 seed tensor was accepted")
 except ValueError as e:
     assert "one-element int32 tensor" in str(e), e
+# the emulated formats' GEMM with alpha in the epilogue: on operands whose partial sums are exact
+# in FP32 (multiples of 1/4 up to 2, K=96) any accumulation order gives the reference's bits
+from nvfp4_megatron.kernels.gemm_alpha import mm_alpha
+import triton.runtime.interpreter as _ti
+_patch = _ti._patch_lang_tensor
+def _patch_index(tensor, scope):  # Triton 3.6's interpreter: int() of a 1-element array, which
+    _patch(tensor, scope)         # NumPy 2.5 refuses; a runtime loop bound (range(K tiles)) needs it
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_ti._patch_lang_tensor = _patch_index
+g = torch.Generator().manual_seed(4)
+A = (torch.randint(-8, 9, (40, 96), generator=g) / 4).to(torch.bfloat16)
+Bn = (torch.randint(-8, 9, (24, 96), generator=g) / 4).to(torch.bfloat16)  # [N, K], used as Bn.t()
+alpha = torch.tensor(0.3712345, dtype=torch.float32)
+ref = A.float() @ Bn.float().t()
+small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+for out_dtype in (torch.bfloat16, torch.float32):
+    got = mm_alpha(A, Bn.t(), alpha, out_dtype, config=small)
+    want = (ref * alpha).to(out_dtype)
+    assert torch.equal(got.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32)), out_dtype
+got = mm_alpha(A, Bn.t().contiguous(), None, torch.bfloat16, config=small)
+assert torch.equal(got.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
 print("INTERPRETER-OK")
 """
 
