@@ -242,6 +242,9 @@ class TrainConfig:
     # the host's per-kernel launches leave the step (training/graphs.py): one GPU, no dropout;
     # the same numbers as without (the first steps run eagerly to warm up)
     cuda_graph: bool = False
+    # Megatron's native fused cross-entropy over the vocabulary (torch.compile; GPU only): fewer
+    # passes over the FP32 logits; the loss differs from the unfused one in its last bits
+    cross_entropy_fusion: bool = False
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

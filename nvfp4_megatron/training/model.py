@@ -45,12 +45,22 @@ _FUSIONS_OFF = ("gradient_accumulation_fusion", "bias_activation_fusion", "maske
                 "bias_dropout_fusion", "apply_rope_fusion")
 
 
-def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None):
+def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None,
+                       cross_entropy_fusion: bool = False):
     """Megatron's TransformerConfig; ``quantization``: the backend's fp8/fp4, BF16-block and MoE
-    padding fields (``backend.backend_config_fields``; empty on the emulated backend)."""
+    padding fields (``backend.backend_config_fields``; empty on the emulated backend).
+    ``cross_entropy_fusion`` (``train.cross_entropy_fusion``, GPU only): Megatron's native fused
+    vocab-parallel cross-entropy (three ``torch.compile``d kernels instead of about ten passes
+    over the FP32 logits; the same mathematics in another order, so the loss differs from the
+    unfused one in its last bits)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if cross_entropy_fusion and not torch.cuda.is_available():
+        raise ValueError("train.cross_entropy_fusion=true needs a GPU (Megatron's fused "
+                         "cross-entropy is compiled for CUDA); set train.cross_entropy_fusion=false")
     extra: dict[str, Any] = {}
+    if cross_entropy_fusion:
+        extra.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
     act = m["activation"]
     if act == "swiglu":
         extra.update(gated_linear_unit=True, activation_func=F.silu)
@@ -150,7 +160,8 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     choice = resolve_backend(recipe, num_layers=m["num_layers"], hybrid=True)
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
-        choice, recipe, num_layers=m["num_layers"]))
+        choice, recipe, num_layers=m["num_layers"]),
+        cross_entropy_fusion=t.get("cross_entropy_fusion", False))
     if choice.backend != "te":
         from nvfp4_megatron.mcore.hybrid_spec import check_local_hybrid_pattern
 
@@ -181,7 +192,8 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     choice = resolve_backend(recipe, num_layers=m["num_layers"], **moe)
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
-        choice, recipe, num_layers=m["num_layers"], **moe))
+        choice, recipe, num_layers=m["num_layers"], **moe),
+        cross_entropy_fusion=t.get("cross_entropy_fusion", False))
     spec = gpt_layer_spec_for(choice, config,
                               pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))

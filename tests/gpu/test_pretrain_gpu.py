@@ -128,13 +128,16 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 240.0) -> No
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4", "nvfp4+graph"])
 def test_kill9_resume_is_bit_identical(recipe, tmp_path, gpu_cache):
     """kill -9 of the worker mid-run; the restart continues from the newest
     checkpoint and every step after it has the loss of the uninterrupted run, bit for bit
-    (nvfp4: stochastic rounding on the gradients)."""
-    ov = [*_overrides(recipe), "train.train_iters=60", "train.save_interval=20",
-          "train.eval_interval=0", "train.log_interval=1"]
+    (nvfp4: stochastic rounding on the gradients; +graph: both runs with train.cuda_graph, the
+    resumed one warming up eagerly again before its capture)."""
+    base, _, graph = recipe.partition("+")
+    ov = [*_overrides(base), "train.train_iters=60", "train.save_interval=20",
+          "train.eval_interval=0", "train.log_interval=1",
+          *(["train.cuda_graph=true"] if graph else [])]
     ref = tmp_path / "ref"
     rc, out = _run(ref, gpu_cache, ov)
     assert rc == 0, out[-4000:]

@@ -1,4 +1,5 @@
-"""``train.cuda_graph``: what is refused, and the stochastic-rounding seeds a replay uses.
+"""``train.cuda_graph`` (and the GPU-only ``train.cross_entropy_fusion``): what is refused, and the
+stochastic-rounding seeds a replay uses.
 
 The capture itself needs a GPU (tests/gpu/test_pretrain_gpu.py trains the same runs with and
 without graphs and compares every loss bit for bit); here: the configuration check, the seed
@@ -119,3 +120,14 @@ def test_pretrain_refuses_graphs_without_a_gpu_before_writing(tmp_path, corpus_c
     assert rc != 0 and "exitcode  : 2" in out, out[-3000:]
     assert "train.cuda_graph=true cannot be used here: there is no CUDA GPU" in out, out[-3000:]
     assert list(run.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a GPU")
+def test_fused_cross_entropy_is_refused_without_a_gpu():
+    from nvfp4_megatron.training.model import transformer_config
+
+    c = _cfg()
+    with pytest.raises(ValueError, match="train.cross_entropy_fusion=true needs a GPU"):
+        transformer_config(c["model"], c["parallel"], bf16=True, cross_entropy_fusion=True)
+    config = transformer_config(c["model"], c["parallel"], bf16=True)
+    assert config.cross_entropy_loss_fusion is False  # off unless asked for
