@@ -73,14 +73,13 @@ def run_recipe(spec: str, args, log) -> dict:
 
 
 def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log) -> dict:
-    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import gemm as qgemm
     from nvfp4_megatron.quant import linear as qlinear
     from nvfp4_megatron.quant import state as qstate
     from nvfp4_megatron.training.graphs import WARMUP_STEPS, StepGraph, check_graph_config
-    from nvfp4_megatron.training.loop import make_forward_step
+    from nvfp4_megatron.training.loop import make_forward_step, start_run_state
     from nvfp4_megatron.training.model import build_training_stack
     from nvfp4_megatron.training.throughput import StepMeter
 
@@ -96,15 +95,12 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log) -> dict:
         raise ValueError(f"{spec}: the part after '@' must be 'kernel' or 'copy'")
     prev = qlinear.set_saved_input_mode(saved)
     prev_t = qlinear.set_fp8_cast_transpose(transpose == "kernel")
-    qstate.reset_state()
     torch.manual_seed(1234)
     cfg = compose(args, recipe_name, (*(("train.cuda_graph=true",) if graphed else ()),
                                       *(("precision.emulated_gemm=triton",) if tgemm else ())))
-    prev_mm = qgemm.set_emulated_mm(cfg["precision"]["emulated_gemm"])
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg["train"]["seed"])
-    qstate.set_run_seed(cfg["train"]["seed"])
+    prev_mm = start_run_state(cfg)
     stack = build_training_stack(cfg, log=lambda msg: None)
     ddp, opt, table = stack.ddp, stack.optimizer, stack.table
     meter = StepMeter.for_run(cfg, world_size=1)

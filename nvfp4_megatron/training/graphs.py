@@ -118,8 +118,6 @@ class StepGraph:
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.outputs = None
         self.slots: qstate.SeedSlots | None = None
-        self.captures = 0
-        self.replays = 0
 
     def reset(self) -> None:
         self.graph, self.inputs, self.outputs, self.slots = None, [], None, None
@@ -149,7 +147,6 @@ class StepGraph:
         finally:
             self.config.finalize_model_grads_func = finalize
         self.graph = graph
-        self.captures += 1
         self.log(f"[cuda_graph] captured the step ({self.nmb} micro-batches, "
                  f"{len(self.slots.keys)} stochastic-rounding seeds per replay)")
 
@@ -166,7 +163,6 @@ class StepGraph:
                 static[k].copy_(mb[k], non_blocking=True)
         self.slots.fill()
         self.graph.replay()
-        self.replays += 1
         if self.config.finalize_model_grads_func is not None:
             self.config.finalize_model_grads_func([self.model], None)
         return self.outputs

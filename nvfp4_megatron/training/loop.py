@@ -156,6 +156,21 @@ def build_datasets(c: dict, *, rank0: bool, iters: int, log=print, num_evals: in
     return train_ds, valid_ds
 
 
+def start_run_state(c: dict) -> str:
+    """The process-wide state a run starts from, set alike by ``pretrain.py``, the step benchmark
+    and the OCC report: the model-parallel CUDA RNG (it draws the initial weights), a fresh
+    precision state with the run's stochastic-rounding seed, and the emulated formats' GEMM
+    (``precision.emulated_gemm``). Returns the GEMM setting it replaced."""
+    from megatron.core import tensor_parallel
+
+    from nvfp4_megatron.quant import gemm as qgemm
+
+    tensor_parallel.model_parallel_cuda_manual_seed(c["train"]["seed"])
+    qstate.reset_state()
+    qstate.set_run_seed(c["train"]["seed"])
+    return qgemm.set_emulated_mm(c["precision"]["emulated_gemm"])
+
+
 def make_forward_step(inject_nan: dict | None = None):
     """The forward step Megatron's schedules call: one micro-batch (a dict of ``tokens``,
     ``labels``, ``loss_mask``, ``position_ids`` from the data iterator) through the model, and the
@@ -314,7 +329,6 @@ def _run(cfg) -> RunResult:
         expert_tensor_parallel_size=p["expert_tensor_parallel_size"],
     )
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     run_dir = _resolve_run_dir(c["run_dir"])
@@ -337,13 +351,8 @@ def _run(cfg) -> RunResult:
     tokens_per_step = t["global_batch_size"] * seq
     iters = total_iters(t, seq_length=seq)
 
-    tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
     recipe = recipe_from_config(c["precision"])
-    from nvfp4_megatron.quant import gemm as qgemm
-
-    qgemm.set_emulated_mm(c["precision"]["emulated_gemm"])
-    qstate.reset_state()
-    qstate.set_run_seed(t["seed"])
+    start_run_state(c)
 
     # ---- data
     train_ds, valid_ds = build_datasets(c, rank0=rank0, iters=iters, log=log.info)

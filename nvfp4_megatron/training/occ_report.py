@@ -149,7 +149,7 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None, batches: int | None,
     from nvfp4_megatron.runtime.distributed import init_distributed, initialize_model_parallel
     from nvfp4_megatron.training import checkpoint as ckpt_lib
     from nvfp4_megatron.training import data as data_lib
-    from nvfp4_megatron.training.loop import build_datasets, make_forward_step
+    from nvfp4_megatron.training.loop import build_datasets, make_forward_step, start_run_state
     from nvfp4_megatron.training.model import (build_training_stack, model_shape,
                                                recipe_from_config)
     from nvfp4_megatron.training.optim import total_iters
@@ -176,11 +176,10 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None, batches: int | None,
     initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               context_parallel_size=1, expert_model_parallel_size=1,
                               expert_tensor_parallel_size=1)
-    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     t, m = c["train"], c["model"]
-    tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+    start_run_state(c)
     recipe = recipe_from_config(c["precision"])
     stack = build_training_stack(c, recipe, log=lambda s: None)
     meta = {"model": model_shape(c), "world_size": 1,
