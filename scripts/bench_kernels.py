@@ -82,11 +82,13 @@ def main(argv=None) -> int:
     row_cfgs = [k_nvfp4.DEFAULT_CONFIG]
     col_cfgs = [k_nvfp4.DEFAULT_CONFIG]
     if not args.no_sweep:
-        row_cfgs += [
-            {"BLOCK_R": 16, "G": 16, "num_warps": 4},
-            {"BLOCK_R": 8, "G": 32, "num_warps": 4},
-            {"BLOCK_R": 32, "G": 16, "num_warps": 8},
-            {"BLOCK_R": 64, "G": 8, "num_warps": 8},
+        row_cfgs += [  # elements per thread = BLOCK_R * G * 16 / (32 * num_warps)
+            {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
+            {"BLOCK_R": 64, "G": 8, "num_warps": 8},  # 32
+            {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
+            {"BLOCK_R": 32, "G": 16, "num_warps": 4},  # 64
+            {"BLOCK_R": 128, "G": 8, "num_warps": 8},  # 64
+            {"BLOCK_R": 128, "G": 8, "num_warps": 4},  # 128
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
             {"BLOCK_R": 64, "G": 4, "num_warps": 4},
@@ -98,12 +100,29 @@ def main(argv=None) -> int:
     def tag(cfg):
         return f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} w{cfg['num_warps']}]"
 
+    def same_bits(fn, cfg, ref):
+        """Each swept tile must give the default tile's bytes (the GPU tests check the default)."""
+        q = fn(cfg)
+        ok = torch.equal(q.data, ref.data) and torch.equal(q.scale.view(torch.uint8), ref.scale.view(torch.uint8))
+        results[-1]["same_bits_as_default"] = ok
+        if not ok:
+            print(f"  !! {tag(cfg)} gives other bits than the default tile", flush=True)
+        return ok
+
+    def row(cfg):
+        return k_nvfp4.quantize_nvfp4(x, amax=amax_row, config=cfg)
+
+    def col(cfg):
+        return k_nvfp4.quantize_nvfp4(xt, rht=True, amax=amax_col, config=cfg)
+
+    ref_row, ref_col = row(k_nvfp4.DEFAULT_CONFIG), col(k_nvfp4.DEFAULT_CONFIG)
+    bits_ok = True
     for cfg in row_cfgs:
-        add(f"nvfp4 rowwise 1x16, amax given {tag(cfg)}",
-            lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, amax=amax_row, config=cfg), nv_bytes, 0.125)
+        add(f"nvfp4 rowwise 1x16, amax given {tag(cfg)}", lambda cfg=cfg: row(cfg), nv_bytes, 0.125)
+        bits_ok &= same_bits(row, cfg, ref_row)
     for cfg in col_cfgs:
-        add(f"nvfp4 columnwise+RHT (x.t()), amax given {tag(cfg)}",
-            lambda cfg=cfg: k_nvfp4.quantize_nvfp4(xt, rht=True, amax=amax_col, config=cfg), nv_bytes, 0.15)
+        add(f"nvfp4 columnwise+RHT (x.t()), amax given {tag(cfg)}", lambda cfg=cfg: col(cfg), nv_bytes, 0.15)
+        bits_ok &= same_bits(col, cfg, ref_col)
     add("nvfp4 rowwise 1x16 incl. amax pass", lambda: k_nvfp4.quantize_nvfp4(x), nv_bytes, 0.125)
     add("nvfp4 columnwise+RHT incl. post-RHT amax pass", lambda: k_nvfp4.quantize_nvfp4(xt, rht=True), nv_bytes, 0.15)
     add("nvfp4 columnwise no RHT (x.t()), amax given",
@@ -142,8 +161,10 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"copy_GBps": copy_gbs, "copy_ms": t_copy, "shape": [R, C],
-                       "device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
-    return 0
+                       "device": torch.cuda.get_device_name(), "swept_tiles_same_bits": bits_ok,
+                       "results": results}, f, indent=1)
+    print(f"swept NVFP4 tiles give the default tile's bits: {bits_ok}")
+    return 0 if bits_ok else 1
 
 
 if __name__ == "__main__":

@@ -89,45 +89,52 @@ _MAGIC_BITS = tl.constexpr(0x4B400000)  # bit pattern of MAGIC; bits(MAGIC + r) 
 
 @triton.jit
 def _e2m1_binade(y, FIX_NAN: tl.constexpr):
-    """(t, v, base, sign): ``t = min(|y|, 6)`` (NaN -> 6), ``v = t * 2^(1 - e)`` with
-    ``e = clamp(floor(log2 t), 0, 2)`` (exact; one E2M1 grid step is 1 in ``v``), the code of
-    ``2^e`` minus 2 (``2e``), and the sign bit as the nibble's bit 3."""
+    """(t, ec, sign): ``t = min(|y|, 6)`` (NaN -> 6), ``ec = 127 + clamp(floor(log2 t), 0, 2)``
+    (the biased FP32 exponent of ``t``, raised to 127; ``t <= 6`` needs no upper clamp) and the
+    sign bit (0 or 1). In binade ``ec`` the E2M1 grid step is ``q = 2^(ec - 128)`` and the code
+    of ``2^(ec - 127)`` is ``2 (ec - 127) + 2``.
+
+    Integer and FP32 arithmetic only (no compare-and-select chains): the GPU issues the
+    multiply-adds on its FMA pipe, while the ALU pipe is what bounds the NVFP4 quantizer
+    (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe")."""
     ybits = y.to(tl.int32, bitcast=True)
-    sign = (ybits >> 28) & 8
+    sign = tl.umulhi(ybits.to(tl.uint32, bitcast=True), 2).to(tl.int32)
     t = tl.minimum(tl.abs(y), 6.0)
     if FIX_NAN:  # NaN -> ±6: the GPU's min.f32 returns the non-NaN operand already, NumPy does not
         t = tl.where(t != t, 6.0, t)
-    big = t >= 4.0
-    mid = t >= 2.0
-    s = tl.where(big, 0.5, tl.where(mid, 1.0, 2.0))
-    base = tl.where(big, 4, tl.where(mid, 2, 0))
-    return t * s, base, sign
+    ec = tl.maximum(t.to(tl.int32, bitcast=True) >> 23, 127)
+    return t, ec, sign
 
 
 @triton.jit
 def e2m1_rne_code(y, FIX_NAN: tl.constexpr = True):
     """E2M1 code (int32 nibble) of ``y``, nearest-even with saturation; sign = signbit; NaN -> ±6.
 
-    In the scaled binade ``v`` the grid step is 1, so the code is ``2e + rint(v)``; ``rint`` is
-    the FP32 "magic number" add (exact: ``v`` is exact and < 4, so ``v + 1.5*2^23`` rounds once,
-    to nearest even), read back from the bits. About 10 instructions instead of 7 compares.
+    One FP32 "magic number" add per element: ``M = 1.5 * 2^23 * q`` (``q`` the grid step of the
+    binade of ``t``, see ``_e2m1_binade``) has ulp ``q``, so ``t + M`` (``t <= 6 < 2^22 q``) is
+    ``M + r q`` with ``r = rint(t / q)``, one IEEE rounding, nearest even; ``r`` is read back from
+    the bits. Code = ``r + 2 (ec - 127)``: ``t < 1`` and ``[1, 2)`` share the step 0.5 and base 0,
+    ``[2, 4)`` step 1 base 2, ``[4, 6]`` step 2 base 4 (e.g. 5 -> r 2 (tie to even) -> code 6 = 4.0).
     """
-    v, base, sign = _e2m1_binade(y, FIX_NAN)
-    r = (v + _MAGIC).to(tl.int32, bitcast=True) - _MAGIC_BITS
-    return (base + r) | sign
+    t, ec, sign = _e2m1_binade(y, FIX_NAN)
+    m_bits = (ec << 23) + (_MAGIC_BITS - (128 << 23))
+    r = (t + m_bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - m_bits
+    return r + (ec * 2 - 254) + sign * 8
 
 
 @triton.jit
 def e2m1_sr_code(y, u, FIX_NAN: tl.constexpr = True):
     """E2M1 code with stochastic rounding: up to the next grid point iff ``u < (a - lo) / (hi - lo)``.
 
-    In the scaled binade ``v`` (see ``_e2m1_binade``) the neighbours are ``floor(v)`` and
-    ``floor(v) + 1`` and ``(a - lo) / (hi - lo) = v - floor(v)``, exact, as in the reference.
+    In the scaled binade ``v = t / q`` (exact: ``q`` is a power of two, see ``_e2m1_binade``) the
+    neighbours are ``floor(v)`` and ``floor(v) + 1`` and ``(a - lo) / (hi - lo) = v - floor(v)``,
+    exact, as in the reference.
     """
-    v, base, sign = _e2m1_binade(y, FIX_NAN)
+    t, ec, sign = _e2m1_binade(y, FIX_NAN)
+    v = t * ((255 - ec) << 23).to(tl.float32, bitcast=True)  # t * 2^(128 - ec) = t / q
     lo = v.to(tl.int32)  # v >= 0: truncation is floor
     p_up = v - lo.to(tl.float32)
-    return (base + lo + (u < p_up).to(tl.int32)) | sign
+    return lo + (u < p_up).to(tl.int32) + (ec * 2 - 254) + sign * 8
 
 
 @triton.jit

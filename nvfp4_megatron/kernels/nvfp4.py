@@ -12,6 +12,12 @@ Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two laun
    ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
    the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.
 
+Each thread holds whole 16-blocks (two 8-element halves with one layout), so the block amax and
+scale are computed once per block without shuffles, and it writes each half-block's 8 codes as one
+int32 word. The E2M1 encoder (``_common.e2m1_rne_code``) and the block max use integer
+multiply-adds and ``max.NaN`` rather than compare/select chains: the quantizer is bound by the
+ALU pipe's issue rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe").
+
 Columnwise (Wgrad) copies: pass the transposed view ``x.t()``; the kernel reads it in place
 through its strides (no transpose copy), blocks run along the token dimension, and the RHT mixes
 16 consecutive tokens.
@@ -33,7 +39,6 @@ from nvfp4_megatron.formats.nvfp4 import NVFP4Quantized
 from nvfp4_megatron.formats.rht import hadamard_signs
 from nvfp4_megatron.kernels._common import (
     FP32_MAX,
-    abs_bits,
     e2m1_rne_code,
     e2m1_sr_code,
     load_tile_3d,
@@ -47,18 +52,74 @@ DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
 
 
 @triton.jit
+def _load_halves(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
+                 CONTIG: tl.constexpr):
+    """The tile as two FP32 halves ``[BLOCK_R, G, 8]``: elements 0-7 and 8-15 of each 16-block.
+
+    Both halves have the same layout, so each thread holds whole 16-blocks: the block amax, the
+    block scale and its reciprocal are computed once per block, with no shuffles between
+    threads. ``CONTIG`` (no RHT, unit column stride): two 16-byte vector loads per block.
+    Otherwise the 16-wide tile (RHT butterflies, strided reads) is split in registers.
+    """
+    if CONTIG:
+        k8 = tl.arange(0, 8)
+        cols = chunks[None, :, None].to(tl.int64) * 16 + k8[None, None, :]
+        mask = (rows < R)[:, None, None] & (cols < C)
+        ptrs = x_ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
+        xa = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        xb = tl.load(ptrs + 8, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        xa, xb = tl.split(tl.permute(tl.reshape(x, [x.shape[0], x.shape[1], 2, 8]), 0, 1, 3, 2))
+    return xa, xb
+
+
+@triton.jit
+def _max_nan_combine(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(x, axis: tl.constexpr):
+    """``tl.max`` that propagates NaN (as ``torch.amax`` and the reference's block amax do)."""
+    return tl.reduce(x, axis, _max_nan_combine)
+
+
+@triton.jit
+def _pack8(codes):
+    """Eight E2M1 codes ``[BR, G, 8]`` -> one int32 word per block half: element ``k`` in bits
+    ``4k..4k+3`` (in little-endian bytes: element 2i in the low nibble of byte i)."""
+    shift = tl.arange(0, 8) * 4
+    return tl.sum(codes << shift[None, None, :], axis=2)
+
+
+@triton.jit
+def _sr_uniforms(seed_ptr, rows, chunks, C, HALF: tl.constexpr):
+    """24-bit uniforms for elements ``8*HALF .. 8*HALF+7`` of each block: Philox4x32 with counter
+    ``(element index) // 4``, its 4 words to the 4 elements of that group, in order."""
+    q = tl.arange(0, 2)
+    ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + 2 * HALF + q[None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
+    # Element 4c + 2i + j of the half gets word 2j + i of counter c (the permutation the 16-wide
+    # tile used: flattened join(join(r0, r1), join(r2, r3))).
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], chunks.shape[0], 8])
+    return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+
+
+@triton.jit
 def _nvfp4_kernel(
     x_ptr, h_ptr, amax_ptr, rand_ptr, seed_ptr,
     data_ptr, scale_ptr, gscale_ptr,
     R, C, stride_r, stride_c,
     BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
     RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     chunks = pid_c * G + tl.arange(0, G)
-    x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+    xa, xb = _load_halves(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, CONTIG)
 
     # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
     amax = tl.load(amax_ptr)
@@ -70,50 +131,47 @@ def _nvfp4_kernel(
         tl.store(gscale_ptr, s_enc)
         tl.store(gscale_ptr + 1, s_dec)
 
-    # Block amax on the bit patterns (NaN propagates); 16x16 tiles take the max over 16 rows.
-    bmax_bits = tl.max(abs_bits(x), axis=2)  # [BLOCK_R, G]
+    # Block amax (NaN propagates: max.NaN, the |.| folded into its operands); 16x16 tiles take
+    # the max over 16 rows.
+    bmax = _max_nan(tl.maximum(tl.abs(xa), tl.abs(xb), propagate_nan=tl.PropagateNan.ALL), 2)
     if TILE_R != 1:
-        t = tl.max(tl.reshape(bmax_bits, [BLOCK_R // TILE_R, TILE_R, G]), axis=1)
-        bmax_bits = tl.reshape(
+        t = _max_nan(tl.reshape(bmax, [BLOCK_R // TILE_R, TILE_R, G]), 1)
+        bmax = tl.reshape(
             tl.broadcast_to(tl.reshape(t, [BLOCK_R // TILE_R, 1, G]), [BLOCK_R // TILE_R, TILE_R, G]),
             [BLOCK_R, G],
         )
-    bmax = bmax_bits.to(tl.float32, bitcast=True)
 
     sb_code, sb_val = round_fp8(bmax * (s_enc * 0.16666666666666666), 3, -6, 448.0)
     enc = tl.minimum(tl.div_rn(1.0, sb_val * s_dec), FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
-    y = x * enc[:, :, None]  # the clamp to [-6, 6] happens inside the E2M1 encoders
+    ya = xa * enc[:, :, None]  # the clamp to [-6, 6] happens inside the E2M1 encoders
+    yb = xb * enc[:, :, None]
 
-    kk = tl.arange(0, 16)
     if SR:
         if RAND_TENSOR:
-            lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + kk[None, None, :]
-            emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + kk[None, None, :]) < C)
-            u = tl.load(rand_ptr + lin, mask=emask, other=1.0)
+            k8 = tl.arange(0, 8)
+            lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + k8[None, None, :]
+            emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + k8[None, None, :]) < C)
+            ua = tl.load(rand_ptr + lin, mask=emask, other=1.0)
+            ub = tl.load(rand_ptr + lin + 8, mask=emask, other=1.0)
         else:
-            # One Philox4x32 call per 4 elements: counter = (element index) // 4, its 4 words go
-            # to the 4 elements (a fixed permutation inside each group of 4); 24-bit uniforms.
-            q = tl.arange(0, 4)
-            ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + q[None, None, :]
-            r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
-            words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_R, G, 16])
-            u = (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-        codes = e2m1_sr_code(y, u, not ON_GPU)
+            ua = _sr_uniforms(seed_ptr, rows, chunks, C, 0)
+            ub = _sr_uniforms(seed_ptr, rows, chunks, C, 1)
+        ca = e2m1_sr_code(ya, ua, not ON_GPU)
+        cb = e2m1_sr_code(yb, ub, not ON_GPU)
     else:
-        codes = e2m1_rne_code(y, not ON_GPU)
+        ca = e2m1_rne_code(ya, not ON_GPU)
+        cb = e2m1_rne_code(yb, not ON_GPU)
 
-    # Pack: element 2i in the low nibble, 2i+1 in the high nibble.
-    lo, hi = tl.split(tl.reshape(codes, [BLOCK_R, G * 8, 2]))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    bcols = pid_c * G * 8 + tl.arange(0, G * 8)
+    # Two int32 words per block (bytes 0-3: elements 0-7, bytes 4-7: elements 8-15).
     rmask = rows < R
-    dmask = rmask[:, None] & (bcols[None, :] < C // 2)
-    tl.store(data_ptr + rows[:, None].to(tl.int64) * (C // 2) + bcols[None, :], packed, mask=dmask)
-    smask = rmask[:, None] & (chunks[None, :] < C // 16)
+    wmask = rmask[:, None] & (chunks[None, :] < C // 16)
+    wptr = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + chunks[None, :] * 2
+    tl.store(wptr, _pack8(ca), mask=wmask)
+    tl.store(wptr + 1, _pack8(cb), mask=wmask)
     tl.store(
         scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
         sb_code.to(tl.uint8),
-        mask=smask,
+        mask=wmask,
     )
 
 
@@ -181,7 +239,7 @@ def quantize_nvfp4_2d(
         rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
-        ON_GPU=x2d.is_cuda,
+        ON_GPU=x2d.is_cuda, CONTIG=(not rht) and x2d.stride(1) == 1,
         num_warps=cfg["num_warps"],
     )
     return data, scale, amax_fp32, gscale[0], gscale[1]
