@@ -12,9 +12,9 @@ Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two laun
    ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
    the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.
 
-Each thread holds whole 16-blocks (two 8-element halves with one layout), so the block amax and
-scale are computed once per block without shuffles, and it writes each half-block's 8 codes as one
-int32 word. The E2M1 encoder (``_common.e2m1_rne_code``) and the block max use integer
+Each half-block's 8 codes are written as one int32 word. With ``HALF_LOADS`` (unit-stride input
+without RHT) each thread holds whole 16-blocks (two 8-element loads with one layout), so the block
+amax and scale are computed once per block without shuffles. The E2M1 encoder (``_common.e2m1_rne_code``) and the block max use integer
 multiply-adds and ``max.NaN`` rather than compare/select chains: the quantizer is bound by the
 ALU pipe's issue rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe").
 
@@ -48,30 +48,32 @@ from nvfp4_megatron.kernels._common import (
 from nvfp4_megatron.kernels.amax import amax_2d
 
 # Tile shape: BLOCK_R rows x (G x 16) columns. 32 x 128 reads 8 KiB of BF16 per program.
-DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4}
+# HALF_LOADS (used only for unit-stride input without RHT): 0 = one 16-wide tile load, the 16
+# elements of a block in two threads; 1 = two 8-wide loads per block, so each thread holds whole
+# blocks (scale computed once per block, no shuffles) at the price of half-sector loads.
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0}
 
 
 @triton.jit
-def _load_halves(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
-                 CONTIG: tl.constexpr):
-    """The tile as two FP32 halves ``[BLOCK_R, G, 8]``: elements 0-7 and 8-15 of each 16-block.
+def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other):
+    """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
+    (one 16-byte load per block for BF16; both halves get one layout)."""
+    cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
+    mask = (rows < R)[:, None, None] & (cols < C)
+    return tl.load(ptr + rows[:, None, None].to(tl.int64) * stride_r + cols, mask=mask, other=other).to(tl.float32)
 
-    Both halves have the same layout, so each thread holds whole 16-blocks: the block amax, the
-    block scale and its reciprocal are computed once per block, with no shuffles between
-    threads. ``CONTIG`` (no RHT, unit column stride): two 16-byte vector loads per block.
-    Otherwise the 16-wide tile (RHT butterflies, strided reads) is split in registers.
-    """
-    if CONTIG:
-        k8 = tl.arange(0, 8)
-        cols = chunks[None, :, None].to(tl.int64) * 16 + k8[None, None, :]
-        mask = (rows < R)[:, None, None] & (cols < C)
-        ptrs = x_ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
-        xa = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        xb = tl.load(ptrs + 8, mask=mask, other=0.0).to(tl.float32)
-    else:
-        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
-        xa, xb = tl.split(tl.permute(tl.reshape(x, [x.shape[0], x.shape[1], 2, 8]), 0, 1, 3, 2))
-    return xa, xb
+
+@triton.jit
+def _sr_uniforms(seed_ptr, rows, chunks, C, G: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+                 HALF: tl.constexpr):
+    """24-bit uniforms for ``WIDTH`` (16 or 8) elements from element ``8*HALF`` of each block: one
+    Philox4x32 call per 4 elements, counter = (element index) // 4, element ``4c + 2i + j`` gets
+    word ``2j + i`` of counter ``c`` (a fixed permutation inside each group of 4)."""
+    q = tl.arange(0, WIDTH // 4)
+    ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + 2 * HALF + q[None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_R, G, WIDTH])
+    return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
 
 
 @triton.jit
@@ -81,29 +83,25 @@ def _max_nan_combine(a, b):
 
 @triton.jit
 def _max_nan(x, axis: tl.constexpr):
-    """``tl.max`` that propagates NaN (as ``torch.amax`` and the reference's block amax do)."""
+    """``tl.max`` that propagates NaN (as ``torch.amax`` and the reference's block amax do); the
+    ``|.|`` of the callers folds into ``max.NaN``'s operands."""
     return tl.reduce(x, axis, _max_nan_combine)
 
 
 @triton.jit
 def _pack8(codes):
-    """Eight E2M1 codes ``[BR, G, 8]`` -> one int32 word per block half: element ``k`` in bits
+    """E2M1 codes ``[A, B, 8]`` -> one int32 word per group of 8: element ``k`` in bits
     ``4k..4k+3`` (in little-endian bytes: element 2i in the low nibble of byte i)."""
     shift = tl.arange(0, 8) * 4
     return tl.sum(codes << shift[None, None, :], axis=2)
 
 
 @triton.jit
-def _sr_uniforms(seed_ptr, rows, chunks, C, HALF: tl.constexpr):
-    """24-bit uniforms for elements ``8*HALF .. 8*HALF+7`` of each block: Philox4x32 with counter
-    ``(element index) // 4``, its 4 words to the 4 elements of that group, in order."""
-    q = tl.arange(0, 2)
-    ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + 2 * HALF + q[None, None, :]
-    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
-    # Element 4c + 2i + j of the half gets word 2j + i of counter c (the permutation the 16-wide
-    # tile used: flattened join(join(r0, r1), join(r2, r3))).
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], chunks.shape[0], 8])
-    return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
+    if SR:
+        return e2m1_sr_code(y, u, not ON_GPU)
+    else:
+        return e2m1_rne_code(y, not ON_GPU)
 
 
 @triton.jit
@@ -113,13 +111,17 @@ def _nvfp4_kernel(
     R, C, stride_r, stride_c,
     BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
     RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
-    CONTIG: tl.constexpr,
+    HALF_LOADS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     chunks = pid_c * G + tl.arange(0, G)
-    xa, xb = _load_halves(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, CONTIG)
+    if HALF_LOADS:
+        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0)
+        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0)
+    else:
+        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
 
     # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
     amax = tl.load(amax_ptr)
@@ -131,9 +133,11 @@ def _nvfp4_kernel(
         tl.store(gscale_ptr, s_enc)
         tl.store(gscale_ptr + 1, s_dec)
 
-    # Block amax (NaN propagates: max.NaN, the |.| folded into its operands); 16x16 tiles take
-    # the max over 16 rows.
-    bmax = _max_nan(tl.maximum(tl.abs(xa), tl.abs(xb), propagate_nan=tl.PropagateNan.ALL), 2)
+    # Block amax (NaN propagates), then 16x16 tiles take the max over 16 rows.
+    if HALF_LOADS:
+        bmax = _max_nan(tl.maximum(tl.abs(xa), tl.abs(xb), propagate_nan=tl.PropagateNan.ALL), 2)
+    else:
+        bmax = _max_nan(tl.abs(x), 2)
     if TILE_R != 1:
         t = _max_nan(tl.reshape(bmax, [BLOCK_R // TILE_R, TILE_R, G]), 1)
         bmax = tl.reshape(
@@ -143,35 +147,46 @@ def _nvfp4_kernel(
 
     sb_code, sb_val = round_fp8(bmax * (s_enc * 0.16666666666666666), 3, -6, 448.0)
     enc = tl.minimum(tl.div_rn(1.0, sb_val * s_dec), FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
-    ya = xa * enc[:, :, None]  # the clamp to [-6, 6] happens inside the E2M1 encoders
-    yb = xb * enc[:, :, None]
 
-    if SR:
-        if RAND_TENSOR:
-            k8 = tl.arange(0, 8)
-            lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + k8[None, None, :]
-            emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + k8[None, None, :]) < C)
-            ua = tl.load(rand_ptr + lin, mask=emask, other=1.0)
-            ub = tl.load(rand_ptr + lin + 8, mask=emask, other=1.0)
-        else:
-            ua = _sr_uniforms(seed_ptr, rows, chunks, C, 0)
-            ub = _sr_uniforms(seed_ptr, rows, chunks, C, 1)
-        ca = e2m1_sr_code(ya, ua, not ON_GPU)
-        cb = e2m1_sr_code(yb, ub, not ON_GPU)
+    # Codes of x * enc (the clamp to [-6, 6] happens inside the E2M1 encoders), packed eight to
+    # an int32 word: two words per block, word 2g + h holding elements 8h..8h+7 of block g.
+    if HALF_LOADS:
+        ua = xa  # not read unless SR
+        ub = xb
+        if SR:
+            if RAND_TENSOR:
+                ua = _load_half(rand_ptr, rows, chunks, R, C, C, 0, 1.0)
+                ub = _load_half(rand_ptr, rows, chunks, R, C, C, 1, 1.0)
+            else:
+                ua = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 0)
+                ub = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 1)
+        wa = _pack8(_codes(xa * enc[:, :, None], ua, SR, ON_GPU))
+        wb = _pack8(_codes(xb * enc[:, :, None], ub, SR, ON_GPU))
+        words = tl.reshape(tl.join(wa, wb), [BLOCK_R, 2 * G])
     else:
-        ca = e2m1_rne_code(ya, not ON_GPU)
-        cb = e2m1_rne_code(yb, not ON_GPU)
+        u = x  # not read unless SR
+        if SR:
+            if RAND_TENSOR:
+                kk = tl.arange(0, 16)
+                lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + kk[None, None, :]
+                emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + kk[None, None, :]) < C)
+                u = tl.load(rand_ptr + lin, mask=emask, other=1.0)
+            else:
+                u = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 16, 0)
+        c = _codes(x * enc[:, :, None], u, SR, ON_GPU)
+        words = tl.reshape(_pack8(tl.reshape(c, [BLOCK_R, 2 * G, 8])), [BLOCK_R, 2 * G])
 
-    # Two int32 words per block (bytes 0-3: elements 0-7, bytes 4-7: elements 8-15).
     rmask = rows < R
-    wmask = rmask[:, None] & (chunks[None, :] < C // 16)
-    wptr = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + chunks[None, :] * 2
-    tl.store(wptr, _pack8(ca), mask=wmask)
-    tl.store(wptr + 1, _pack8(cb), mask=wmask)
+    wcols = pid_c * 2 * G + tl.arange(0, 2 * G)
+    tl.store(
+        data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :],
+        words,
+        mask=rmask[:, None] & (wcols[None, :] < C // 8),
+    )
     tl.store(
         scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
         sb_code.to(tl.uint8),
-        mask=wmask,
+        mask=rmask[:, None] & (chunks[None, :] < C // 16),
     )
 
 
@@ -239,7 +254,7 @@ def quantize_nvfp4_2d(
         rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
-        ON_GPU=x2d.is_cuda, CONTIG=(not rht) and x2d.stride(1) == 1,
+        ON_GPU=x2d.is_cuda, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht and x2d.stride(1) == 1,
         num_warps=cfg["num_warps"],
     )
     return data, scale, amax_fp32, gscale[0], gscale[1]
