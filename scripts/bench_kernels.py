@@ -85,9 +85,9 @@ def main(argv=None) -> int:
         row_cfgs += [  # elements per thread = BLOCK_R * G * 16 / (32 * num_warps)
             {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
             {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
-            {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1},  # 32, whole blocks per thread
-            {"BLOCK_R": 16, "G": 16, "num_warps": 4, "HALF_LOADS": 1},
-            {"BLOCK_R": 64, "G": 8, "num_warps": 4, "HALF_LOADS": 1},  # 64
+            {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 32, a block in two threads
+            {"BLOCK_R": 16, "G": 16, "num_warps": 4, "HALF_LOADS": 0},
+            {"BLOCK_R": 64, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 64
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
             {"BLOCK_R": 64, "G": 4, "num_warps": 4},
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         ]
 
     def tag(cfg):
-        return f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} w{cfg['num_warps']}{' half-loads' if cfg.get('HALF_LOADS') else ''}]"
+        return f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} w{cfg['num_warps']}{' half-loads' if cfg.get('HALF_LOADS', k_nvfp4.DEFAULT_CONFIG['HALF_LOADS']) else ''}]"
 
     def same_bits(fn, cfg, ref):
         """Each swept tile must give the default tile's bytes (the GPU tests check the default)."""

@@ -133,11 +133,11 @@ def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=Tr
         case("nvfp4 2d 16x16", check_nvfp4, x, tile=(16, 16))
     rand = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     case("nvfp4 sr rand", check_nvfp4, x, stochastic_rounding=True, rand=rand)
-    half = {"HALF_LOADS": 1}  # the other load layout (two 8-element loads per block)
-    case("nvfp4 rowwise half-loads", check_nvfp4, x, kernel_config=half)
-    case("nvfp4 sr rand half-loads", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=half)
+    tile16 = {"HALF_LOADS": 0}  # the other load layout (one 16-wide load, a block in two threads)
+    case("nvfp4 rowwise tile16", check_nvfp4, x, kernel_config=tile16)
+    case("nvfp4 sr rand tile16", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=tile16)
     if x.shape[0] % 16 == 0:
-        case("nvfp4 2d 16x16 half-loads", check_nvfp4, x, tile=(16, 16), kernel_config=half)
+        case("nvfp4 2d 16x16 tile16", check_nvfp4, x, tile=(16, 16), kernel_config=tile16)
     if cols_ok:
         rand_t = torch.rand(x.t().shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
         case("nvfp4 columnwise rht sr rand", check_nvfp4, x.t(), rht=True, stochastic_rounding=True, rand=rand_t)
