@@ -83,8 +83,7 @@ def round_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr):
     return code, value
 
 
-_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + MAGIC rounds v (|v| < 2^22) to an integer, RNE
-_MAGIC_BITS = tl.constexpr(0x4B400000)  # bit pattern of MAGIC; bits(MAGIC + r) = MAGIC_BITS + r
+_MAGIC_BITS = tl.constexpr(0x4B400000)  # bits of 1.5 * 2^23 (ulp 1): bits(1.5 * 2^23 + r) = _MAGIC_BITS + r
 
 
 @triton.jit

@@ -12,11 +12,12 @@ Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two laun
    ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
    the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.
 
-Each half-block's 8 codes are written as one int32 word. With ``HALF_LOADS`` (unit-stride input
-without RHT) each thread holds whole 16-blocks (two 8-element loads with one layout), so the block
-amax and scale are computed once per block without shuffles. The E2M1 encoder (``_common.e2m1_rne_code``) and the block max use integer
-multiply-adds and ``max.NaN`` rather than compare/select chains: the quantizer is bound by the
-ALU pipe's issue rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe").
+Each half-block's 8 codes are written as one int32 word. With ``HALF_LOADS`` (the default; used for
+unit-stride input without RHT) each thread holds whole 16-blocks (two 8-element loads with one
+layout), so the block amax and scale are computed once per block without shuffles. The E2M1
+encoder (``_common.e2m1_rne_code``) and the block max use integer multiply-adds and ``max.NaN``
+rather than compare/select chains: on the H200 the old kernel was bound by the ALU pipe's issue
+rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe").
 
 Columnwise (Wgrad) copies: pass the transposed view ``x.t()``; the kernel reads it in place
 through its strides (no transpose copy), blocks run along the token dimension, and the RHT mixes
