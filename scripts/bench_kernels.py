@@ -73,11 +73,16 @@ def main(argv=None) -> int:
         print(f"{name:58s} {t * 1e3:8.1f} us {gbs:7.0f} GB/s {100 * gbs / copy_gbs:5.1f}% copy{tgt}", flush=True)
         return t
 
+    amax_ok = True
     for cfg in k_amax.CONFIGS if not args.no_sweep else [k_amax.DEFAULT_CONFIG]:
-        tag = f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} x{cfg['ITERS']} w{cfg['num_warps']}]"
+        tag = f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} x{cfg['ITERS']} w{cfg['num_warps']}{' col-fastest' if cfg.get('COL_FASTEST') else ''}]"
         add(f"amax (global, rowwise) {tag}", lambda cfg=cfg: k_amax.amax_2d(x, config=cfg), n * 2)
+        amax_ok &= torch.equal(k_amax.amax_2d(x, config=cfg), amax_row)
         add(f"amax (post-RHT along tokens, x.t()) {tag}",
             lambda cfg=cfg: k_amax.amax_2d(xt, signs_fp32=signs, config=cfg), n * 2)
+        amax_ok &= torch.equal(k_amax.amax_2d(xt, signs_fp32=signs, config=cfg), amax_col)
+    if not amax_ok:
+        print("  !! a swept amax tile gives another amax than the default tile", flush=True)
 
     row_cfgs = [k_nvfp4.DEFAULT_CONFIG]
     col_cfgs = [k_nvfp4.DEFAULT_CONFIG]
@@ -86,18 +91,34 @@ def main(argv=None) -> int:
             {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
             {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
             {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 32, a block in two threads
-            {"BLOCK_R": 16, "G": 16, "num_warps": 4, "HALF_LOADS": 0},
-            {"BLOCK_R": 64, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 64
+            {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0, "COL_FASTEST": 1},
+            # grid order, row tiles per program (next tile prefetched), streaming cache hints
+            {"COL_FASTEST": 1},
+            {"BLOCK_R": 16, "G": 16, "COL_FASTEST": 1},
+            {"ITERS": 2},
+            {"ITERS": 2, "COL_FASTEST": 1},
+            {"ITERS": 4, "COL_FASTEST": 1},
+            {"BLOCK_R": 16, "ITERS": 4, "COL_FASTEST": 1},
+            {"STREAM": 1},
+            {"STREAM": 1, "COL_FASTEST": 1},
+            {"STREAM": 1, "COL_FASTEST": 1, "ITERS": 2},
+            {"num_warps": 8, "BLOCK_R": 64, "COL_FASTEST": 1},
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
             {"BLOCK_R": 64, "G": 4, "num_warps": 4},
             {"BLOCK_R": 128, "G": 2, "num_warps": 4},
             {"BLOCK_R": 128, "G": 4, "num_warps": 8},
             {"BLOCK_R": 64, "G": 8, "num_warps": 8},
+            {"COL_FASTEST": 1},
+            {"ITERS": 2},
+            {"BLOCK_R": 64, "G": 4, "ITERS": 2},
         ]
 
     def tag(cfg):
-        return f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} w{cfg['num_warps']}{' half-loads' if cfg.get('HALF_LOADS', k_nvfp4.DEFAULT_CONFIG['HALF_LOADS']) else ''}]"
+        c = dict(k_nvfp4.DEFAULT_CONFIG, **cfg)
+        extra = "".join([" half-loads" if c["HALF_LOADS"] else "", f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
+                         " col-fastest" if c["COL_FASTEST"] else "", " stream" if c["STREAM"] else ""])
+        return f"[{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
 
     def same_bits(fn, cfg, ref):
         """Each swept tile must give the default tile's bytes (the GPU tests check the default)."""
@@ -126,9 +147,19 @@ def main(argv=None) -> int:
     add("nvfp4 columnwise+RHT incl. post-RHT amax pass", lambda: k_nvfp4.quantize_nvfp4(xt, rht=True), nv_bytes, 0.15)
     add("nvfp4 columnwise no RHT (x.t()), amax given",
         lambda: k_nvfp4.quantize_nvfp4(xt, amax=amax_row), nv_bytes)
-    add("nvfp4 2D 16x16 (weights), amax given", lambda: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row), nv_bytes)
-    add("nvfp4 rowwise SR (Philox), amax given",
-        lambda: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row), nv_bytes)
+    for cfg in [{}] + ([] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+        add(f"nvfp4 2D 16x16 (weights), amax given {tag(cfg)}",
+            lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=cfg), nv_bytes)
+        bits_ok &= same_bits(lambda c: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=c), cfg,
+                             k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row))
+    seed = torch.tensor([1234], dtype=torch.int32, device=dev)
+    for cfg in [{}] + ([] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+        add(f"nvfp4 rowwise SR (Philox), amax given {tag(cfg)}",
+            lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed, config=cfg),
+            nv_bytes)
+        bits_ok &= same_bits(lambda c: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed,
+                                                              config=c), cfg,
+                             k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed))
     add("nvfp4 columnwise+RHT+SR, amax given",
         lambda: k_nvfp4.quantize_nvfp4(xt, rht=True, stochastic_rounding=True, amax=amax_col), nv_bytes)
     for cfg in [k_mx.DEFAULT_CONFIG] + ([] if args.no_sweep else [{"BLOCK_R": 16, "G": 8, "num_warps": 4},
@@ -161,9 +192,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"copy_GBps": copy_gbs, "copy_ms": t_copy, "shape": [R, C],
                        "device": torch.cuda.get_device_name(), "swept_tiles_same_bits": bits_ok,
+                       "swept_amax_tiles_same_amax": amax_ok,
                        "results": results}, f, indent=1)
-    print(f"swept NVFP4 tiles give the default tile's bits: {bits_ok}")
-    return 0 if bits_ok else 1
+    print(f"swept NVFP4 tiles give the default tile's bits: {bits_ok}; swept amax tiles the same amax: {amax_ok}")
+    return 0 if bits_ok and amax_ok else 1
 
 
 if __name__ == "__main__":

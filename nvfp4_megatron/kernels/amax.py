@@ -19,12 +19,16 @@ import triton.language as tl
 
 from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d
 
-# Tile of BLOCK_R x (G x 16) elements, ITERS row-tiles per program (one atomic per program).
-DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4}
+# Tile of BLOCK_R x (G x 16) elements, ITERS row-tiles per program (one atomic per program);
+# COL_FASTEST: a 1-D grid whose consecutive programs take neighbouring column chunks.
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4, "COL_FASTEST": 0}
 CONFIGS = [
     {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4},
+    {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4, "COL_FASTEST": 1},
+    {"BLOCK_R": 32, "G": 8, "ITERS": 4, "num_warps": 4, "COL_FASTEST": 1},
     {"BLOCK_R": 16, "G": 16, "ITERS": 16, "num_warps": 4},
     {"BLOCK_R": 64, "G": 8, "ITERS": 4, "num_warps": 8},
+    {"BLOCK_R": 64, "G": 8, "ITERS": 4, "num_warps": 8, "COL_FASTEST": 1},
     {"BLOCK_R": 64, "G": 4, "ITERS": 4, "num_warps": 4},
 ]
 
@@ -33,11 +37,19 @@ CONFIGS = [
 def _amax_kernel(
     x_ptr, out_ptr, h_ptr, R, C, stride_r, stride_c,
     BLOCK_R: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr, RHT: tl.constexpr,
+    COL_FASTEST: tl.constexpr,
 ):
-    chunks = tl.program_id(1) * G + tl.arange(0, G)
+    if COL_FASTEST:  # 1-D grid, consecutive programs on neighbouring column chunks of one row band
+        n_c = tl.cdiv(C, 16 * G)
+        pid_c = tl.program_id(0) % n_c
+        pid_r = tl.program_id(0) // n_c
+    else:
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+    chunks = pid_c * G + tl.arange(0, G)
     running = tl.zeros([BLOCK_R, G, 16], dtype=tl.int32)
     for i in tl.static_range(ITERS):
-        rows = (tl.program_id(0) * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
         running = tl.maximum(running, abs_bits(x))
     m = tl.max(tl.max(tl.max(running, axis=2), axis=1), axis=0)
@@ -55,9 +67,11 @@ def amax_2d(x2d: torch.Tensor, *, signs_fp32: torch.Tensor | None = None, config
         raise ValueError(f"amax_2d: rht needs the last dimension ({cols}) divisible by 16")
     h = signs_fp32 if rht else torch.empty(1, dtype=torch.float32, device=x2d.device)
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"] * cfg["ITERS"]), triton.cdiv(cols, 16 * cfg["G"]))
+    n_r, n_c = triton.cdiv(rows, cfg["BLOCK_R"] * cfg["ITERS"]), triton.cdiv(cols, 16 * cfg["G"])
+    grid = (n_r * n_c,) if cfg["COL_FASTEST"] else (n_r, n_c)
     _amax_kernel[grid](
         x2d, out_i32, h, rows, cols, x2d.stride(0), x2d.stride(1),
-        BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], ITERS=cfg["ITERS"], RHT=rht, num_warps=cfg["num_warps"],
+        BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], ITERS=cfg["ITERS"], RHT=rht,
+        COL_FASTEST=bool(cfg["COL_FASTEST"]), num_warps=cfg["num_warps"],
     )
     return out_i32.view(torch.float32).reshape(())

@@ -54,16 +54,24 @@ from nvfp4_megatron.kernels.amax import amax_2d
 # blocks (scale computed once per block, no shuffles) at the price of half-sector loads: 143 us
 # against 158 us on the 8192 x 20480 tensor (H200, PERFORMANCE.md, "The NVFP4 quantizer off the
 # ALU pipe"), with 8-byte word stores (with two 4-byte stores per block it took 392 us).
-DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1}
+# ITERS: row tiles per program, each next tile's load issued before the current one is encoded;
+# COL_FASTEST: a 1-D grid whose consecutive programs take neighbouring column chunks (so the
+# programs in flight read whole rows) instead of neighbouring row tiles; STREAM: evict-first
+# loads and streaming (.cs) stores (half-block loads only). None of them changes the bytes.
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS": 1, "COL_FASTEST": 0,
+                  "STREAM": 0}
 
 
 @triton.jit
-def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other):
+def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr):
     """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
     (one 16-byte load per block for BF16; both halves get one layout)."""
     cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
     mask = (rows < R)[:, None, None] & (cols < C)
-    return tl.load(ptr + rows[:, None, None].to(tl.int64) * stride_r + cols, mask=mask, other=other).to(tl.float32)
+    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
+    if STREAM:  # read once: let it leave L2 first
+        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
 
 
 @triton.jit
@@ -108,39 +116,30 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _nvfp4_kernel(
-    x_ptr, h_ptr, amax_ptr, rand_ptr, seed_ptr,
-    data_ptr, scale_ptr, gscale_ptr,
-    R, C, stride_r, stride_c,
-    BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
-    RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
-    HALF_LOADS: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    chunks = pid_c * G + tl.arange(0, G)
+def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
+               HALF_LOADS: tl.constexpr, STREAM: tl.constexpr):
+    """The input tile: with ``HALF_LOADS`` its two half-blocks ``[BR, G, 8]``, else ``[BR, G, 16]`` twice."""
     if HALF_LOADS:
-        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0)
-        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0)
+        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
+        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM)
     else:
-        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        xa = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        xb = xa
+    return xa, xb
 
-    # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
-    amax = tl.load(amax_ptr)
-    valid = (amax > 0.0) & (amax <= FP32_MAX)
-    s_enc = tl.minimum(tl.div_rn(2688.0, tl.where(valid, amax, 1.0)), FP32_MAX)
-    s_enc = tl.where(valid, s_enc, 1.0)
-    s_dec = tl.div_rn(1.0, s_enc)
-    if (pid_r == 0) & (pid_c == 0):
-        tl.store(gscale_ptr, s_enc)
-        tl.store(gscale_ptr + 1, s_dec)
 
+@triton.jit
+def _quantize_tile(
+    xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr, scale_ptr, R, C,
+    BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr, SR: tl.constexpr,
+    RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr, HALF_LOADS: tl.constexpr, STREAM: tl.constexpr,
+):
+    """Block scales and codes of one loaded tile (``_load_tile``), stored."""
     # Block amax (NaN propagates), then 16x16 tiles take the max over 16 rows.
     if HALF_LOADS:
         bmax = _max_nan(tl.maximum(tl.abs(xa), tl.abs(xb), propagate_nan=tl.PropagateNan.ALL), 2)
     else:
-        bmax = _max_nan(tl.abs(x), 2)
+        bmax = _max_nan(tl.abs(xa), 2)
     if TILE_R != 1:
         t = _max_nan(tl.reshape(bmax, [BLOCK_R // TILE_R, TILE_R, G]), 1)
         bmax = tl.reshape(
@@ -158,8 +157,8 @@ def _nvfp4_kernel(
         ub = xb
         if SR:
             if RAND_TENSOR:
-                ua = _load_half(rand_ptr, rows, chunks, R, C, C, 0, 1.0)
-                ub = _load_half(rand_ptr, rows, chunks, R, C, C, 1, 1.0)
+                ua = _load_half(rand_ptr, rows, chunks, R, C, C, 0, 1.0, False)
+                ub = _load_half(rand_ptr, rows, chunks, R, C, C, 1, 1.0, False)
             else:
                 ua = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 0)
                 ub = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 1)
@@ -167,30 +166,70 @@ def _nvfp4_kernel(
         wb = _pack8(_codes(xb * enc[:, :, None], ub, SR, ON_GPU))
         words = tl.reshape(tl.join(wa, wb), [BLOCK_R, 2 * G])
     else:
-        u = x  # not read unless SR
+        u = xa  # not read unless SR
         if SR:
             if RAND_TENSOR:
-                kk = tl.arange(0, 16)
-                lin = rows[:, None, None].to(tl.int64) * C + chunks[None, :, None] * 16 + kk[None, None, :]
-                emask = (rows[:, None, None] < R) & ((chunks[None, :, None] * 16 + kk[None, None, :]) < C)
-                u = tl.load(rand_ptr + lin, mask=emask, other=1.0)
+                u = load_tile_3d(rand_ptr, rows, chunks, C, 1, R, C, rand_ptr, 16, False)
             else:
                 u = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 16, 0)
-        c = _codes(x * enc[:, :, None], u, SR, ON_GPU)
+        c = _codes(xa * enc[:, :, None], u, SR, ON_GPU)
         words = tl.reshape(_pack8(tl.reshape(c, [BLOCK_R, 2 * G, 8])), [BLOCK_R, 2 * G])
 
     rmask = rows < R
     wcols = pid_c * 2 * G + tl.arange(0, 2 * G)
-    tl.store(
-        data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :],
-        words,
-        mask=rmask[:, None] & (wcols[None, :] < C // 8),
-    )
-    tl.store(
-        scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
-        sb_code.to(tl.uint8),
-        mask=rmask[:, None] & (chunks[None, :] < C // 16),
-    )
+    wptrs = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :]
+    wmask = rmask[:, None] & (wcols[None, :] < C // 8)
+    sptrs = scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :]
+    smask = rmask[:, None] & (chunks[None, :] < C // 16)
+    if STREAM:
+        tl.store(wptrs, words, mask=wmask, cache_modifier=".cs")
+        tl.store(sptrs, sb_code.to(tl.uint8), mask=smask, cache_modifier=".cs")
+    else:
+        tl.store(wptrs, words, mask=wmask)
+        tl.store(sptrs, sb_code.to(tl.uint8), mask=smask)
+
+
+@triton.jit
+def _nvfp4_kernel(
+    x_ptr, h_ptr, amax_ptr, rand_ptr, seed_ptr,
+    data_ptr, scale_ptr, gscale_ptr,
+    R, C, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
+    RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
+    HALF_LOADS: tl.constexpr, ITERS: tl.constexpr, COL_FASTEST: tl.constexpr, STREAM: tl.constexpr,
+):
+    if COL_FASTEST:  # 1-D grid, consecutive programs on neighbouring column chunks of one row band
+        n_c = tl.cdiv(C // 16, G)
+        pid_c = tl.program_id(0) % n_c
+        pid_r = tl.program_id(0) // n_c
+    else:
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+    chunks = pid_c * G + tl.arange(0, G)
+
+    # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
+    amax = tl.load(amax_ptr)
+    valid = (amax > 0.0) & (amax <= FP32_MAX)
+    s_enc = tl.minimum(tl.div_rn(2688.0, tl.where(valid, amax, 1.0)), FP32_MAX)
+    s_enc = tl.where(valid, s_enc, 1.0)
+    s_dec = tl.div_rn(1.0, s_enc)
+    if (pid_r == 0) & (pid_c == 0):
+        tl.store(gscale_ptr, s_enc)
+        tl.store(gscale_ptr + 1, s_dec)
+
+    # ITERS row tiles, the next tile's load issued before the current tile is encoded and stored.
+    rows = pid_r * (ITERS * BLOCK_R) + tl.arange(0, BLOCK_R)
+    xa, xb = _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, HALF_LOADS, STREAM)
+    for i in tl.static_range(ITERS):
+        if i + 1 < ITERS:
+            na, nb = _load_tile(x_ptr, h_ptr, rows + BLOCK_R, chunks, R, C, stride_r, stride_c, RHT,
+                                HALF_LOADS, STREAM)
+        _quantize_tile(xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr,
+                       scale_ptr, R, C, BLOCK_R, G, TILE_R, SR, RAND_TENSOR, ON_GPU, HALF_LOADS, STREAM)
+        if i + 1 < ITERS:
+            xa = na
+            xb = nb
+            rows += BLOCK_R
 
 
 def _seed_from_generator(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -250,7 +289,8 @@ def quantize_nvfp4_2d(
     block_r = cfg["BLOCK_R"]
     if tile[0] != 1 and block_r % tile[0] != 0:
         raise ValueError(f"kernel config BLOCK_R={block_r} must be a multiple of the tile height {tile[0]}")
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols // 16, cfg["G"]))
+    n_r, n_c = triton.cdiv(rows, block_r * cfg["ITERS"]), triton.cdiv(cols // 16, cfg["G"])
+    grid = (n_r * n_c,) if cfg["COL_FASTEST"] else (n_r, n_c)
     _nvfp4_kernel[grid](
         x2d, h if rht else dummy_f, amax_fp32.reshape(1), rand_c, seed_c,
         data, scale, gscale,
@@ -258,6 +298,7 @@ def quantize_nvfp4_2d(
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
         ON_GPU=x2d.is_cuda, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht and x2d.stride(1) == 1,
+        ITERS=cfg["ITERS"], COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]),
         num_warps=cfg["num_warps"],
     )
     return data, scale, amax_fp32, gscale[0], gscale[1]

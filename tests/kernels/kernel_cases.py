@@ -68,6 +68,22 @@ def check_nvfp4(name: str, x: torch.Tensor, *, kernel_config: dict | None = None
     assert (got.shape, got.tile, got.rht, got.rht_signs) == (want.shape, want.tile, want.rht, want.rht_signs), name
 
 
+def check_amax_configs(name: str, x2d: torch.Tensor) -> None:
+    """The amax kernel under every swept tile (and small tiles with the 1-D column-fastest grid):
+    ``max |x|`` and the post-RHT amax of ``x2d.t()`` equal the reference's bits."""
+    from nvfp4_megatron.formats.inputs import global_amax
+    from nvfp4_megatron.kernels import amax as k_amax
+    from nvfp4_megatron.kernels._common import rht_signs_on
+
+    signs = rht_signs_on(x2d.device)
+    want = global_amax(x2d.cpu().float())
+    want_t = global_amax(formats.apply_rht(x2d.cpu().t()))
+    small = [{"BLOCK_R": 16, "G": 1, "ITERS": 2, "COL_FASTEST": c} for c in (0, 1)]
+    for cfg in k_amax.CONFIGS + small:
+        _same(f"{name} {cfg}", "amax", k_amax.amax_2d(x2d, config=cfg), want)
+        _same(f"{name} {cfg}", "post-RHT amax", k_amax.amax_2d(x2d.t(), signs_fp32=signs, config=cfg), want_t)
+
+
 def check_mx(name: str, x: torch.Tensor, elem_dtype) -> None:
     got = k_mx.quantize_mx(x, elem_dtype)
     want = formats.quantize_mx(x.cpu(), elem_dtype)
@@ -139,6 +155,18 @@ def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=Tr
     if x.shape[0] % 16 == 0:
         case("nvfp4 2d 16x16 tile16", check_nvfp4, x, tile=(16, 16), kernel_config=tile16)
     if cols_ok:
+        case("amax configs", check_amax_configs, x)
+    # several row tiles per program (the next one prefetched), the 1-D column-fastest grid and the
+    # streaming cache hints: small tiles so that the shapes here take several programs and a
+    # partial last tile
+    multi = {"BLOCK_R": 16, "G": 2, "ITERS": 2, "COL_FASTEST": 1, "STREAM": 1}
+    case("nvfp4 rowwise multi", check_nvfp4, x, kernel_config=multi)
+    case("nvfp4 sr rand multi", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=multi)
+    case("nvfp4 rowwise tile16 multi", check_nvfp4, x, kernel_config=dict(multi, HALF_LOADS=0))
+    if x.shape[0] % 16 == 0:
+        case("nvfp4 2d 16x16 multi", check_nvfp4, x, tile=(16, 16), kernel_config=multi)
+    if cols_ok:
+        case("nvfp4 columnwise rht multi", check_nvfp4, x.t(), rht=True, kernel_config=multi)
         rand_t = torch.rand(x.t().shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
         case("nvfp4 columnwise rht sr rand", check_nvfp4, x.t(), rht=True, stochastic_rounding=True, rand=rand_t)
     if x.shape[-1] % 32 == 0:

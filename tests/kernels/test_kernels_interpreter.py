@@ -58,6 +58,11 @@ assert not torch.equal(b.data, c.data)
 # the 16-wide tile load layout draws the same Philox words for each element as the half-block one
 d = kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=s9.to(torch.int32), config={{"HALF_LOADS": 0}})
 assert torch.equal(d.data, b.data) and torch.equal(d.scale.view(torch.uint8), b.scale.view(torch.uint8))
+# and so do several row tiles per program under the 1-D column-fastest grid, in both layouts
+for half in (0, 1):
+    cfg = {{"BLOCK_R": 16, "G": 2, "ITERS": 2, "COL_FASTEST": 1, "HALF_LOADS": half}}
+    e = kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=s9.to(torch.int32), config=cfg)
+    assert torch.equal(e.data, b.data) and torch.equal(e.scale.view(torch.uint8), b.scale.view(torch.uint8)), half
 try:
     kc.k_nvfp4.quantize_nvfp4(xs, stochastic_rounding=True, seed=s9)  # int64: refused
     raise AssertionError("an int64 seed tensor was accepted")
