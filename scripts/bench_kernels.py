@@ -91,18 +91,17 @@ def main(argv=None) -> int:
             {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
             {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
             {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 32, a block in two threads
-            {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0, "COL_FASTEST": 1},
             # grid order, row tiles per program (next tile prefetched), streaming cache hints
             {"COL_FASTEST": 1},
             {"BLOCK_R": 16, "G": 16, "COL_FASTEST": 1},
-            {"ITERS": 2},
             {"ITERS": 2, "COL_FASTEST": 1},
             {"ITERS": 4, "COL_FASTEST": 1},
             {"BLOCK_R": 16, "ITERS": 4, "COL_FASTEST": 1},
-            {"STREAM": 1},
             {"STREAM": 1, "COL_FASTEST": 1},
-            {"STREAM": 1, "COL_FASTEST": 1, "ITERS": 2},
-            {"num_warps": 8, "BLOCK_R": 64, "COL_FASTEST": 1},
+            {"HALF_LOADS": 2},  # second half-block load issued after the first arrived
+            {"HALF_LOADS": 2, "BLOCK_R": 16, "G": 16},
+            {"HALF_LOADS": 2, "BLOCK_R": 64},
+            {"HALF_LOADS": 0, "BLOCK_R": 16, "G": 16},
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
             {"BLOCK_R": 64, "G": 4, "num_warps": 4},
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
 
     def tag(cfg):
         c = dict(k_nvfp4.DEFAULT_CONFIG, **cfg)
-        extra = "".join([" half-loads" if c["HALF_LOADS"] else "", f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
+        extra = "".join([{0: "", 1: " half-loads", 2: " half-loads dep"}[c["HALF_LOADS"]], f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
                          " col-fastest" if c["COL_FASTEST"] else "", " stream" if c["STREAM"] else ""])
         return f"[{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
 

@@ -63,12 +63,12 @@ DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS
 
 
 @triton.jit
-def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr):
+def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr, dep=0):
     """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
     (one 16-byte load per block for BF16; both halves get one layout)."""
     cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
     mask = (rows < R)[:, None, None] & (cols < C)
-    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
+    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols + dep
     if STREAM:  # read once: let it leave L2 first
         return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
     return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
@@ -108,6 +108,22 @@ def _pack8(codes):
 
 
 @triton.jit
+def _block_scale(v, ON_GPU: tl.constexpr):
+    """E4M3 block scale of FP32 ``v >= 0`` (or NaN): (byte, value as FP32), RNE with saturation.
+
+    On the GPU the hardware ``cvt.rn.satfinite.e4m3x2.f32`` (sm_89+) and the exact E4M3 -> FP32
+    convert; under the interpreter the integer rounding of ``round_fp8``. Same bytes: RNE,
+    saturation to 448, subnormals, and NaN -> 0x7F (``v`` is a max of ``|x|`` times a positive
+    scale, so it is never negative and a NaN here is the positive canonical one).
+    """
+    if ON_GPU:
+        s8 = v.to(tl.float8e4nv)
+        return s8.to(tl.uint8, bitcast=True).to(tl.int32), s8.to(tl.float32)
+    else:
+        return round_fp8(v, 3, -6, 448.0)
+
+
+@triton.jit
 def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
     if SR:
         return e2m1_sr_code(y, u, not ON_GPU)
@@ -119,7 +135,15 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
                HALF_LOADS: tl.constexpr, STREAM: tl.constexpr):
     """The input tile: with ``HALF_LOADS`` its two half-blocks ``[BR, G, 8]``, else ``[BR, G, 16]`` twice."""
-    if HALF_LOADS:
+    if HALF_LOADS == 2:
+        # the second half's addresses depend on the first half's data (through a term that is
+        # always 0: the sign bit of a max of |x|), so it is issued after the first half has
+        # arrived and can hit the sectors the first load brought into L1 (times 8: the offset keeps
+        # the 16-byte alignment, so the load stays one vector load)
+        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
+        dep = _max_nan(tl.abs(xa), 2).to(tl.int32, bitcast=True) >> 31
+        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM, dep[:, :, None] * 8)
+    elif HALF_LOADS:
         xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
         xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM)
     else:
@@ -137,7 +161,7 @@ def _quantize_tile(
     """Block scales and codes of one loaded tile (``_load_tile``), stored."""
     # Block amax (NaN propagates), then 16x16 tiles take the max over 16 rows.
     if HALF_LOADS:
-        bmax = _max_nan(tl.maximum(tl.abs(xa), tl.abs(xb), propagate_nan=tl.PropagateNan.ALL), 2)
+        bmax = tl.maximum(_max_nan(tl.abs(xa), 2), _max_nan(tl.abs(xb), 2), propagate_nan=tl.PropagateNan.ALL)
     else:
         bmax = _max_nan(tl.abs(xa), 2)
     if TILE_R != 1:
@@ -147,7 +171,7 @@ def _quantize_tile(
             [BLOCK_R, G],
         )
 
-    sb_code, sb_val = round_fp8(bmax * (s_enc * 0.16666666666666666), 3, -6, 448.0)
+    sb_code, sb_val = _block_scale(bmax * (s_enc * 0.16666666666666666), ON_GPU)
     enc = tl.minimum(tl.div_rn(1.0, sb_val * s_dec), FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
 
     # Codes of x * enc (the clamp to [-6, 6] happens inside the E2M1 encoders), packed eight to
@@ -297,7 +321,7 @@ def quantize_nvfp4_2d(
         rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
-        ON_GPU=x2d.is_cuda, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht and x2d.stride(1) == 1,
+        ON_GPU=x2d.is_cuda, HALF_LOADS=int(cfg["HALF_LOADS"]) if not rht and x2d.stride(1) == 1 else 0,
         ITERS=cfg["ITERS"], COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]),
         num_warps=cfg["num_warps"],
     )

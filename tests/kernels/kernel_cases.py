@@ -16,6 +16,7 @@ import triton.language as tl
 
 from nvfp4_megatron import formats
 from nvfp4_megatron.formats.rht import round_to_dtype
+from nvfp4_megatron.formats.rounding import e4m3_rne_satfinite
 from nvfp4_megatron.kernels import fp8 as k_fp8
 from nvfp4_megatron.kernels import mx as k_mx
 from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
@@ -163,6 +164,9 @@ def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=Tr
     case("nvfp4 rowwise multi", check_nvfp4, x, kernel_config=multi)
     case("nvfp4 sr rand multi", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=multi)
     case("nvfp4 rowwise tile16 multi", check_nvfp4, x, kernel_config=dict(multi, HALF_LOADS=0))
+    dep = {"HALF_LOADS": 2}  # the second half-block load ordered after the first (an L1 experiment)
+    case("nvfp4 rowwise dep", check_nvfp4, x, kernel_config=dep)
+    case("nvfp4 sr rand dep", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=dep)
     if x.shape[0] % 16 == 0:
         case("nvfp4 2d 16x16 multi", check_nvfp4, x, tile=(16, 16), kernel_config=multi)
     if cols_ok:
@@ -224,6 +228,44 @@ def _round_kernel(x_ptr, like_ptr, out_ptr, N, BLOCK: tl.constexpr):
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
     # the dtype is read from a pointer, as load_tile_3d does with the quantizer's input
     tl.store(out_ptr + offs, round_to_input_dtype(v, like_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _block_scale_kernel(v_ptr, code_ptr, val_ptr, N, ON_GPU: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    code, val = k_nvfp4._block_scale(tl.load(v_ptr + offs, mask=m, other=0.0), ON_GPU)
+    tl.store(code_ptr + offs, code, mask=m)
+    tl.store(val_ptr + offs, val, mask=m)
+
+
+def block_scale_probe() -> torch.Tensor:
+    """Non-negative FP32 inputs of the NVFP4 block-scale rounding: every E4M3 value, the midpoints
+    between neighbours (RNE ties) and one FP32 ulp either side, random bit patterns over every
+    exponent (FP32 subnormals included), values past 448, 0, +Inf and NaN."""
+    e4m3 = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (e4m3[:-1] + e4m3[1:]) / 2  # exact in FP32
+    bits = mid.view(torch.int32)
+    g = torch.Generator().manual_seed(13)
+    rand_bits = torch.randint(0, 0x7F800000, (8192,), generator=g, dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor([0.0, 448.0, 464.0, 464.00003, 480.0, 1e6, 3.4028234663852886e38,
+                             float("inf"), float("nan"), 2.0**-10, 2.0**-10 + 2.0**-30, 2.0**-11])
+    return torch.cat([e4m3, mid, (bits + 1).view(torch.float32), (bits - 1).view(torch.float32),
+                      rand_bits.view(torch.float32), specials])
+
+
+def check_block_scale(name: str, device) -> None:
+    """``kernels.nvfp4._block_scale`` (hardware convert on the GPU, integer rounding under the
+    interpreter) vs the reference's E4M3 rounding, byte and value, on ``block_scale_probe``."""
+    v = block_scale_probe()
+    want = e4m3_rne_satfinite(v)
+    v_dev = v.to(device)
+    code = torch.empty(v.numel(), dtype=torch.int32, device=device)
+    val = torch.empty(v.numel(), dtype=torch.float32, device=device)
+    _block_scale_kernel[(triton.cdiv(v.numel(), 1024),)](v_dev, code, val, v.numel(),
+                                                          ON_GPU=v_dev.is_cuda, BLOCK=1024)
+    _same(name, "byte", code.to(torch.uint8), want.view(torch.uint8))
+    _same(name, "value", val, want.float())
 
 
 def rounding_probe() -> torch.Tensor:

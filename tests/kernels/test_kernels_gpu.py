@@ -70,6 +70,12 @@ def test_rht_output_rounded_to_input_dtype_exact():
     kc.check_nvfp4("special bf16 columnwise rht sr", xb.t(), rht=True, stochastic_rounding=True, rand=u)
 
 
+def test_block_scale_hardware_convert_exact():
+    """The NVFP4 block scale from ``cvt.rn.satfinite.e4m3x2.f32``: the reference's bytes and values
+    on every E4M3 value, tie and neighbour, random FP32 patterns, overflow, Inf and NaN."""
+    kc.check_block_scale("nvfp4 block scale rounding", "cuda")
+
+
 def test_dispatch_picks_kernel_and_matches():
     x = kc.make_input((512, 1024), device="cuda", seed=5)
     assert dispatch.uses_kernel(x)

@@ -34,6 +34,7 @@ kc.check_nvfp4("special nvfp4 columnwise rht", x.t(), rht=True)
 kc.check_nvfp4("special nvfp4 rowwise rht", torch.cat([x[:6], x[7:]]), rht=True)
 kc.check_nvfp4("special nvfp4 16x16", x, tile=(16, 16))
 kc.check_round_to_dtype("rht output rounding", "cpu")
+kc.check_block_scale("nvfp4 block scale rounding", "cpu")
 xb = kc.special_values_input_bf16("cpu", subnormals=False)  # the interpreter mis-loads BF16 subnormals
 kc.check_nvfp4("special bf16 nvfp4 columnwise rht", xb.t(), rht=True)
 kc.check_nvfp4("special bf16 nvfp4 rowwise rht", torch.cat([xb[:6], xb[7:]]), rht=True)
