@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-sweep", action="store_true", help="default tile configs only")
     p.add_argument("--no-torchao", action="store_true", help="skip torchao even when it is importable")
+    p.add_argument("--configs", default=None,
+                   help="JSON list of NVFP4 tile settings to time (rowwise, columnwise+RHT, 2D, SR) "
+                        "instead of the built-in sweep, e.g. '[{\"ITERS\": 4, \"BLOCK_R\": 16}]'")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -86,7 +89,11 @@ def main(argv=None) -> int:
 
     row_cfgs = [k_nvfp4.DEFAULT_CONFIG]
     col_cfgs = [k_nvfp4.DEFAULT_CONFIG]
-    if not args.no_sweep:
+    given = json.loads(args.configs) if args.configs else None
+    if given is not None:
+        row_cfgs += given
+        col_cfgs += given
+    elif not args.no_sweep:
         row_cfgs += [  # elements per thread = BLOCK_R * G * 16 / (32 * num_warps)
             {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
             {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
@@ -98,9 +105,6 @@ def main(argv=None) -> int:
             {"ITERS": 4, "COL_FASTEST": 1},
             {"BLOCK_R": 16, "ITERS": 4, "COL_FASTEST": 1},
             {"STREAM": 1, "COL_FASTEST": 1},
-            {"HALF_LOADS": 2},  # second half-block load issued after the first arrived
-            {"HALF_LOADS": 2, "BLOCK_R": 16, "G": 16},
-            {"HALF_LOADS": 2, "BLOCK_R": 64},
             {"HALF_LOADS": 0, "BLOCK_R": 16, "G": 16},
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
 
     def tag(cfg):
         c = dict(k_nvfp4.DEFAULT_CONFIG, **cfg)
-        extra = "".join([{0: "", 1: " half-loads", 2: " half-loads dep"}[c["HALF_LOADS"]], f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
+        extra = "".join([" half-loads" if c["HALF_LOADS"] else "", f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
                          " col-fastest" if c["COL_FASTEST"] else "", " stream" if c["STREAM"] else ""])
         return f"[{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
 
@@ -146,13 +150,15 @@ def main(argv=None) -> int:
     add("nvfp4 columnwise+RHT incl. post-RHT amax pass", lambda: k_nvfp4.quantize_nvfp4(xt, rht=True), nv_bytes, 0.15)
     add("nvfp4 columnwise no RHT (x.t()), amax given",
         lambda: k_nvfp4.quantize_nvfp4(xt, amax=amax_row), nv_bytes)
-    for cfg in [{}] + ([] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+    for cfg in [{}] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+        if dict(k_nvfp4.DEFAULT_CONFIG, **cfg)["BLOCK_R"] % 16:
+            continue  # 16x16 tiles need BLOCK_R a multiple of 16
         add(f"nvfp4 2D 16x16 (weights), amax given {tag(cfg)}",
             lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=cfg), nv_bytes)
         bits_ok &= same_bits(lambda c: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=c), cfg,
                              k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row))
     seed = torch.tensor([1234], dtype=torch.int32, device=dev)
-    for cfg in [{}] + ([] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+    for cfg in [{}] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
         add(f"nvfp4 rowwise SR (Philox), amax given {tag(cfg)}",
             lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed, config=cfg),
             nv_bytes)

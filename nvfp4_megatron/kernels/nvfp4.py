@@ -63,12 +63,12 @@ DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS
 
 
 @triton.jit
-def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr, dep=0):
+def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr):
     """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
     (one 16-byte load per block for BF16; both halves get one layout)."""
     cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
     mask = (rows < R)[:, None, None] & (cols < C)
-    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols + dep
+    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
     if STREAM:  # read once: let it leave L2 first
         return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
     return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
@@ -135,15 +135,7 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
                HALF_LOADS: tl.constexpr, STREAM: tl.constexpr):
     """The input tile: with ``HALF_LOADS`` its two half-blocks ``[BR, G, 8]``, else ``[BR, G, 16]`` twice."""
-    if HALF_LOADS == 2:
-        # the second half's addresses depend on the first half's data (through a term that is
-        # always 0: the sign bit of a max of |x|), so it is issued after the first half has
-        # arrived and can hit the sectors the first load brought into L1 (times 8: the offset keeps
-        # the 16-byte alignment, so the load stays one vector load)
-        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
-        dep = _max_nan(tl.abs(xa), 2).to(tl.int32, bitcast=True) >> 31
-        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM, dep[:, :, None] * 8)
-    elif HALF_LOADS:
+    if HALF_LOADS:
         xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
         xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM)
     else:
@@ -321,7 +313,7 @@ def quantize_nvfp4_2d(
         rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
-        ON_GPU=x2d.is_cuda, HALF_LOADS=int(cfg["HALF_LOADS"]) if not rht and x2d.stride(1) == 1 else 0,
+        ON_GPU=x2d.is_cuda, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht and x2d.stride(1) == 1,
         ITERS=cfg["ITERS"], COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]),
         num_warps=cfg["num_warps"],
     )

@@ -164,9 +164,6 @@ def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=Tr
     case("nvfp4 rowwise multi", check_nvfp4, x, kernel_config=multi)
     case("nvfp4 sr rand multi", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=multi)
     case("nvfp4 rowwise tile16 multi", check_nvfp4, x, kernel_config=dict(multi, HALF_LOADS=0))
-    dep = {"HALF_LOADS": 2}  # the second half-block load ordered after the first (an L1 experiment)
-    case("nvfp4 rowwise dep", check_nvfp4, x, kernel_config=dep)
-    case("nvfp4 sr rand dep", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=dep)
     if x.shape[0] % 16 == 0:
         case("nvfp4 2d 16x16 multi", check_nvfp4, x, tile=(16, 16), kernel_config=multi)
     if cols_ok:
