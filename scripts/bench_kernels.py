@@ -87,8 +87,10 @@ def main(argv=None) -> int:
     if not amax_ok:
         print("  !! a swept amax tile gives another amax than the default tile", flush=True)
 
-    row_cfgs = [k_nvfp4.DEFAULT_CONFIG]
-    col_cfgs = [k_nvfp4.DEFAULT_CONFIG]
+    # None: the product's default for the launch's mode (kernels.nvfp4.kernel_config); {}: the
+    # base DEFAULT_CONFIG; other dicts: settings over the base
+    row_cfgs = [None, {}]
+    col_cfgs = [None, {}]
     given = json.loads(args.configs) if args.configs else None
     if given is not None:
         row_cfgs += given
@@ -117,11 +119,11 @@ def main(argv=None) -> int:
             {"BLOCK_R": 64, "G": 4, "ITERS": 2},
         ]
 
-    def tag(cfg):
-        c = dict(k_nvfp4.DEFAULT_CONFIG, **cfg)
+    def tag(cfg, tile=(1, 16), rht=False, sr=False):
+        c = k_nvfp4.kernel_config(tile=tile, rht=rht, sr=sr, unit_stride=True, config=cfg)
         extra = "".join([" half-loads" if c["HALF_LOADS"] else "", f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
                          " col-fastest" if c["COL_FASTEST"] else "", " stream" if c["STREAM"] else ""])
-        return f"[{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
+        return f"[{'default: ' if cfg is None else ''}{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
 
     def same_bits(fn, cfg, ref):
         """Each swept tile must give the default tile's bytes (the GPU tests check the default)."""
@@ -138,28 +140,28 @@ def main(argv=None) -> int:
     def col(cfg):
         return k_nvfp4.quantize_nvfp4(xt, rht=True, amax=amax_col, config=cfg)
 
-    ref_row, ref_col = row(k_nvfp4.DEFAULT_CONFIG), col(k_nvfp4.DEFAULT_CONFIG)
+    ref_row, ref_col = row(None), col(None)
     bits_ok = True
     for cfg in row_cfgs:
         add(f"nvfp4 rowwise 1x16, amax given {tag(cfg)}", lambda cfg=cfg: row(cfg), nv_bytes, 0.125)
         bits_ok &= same_bits(row, cfg, ref_row)
     for cfg in col_cfgs:
-        add(f"nvfp4 columnwise+RHT (x.t()), amax given {tag(cfg)}", lambda cfg=cfg: col(cfg), nv_bytes, 0.15)
+        add(f"nvfp4 columnwise+RHT (x.t()), amax given {tag(cfg, rht=True)}", lambda cfg=cfg: col(cfg), nv_bytes, 0.15)
         bits_ok &= same_bits(col, cfg, ref_col)
     add("nvfp4 rowwise 1x16 incl. amax pass", lambda: k_nvfp4.quantize_nvfp4(x), nv_bytes, 0.125)
     add("nvfp4 columnwise+RHT incl. post-RHT amax pass", lambda: k_nvfp4.quantize_nvfp4(xt, rht=True), nv_bytes, 0.15)
     add("nvfp4 columnwise no RHT (x.t()), amax given",
         lambda: k_nvfp4.quantize_nvfp4(xt, amax=amax_row), nv_bytes)
-    for cfg in [{}] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
-        if dict(k_nvfp4.DEFAULT_CONFIG, **cfg)["BLOCK_R"] % 16:
+    for cfg in [None, {}] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+        if cfg is not None and dict(k_nvfp4.DEFAULT_CONFIG, **cfg)["BLOCK_R"] % 16:
             continue  # 16x16 tiles need BLOCK_R a multiple of 16
-        add(f"nvfp4 2D 16x16 (weights), amax given {tag(cfg)}",
+        add(f"nvfp4 2D 16x16 (weights), amax given {tag(cfg, tile=(16, 16))}",
             lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=cfg), nv_bytes)
         bits_ok &= same_bits(lambda c: k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row, config=c), cfg,
                              k_nvfp4.quantize_nvfp4(x, tile=(16, 16), amax=amax_row))
     seed = torch.tensor([1234], dtype=torch.int32, device=dev)
-    for cfg in [{}] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
-        add(f"nvfp4 rowwise SR (Philox), amax given {tag(cfg)}",
+    for cfg in [None] + (given if given is not None else [] if args.no_sweep else [{"COL_FASTEST": 1}, {"ITERS": 2, "COL_FASTEST": 1}]):
+        add(f"nvfp4 rowwise SR (Philox), amax given {tag(cfg, sr=True)}",
             lambda cfg=cfg: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed, config=cfg),
             nv_bytes)
         bits_ok &= same_bits(lambda c: k_nvfp4.quantize_nvfp4(x, stochastic_rounding=True, amax=amax_row, seed=seed,

@@ -17,7 +17,10 @@ unit-stride input without RHT) each thread holds whole 16-blocks (two 8-element 
 layout), so the block amax and scale are computed once per block without shuffles. The E2M1
 encoder (``_common.e2m1_rne_code``) and the block max use integer multiply-adds and ``max.NaN``
 rather than compare/select chains: on the H200 the old kernel was bound by the ALU pipe's issue
-rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe").
+rate, not by memory (PERFORMANCE.md, "The NVFP4 quantizer off the ALU pipe"). On the GPU the E4M3
+block scale comes from the hardware ``cvt.rn.satfinite.e4m3x2.f32`` (``_block_scale``). A program
+may take several row tiles (``ITERS``), loading each next tile before it encodes the current one;
+the tile settings of each mode (1x16, 16x16, RHT, SR) are the fastest measured (``kernel_config``).
 
 Columnwise (Wgrad) copies: pass the transposed view ``x.t()``; the kernel reads it in place
 through its strides (no transpose copy), blocks run along the token dimension, and the RHT mixes
@@ -48,7 +51,7 @@ from nvfp4_megatron.kernels._common import (
 )
 from nvfp4_megatron.kernels.amax import amax_2d
 
-# Tile shape: BLOCK_R rows x (G x 16) columns. 32 x 128 reads 8 KiB of BF16 per program.
+# Tile shape: BLOCK_R rows x (G x 16) columns. 32 x 128 reads 8 KiB of BF16 per tile.
 # HALF_LOADS (used only for unit-stride input without RHT): 0 = one 16-wide tile load, the 16
 # elements of a block in two threads; 1 = two 8-wide loads per block, so each thread holds whole
 # blocks (scale computed once per block, no shuffles) at the price of half-sector loads: 143 us
@@ -60,6 +63,32 @@ from nvfp4_megatron.kernels.amax import amax_2d
 # loads and streaming (.cs) stores (half-block loads only). None of them changes the bytes.
 DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS": 1, "COL_FASTEST": 0,
                   "STREAM": 0}
+# Per-mode changes to DEFAULT_CONFIG, the fastest settings of the H200 sweeps (8192 x 20480 BF16,
+# PERFORMANCE.md, "The quantizer's memory side", session 11; every setting gives the same bytes):
+# 1x16 RNE of unit-stride input without RHT 126.7 us (144.5 with DEFAULT_CONFIG), 16x16 151.7
+# (158.0), RHT without SR 199.0 (213.0). SR keeps DEFAULT_CONFIG (312 us; the others were slower).
+MODE_CONFIGS = {
+    "rowwise": {"BLOCK_R": 8, "G": 16, "ITERS": 8, "COL_FASTEST": 1},
+    "2d": {"BLOCK_R": 16, "num_warps": 2, "ITERS": 4, "COL_FASTEST": 1},
+    "rht": {"ITERS": 2},
+}
+
+
+def kernel_config(*, tile: tuple[int, int], rht: bool, sr: bool, unit_stride: bool,
+                  config: dict | None = None) -> dict:
+    """The tile settings of one launch: ``config`` over ``DEFAULT_CONFIG`` when given (a sweep or a
+    test names every setting it wants), else the measured default of the launch's mode."""
+    if config is not None:
+        return dict(DEFAULT_CONFIG, **config)
+    mode = None
+    if not sr:
+        if rht:
+            mode = "rht"
+        elif tile[0] != 1:
+            mode = "2d"
+        elif unit_stride:
+            mode = "rowwise"
+    return dict(DEFAULT_CONFIG, **MODE_CONFIGS.get(mode, {}))
 
 
 @triton.jit
@@ -280,7 +309,8 @@ def quantize_nvfp4_2d(
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel launch on a validated 2-D view: (data, scale_u8, amax, s_enc, s_dec)."""
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    cfg = kernel_config(tile=tile, rht=rht, sr=stochastic_rounding, unit_stride=x2d.stride(1) == 1,
+                        config=config)
     rows, cols = x2d.shape
     dev = x2d.device
     h = rht_signs_on(dev, rht_signs) if rht else None

@@ -15,6 +15,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def _compile(fn, types: dict, constexprs: dict, num_warps=4):
+    constexprs = dict(constexprs)
+    num_warps = constexprs.pop("num_warps", num_warps)
     sig = {}
     for name in fn.arg_names:
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
@@ -23,7 +25,8 @@ def _compile(fn, types: dict, constexprs: dict, num_warps=4):
 
 
 def variants():
-    """(name, fn, pointer/scalar types, constexprs) for every kernel variant the package launches."""
+    """(name, fn, pointer/scalar types, constexprs (and the launch's ``num_warps``)) for every kernel
+    variant the package launches."""
     out = []
     for rht in (False, True):
         for cfg in k_amax.CONFIGS:
@@ -36,10 +39,14 @@ def variants():
     for tile_r in (1, 16):
         for rht in (False, True):
             for sr, rt in ((False, False), (True, False), (True, True)):
-                cfg = dict(k_nvfp4.DEFAULT_CONFIG)
-                cfg.pop("num_warps")
+                # the launch's own settings: the measured default of its mode (unit-stride input)
+                cfg = k_nvfp4.kernel_config(tile=(tile_r, 16), rht=rht, sr=sr, unit_stride=True)
+                nw = cfg.pop("num_warps")
+                cfg = dict(cfg, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht,
+                           COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]))
                 out.append((f"nvfp4 tile_r={tile_r} rht={rht} sr={sr} rand={rt}", k_nvfp4._nvfp4_kernel,
-                            nv_types, dict(cfg, TILE_R=tile_r, RHT=rht, SR=sr, RAND_TENSOR=rt, ON_GPU=True)))
+                            nv_types, dict(cfg, TILE_R=tile_r, RHT=rht, SR=sr, RAND_TENSOR=rt, ON_GPU=True,
+                                           num_warps=nw)))
     for elem, (eid, mb, emin, maxv) in k_mx._ELEM.items():
         out.append((f"mx {elem}", k_mx._mx_kernel, {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*u8"},
                     dict(BLOCK_R=32, G=4, BLOCK=32, ELEM=eid, MBITS=mb, EMIN=emin, MAXV=maxv, HW_CVT=True)))
