@@ -7,8 +7,9 @@ input's dtype first, DESIGN.md §RHT, by ``load_tile_3d`` as for the quantizer).
 reduces ``ITERS`` tiles of ``BLOCK_R x 16G`` elements to the max of the FP32 bit patterns (int32,
 order-preserving for ``|x|``, NaN propagates) and folds it into the result with one
 ``atomic_max`` on a zeroed int32 word (fewer programs, fewer atomics on one address). The result
-is an FP32 0-d tensor on the input's device; nothing syncs with the host. Measured on the H200:
-110 us for 8192 x 20480 BF16 (74% of copy bandwidth), 100 us post-RHT (docs/PERFORMANCE.md).
+is an FP32 0-d tensor on the input's device; nothing syncs with the host. Measured on the H200
+(docs/PERFORMANCE.md, session 11): 108 us for 8192 x 20480 BF16 (75% of copy bandwidth), 134 us
+post-RHT of its transpose.
 """
 
 from __future__ import annotations
