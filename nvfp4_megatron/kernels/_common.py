@@ -282,6 +282,20 @@ def load_tile_3d(
 
 
 @triton.jit
+def tile_program(n_c, COL_FASTEST: tl.constexpr):
+    """(row-tile, column-chunk) indices of this program: with ``COL_FASTEST`` a 1-D grid whose
+    consecutive programs take neighbouring column chunks (``n_c`` of them) of one row band, else
+    the 2-D grid ``(row tiles, column chunks)``."""
+    if COL_FASTEST:
+        pid_c = tl.program_id(0) % n_c
+        pid_r = tl.program_id(0) // n_c
+    else:
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+    return pid_r, pid_c
+
+
+@triton.jit
 def abs_bits(x):
     """``|x|`` as int32 bit patterns (order-preserving for non-negative floats, NaN largest)."""
     return tl.abs(x).to(tl.int32, bitcast=True)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d
+from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d, tile_program
 
 # Tile of BLOCK_R x (G x 16) elements, ITERS row-tiles per program (one atomic per program);
 # COL_FASTEST: a 1-D grid whose consecutive programs take neighbouring column chunks.
@@ -42,13 +42,7 @@ def _amax_kernel(
     BLOCK_R: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr, RHT: tl.constexpr,
     COL_FASTEST: tl.constexpr,
 ):
-    if COL_FASTEST:  # 1-D grid, consecutive programs on neighbouring column chunks of one row band
-        n_c = tl.cdiv(C, 16 * G)
-        pid_c = tl.program_id(0) % n_c
-        pid_r = tl.program_id(0) // n_c
-    else:
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
+    pid_r, pid_c = tile_program(tl.cdiv(C, 16 * G), COL_FASTEST)
     chunks = pid_c * G + tl.arange(0, G)
     running = tl.zeros([BLOCK_R, G, 16], dtype=tl.int32)
     for i in tl.static_range(ITERS):

@@ -48,6 +48,7 @@ from nvfp4_megatron.kernels._common import (
     load_tile_3d,
     rht_signs_on,
     round_fp8,
+    tile_program,
 )
 from nvfp4_megatron.kernels.amax import amax_2d
 
@@ -243,13 +244,7 @@ def _nvfp4_kernel(
     RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
     HALF_LOADS: tl.constexpr, ITERS: tl.constexpr, COL_FASTEST: tl.constexpr, STREAM: tl.constexpr,
 ):
-    if COL_FASTEST:  # 1-D grid, consecutive programs on neighbouring column chunks of one row band
-        n_c = tl.cdiv(C // 16, G)
-        pid_c = tl.program_id(0) % n_c
-        pid_r = tl.program_id(0) // n_c
-    else:
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
+    pid_r, pid_c = tile_program(tl.cdiv(C // 16, G), COL_FASTEST)
     chunks = pid_c * G + tl.arange(0, G)
 
     # Global scales, exactly as formats.nvfp4.nvfp4_global_scales.
