@@ -35,7 +35,8 @@ suffix) trains it with ``train.cuda_graph=true``: the step's forward/backward ca
 CUDA graph after ``training.graphs.WARMUP_STEPS`` eager steps and replayed (``training/graphs.py``;
 ``--warmup`` must be larger than that, so the step that captures is not timed). ``RECIPE+tgemm``
 runs it with ``precision.emulated_gemm=triton`` (the emulated formats' GEMM with alpha in a Triton
-kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``.
+kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``. ``RECIPE+rope``:
+with ``train.fused_rope=true`` (``kernels/rope.py``; same bits, so the same losses).
 """
 
 from __future__ import annotations
@@ -66,13 +67,18 @@ def run_recipe(spec: str, args, log) -> dict:
 
     base, _, suffixes = spec.partition("+")
     flags = set(suffixes.split("+")) if suffixes else set()
-    if flags - {"graph", "tgemm"}:
-        raise ValueError(f"{spec}: the parts after '+' may be 'graph' and 'tgemm'")
-    with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
-        return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log)
+    if flags - {"graph", "tgemm", "rope"}:
+        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm' and 'rope'")
+    from nvfp4_megatron.kernels.rope import disable_fused_rope
+
+    try:
+        with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
+            return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags)
+    finally:
+        disable_fused_rope()  # train.fused_rope patches Megatron's module: not for the next recipe
 
 
-def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log) -> dict:
+def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = False) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import gemm as qgemm
@@ -97,7 +103,8 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log) -> dict:
     prev_t = qlinear.set_fp8_cast_transpose(transpose == "kernel")
     torch.manual_seed(1234)
     cfg = compose(args, recipe_name, (*(("train.cuda_graph=true",) if graphed else ()),
-                                      *(("precision.emulated_gemm=triton",) if tgemm else ())))
+                                      *(("precision.emulated_gemm=triton",) if tgemm else ()),
+                                      *(("train.fused_rope=true",) if rope else ())))
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
     prev_mm = start_run_state(cfg)

@@ -245,6 +245,9 @@ class TrainConfig:
     # Megatron's native fused cross-entropy over the vocabulary (torch.compile; GPU only): fewer
     # passes over the FP32 logits; the loss differs from the unfused one in its last bits
     cross_entropy_fusion: bool = False
+    # our fused RoPE kernel (kernels/rope.py; GPU only) in place of Megatron's unfused torch RoPE:
+    # one pass forward and one backward instead of ~6 each; the same bits
+    fused_rope: bool = False
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

@@ -46,18 +46,26 @@ _FUSIONS_OFF = ("gradient_accumulation_fusion", "bias_activation_fusion", "maske
 
 
 def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None,
-                       cross_entropy_fusion: bool = False):
+                       cross_entropy_fusion: bool = False, fused_rope: bool = False, log=print):
     """Megatron's TransformerConfig; ``quantization``: the backend's fp8/fp4, BF16-block and MoE
     padding fields (``backend.backend_config_fields``; empty on the emulated backend).
     ``cross_entropy_fusion`` (``train.cross_entropy_fusion``, GPU only): Megatron's native fused
     vocab-parallel cross-entropy (three ``torch.compile``d kernels instead of about ten passes
     over the FP32 logits; the same mathematics in another order, so the loss differs from the
-    unfused one in its last bits)."""
+    unfused one in its last bits). ``fused_rope`` (``train.fused_rope``, GPU only): our RoPE kernel
+    (``kernels/rope.py``, bit-exact with Megatron's unfused RoPE) installed in Megatron's place."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cross_entropy_fusion and not torch.cuda.is_available():
         raise ValueError("train.cross_entropy_fusion=true needs a GPU (Megatron's fused "
                          "cross-entropy is compiled for CUDA); set train.cross_entropy_fusion=false")
+    if fused_rope:
+        if not torch.cuda.is_available():
+            raise ValueError("train.fused_rope=true needs a GPU (a Triton kernel); set "
+                             "train.fused_rope=false")
+        from nvfp4_megatron.kernels.rope import enable_fused_rope
+
+        enable_fused_rope(log)
     extra: dict[str, Any] = {}
     if cross_entropy_fusion:
         extra.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
@@ -161,7 +169,8 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"]),
-        cross_entropy_fusion=t.get("cross_entropy_fusion", False))
+        cross_entropy_fusion=t.get("cross_entropy_fusion", False),
+        fused_rope=t.get("fused_rope", False), log=log)
     if choice.backend != "te":
         from nvfp4_megatron.mcore.hybrid_spec import check_local_hybrid_pattern
 
@@ -193,7 +202,8 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"], **moe),
-        cross_entropy_fusion=t.get("cross_entropy_fusion", False))
+        cross_entropy_fusion=t.get("cross_entropy_fusion", False),
+        fused_rope=t.get("fused_rope", False), log=log)
     spec = gpt_layer_spec_for(choice, config,
                               pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))

@@ -235,6 +235,23 @@ GRAPH_CASES = {
 }
 
 
+def test_fused_rope_trains_the_same_bits(tmp_path, gpu_cache):
+    """train.fused_rope=true: the fused RoPE kernel gives Megatron's unfused RoPE's bits, so every
+    loss, gradient norm and validation loss of a run equals the run without it."""
+    base = [*_overrides("nvfp4"), "train.train_iters=8", "train.eval_interval=4", "train.save=false"]
+    runs = {}
+    for fused in (False, True):
+        run_dir = tmp_path / f"rope_{fused}"
+        rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_rope={str(fused).lower()}"])
+        assert rc == 0, out[-4000:]
+        assert ("[rope] fused RoPE kernel" in out) == fused, out[-3000:]
+        assert "unfused RoPE for a call" not in out, out[-3000:]
+        runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in runs[True][0]] == [r[key] for r in runs[False][0]], key
+    assert [r["loss"] for r in runs[True][1]] == [r["loss"] for r in runs[False][1]]
+
+
 @pytest.mark.parametrize("name", list(GRAPH_CASES))
 def test_cuda_graph_trains_the_same_bits(name, tmp_path, gpu_cache):
     # 2 micro-batches per step (weight copies reused inside the graph too); telemetry every 5

@@ -50,6 +50,13 @@ def variants():
     for elem, (eid, mb, emin, maxv) in k_mx._ELEM.items():
         out.append((f"mx {elem}", k_mx._mx_kernel, {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*u8"},
                     dict(BLOCK_R=32, G=4, BLOCK=32, ELEM=eid, MBITS=mb, EMIN=emin, MAXV=maxv, HW_CVT=True)))
+    from nvfp4_megatron.kernels import rope as k_rope
+
+    for dt in ("*bf16", "*fp16"):
+        for bw in (False, True):
+            out.append((f"rope {dt[1:]} backward={bw}", k_rope._rope_kernel,
+                        {"x_ptr": dt, "cos_ptr": dt, "sin_ptr": dt, "out_ptr": dt},
+                        dict(HALF=64, BLOCK_H=4, BACKWARD=bw)))
     for pow2 in (False, True):
         for mb, emin, maxv in ((3, -6, 448.0), (2, -14, 57344.0)):
             out.append((f"fp8 m{mb} pow2={pow2}", k_fp8._fp8_cs_kernel,

@@ -123,11 +123,13 @@ def test_pretrain_refuses_graphs_without_a_gpu_before_writing(tmp_path, corpus_c
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a GPU")
-def test_fused_cross_entropy_is_refused_without_a_gpu():
+def test_gpu_only_fusions_are_refused_without_a_gpu():
     from nvfp4_megatron.training.model import transformer_config
 
     c = _cfg()
     with pytest.raises(ValueError, match="train.cross_entropy_fusion=true needs a GPU"):
         transformer_config(c["model"], c["parallel"], bf16=True, cross_entropy_fusion=True)
+    with pytest.raises(ValueError, match="train.fused_rope=true needs a GPU"):
+        transformer_config(c["model"], c["parallel"], bf16=True, fused_rope=True)
     config = transformer_config(c["model"], c["parallel"], bf16=True)
     assert config.cross_entropy_loss_fusion is False  # off unless asked for
