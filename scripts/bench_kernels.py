@@ -100,13 +100,12 @@ def main(argv=None) -> int:
             {"BLOCK_R": 16, "G": 16, "num_warps": 4},  # 32
             {"BLOCK_R": 64, "G": 8, "num_warps": 4},  # 64
             {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 0},  # 32, a block in two threads
-            # grid order, row tiles per program (next tile prefetched), streaming cache hints
+            # grid order, row tiles per program (next tile prefetched)
             {"COL_FASTEST": 1},
             {"BLOCK_R": 16, "G": 16, "COL_FASTEST": 1},
             {"ITERS": 2, "COL_FASTEST": 1},
             {"ITERS": 4, "COL_FASTEST": 1},
             {"BLOCK_R": 16, "ITERS": 4, "COL_FASTEST": 1},
-            {"STREAM": 1, "COL_FASTEST": 1},
             {"HALF_LOADS": 0, "BLOCK_R": 16, "G": 16},
         ]
         col_cfgs += [  # columnwise: BLOCK_R runs along the contiguous (original column) axis
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     def tag(cfg, tile=(1, 16), rht=False, sr=False):
         c = k_nvfp4.kernel_config(tile=tile, rht=rht, sr=sr, unit_stride=True, config=cfg)
         extra = "".join([" half-loads" if c["HALF_LOADS"] else "", f" x{c['ITERS']}" if c["ITERS"] != 1 else "",
-                         " col-fastest" if c["COL_FASTEST"] else "", " stream" if c["STREAM"] else ""])
+                         " col-fastest" if c["COL_FASTEST"] else ""])
         return f"[{'default: ' if cfg is None else ''}{c['BLOCK_R']}x{c['G'] * 16} w{c['num_warps']}{extra}]"
 
     def same_bits(fn, cfg, ref):

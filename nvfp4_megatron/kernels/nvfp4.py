@@ -60,10 +60,9 @@ from nvfp4_megatron.kernels.amax import amax_2d
 # ALU pipe"), with 8-byte word stores (with two 4-byte stores per block it took 392 us).
 # ITERS: row tiles per program, each next tile's load issued before the current one is encoded;
 # COL_FASTEST: a 1-D grid whose consecutive programs take neighbouring column chunks (so the
-# programs in flight read whole rows) instead of neighbouring row tiles; STREAM: evict-first
-# loads and streaming (.cs) stores (half-block loads only). None of them changes the bytes.
-DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS": 1, "COL_FASTEST": 0,
-                  "STREAM": 0}
+# programs in flight read whole rows) instead of neighbouring row tiles. Neither changes the bytes.
+# (Evict-first loads with streaming stores were measured too: 16-22 us slower, so not offered.)
+DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "num_warps": 4, "HALF_LOADS": 1, "ITERS": 1, "COL_FASTEST": 0}
 # Per-mode changes to DEFAULT_CONFIG, the fastest settings of the H200 sweeps (8192 x 20480 BF16,
 # PERFORMANCE.md, "The quantizer's memory side", session 11; every setting gives the same bytes):
 # 1x16 RNE of unit-stride input without RHT 126.7 us (144.5 with DEFAULT_CONFIG), 16x16 151.7
@@ -93,27 +92,23 @@ def kernel_config(*, tile: tuple[int, int], rht: bool, sr: bool, unit_stride: bo
 
 
 @triton.jit
-def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other, STREAM: tl.constexpr):
+def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other):
     """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
     (one 16-byte load per block for BF16; both halves get one layout)."""
     cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
     mask = (rows < R)[:, None, None] & (cols < C)
-    ptrs = ptr + rows[:, None, None].to(tl.int64) * stride_r + cols
-    if STREAM:  # read once: let it leave L2 first
-        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
-    return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+    return tl.load(ptr + rows[:, None, None].to(tl.int64) * stride_r + cols, mask=mask, other=other).to(tl.float32)
 
 
 @triton.jit
-def _sr_uniforms(seed_ptr, rows, chunks, C, G: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
-                 HALF: tl.constexpr):
+def _sr_uniforms(seed_ptr, rows, chunks, C, WIDTH: tl.constexpr, HALF: tl.constexpr):
     """24-bit uniforms for ``WIDTH`` (16 or 8) elements from element ``8*HALF`` of each block: one
     Philox4x32 call per 4 elements, counter = (element index) // 4, element ``4c + 2i + j`` gets
     word ``2j + i`` of counter ``c`` (a fixed permutation inside each group of 4)."""
     q = tl.arange(0, WIDTH // 4)
     ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + 2 * HALF + q[None, None, :]
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_R, G, WIDTH])
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], chunks.shape[0], WIDTH])
     return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
 
 
@@ -163,11 +158,11 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 
 @triton.jit
 def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
-               HALF_LOADS: tl.constexpr, STREAM: tl.constexpr):
+               HALF_LOADS: tl.constexpr):
     """The input tile: with ``HALF_LOADS`` its two half-blocks ``[BR, G, 8]``, else ``[BR, G, 16]`` twice."""
     if HALF_LOADS:
-        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0, STREAM)
-        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0, STREAM)
+        xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0)
+        xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0)
     else:
         xa = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
         xb = xa
@@ -178,7 +173,7 @@ def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.con
 def _quantize_tile(
     xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr, scale_ptr, R, C,
     BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr, SR: tl.constexpr,
-    RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr, HALF_LOADS: tl.constexpr, STREAM: tl.constexpr,
+    RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr, HALF_LOADS: tl.constexpr,
 ):
     """Block scales and codes of one loaded tile (``_load_tile``), stored."""
     # Block amax (NaN propagates), then 16x16 tiles take the max over 16 rows.
@@ -203,11 +198,11 @@ def _quantize_tile(
         ub = xb
         if SR:
             if RAND_TENSOR:
-                ua = _load_half(rand_ptr, rows, chunks, R, C, C, 0, 1.0, False)
-                ub = _load_half(rand_ptr, rows, chunks, R, C, C, 1, 1.0, False)
+                ua = _load_half(rand_ptr, rows, chunks, R, C, C, 0, 1.0)
+                ub = _load_half(rand_ptr, rows, chunks, R, C, C, 1, 1.0)
             else:
-                ua = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 0)
-                ub = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 8, 1)
+                ua = _sr_uniforms(seed_ptr, rows, chunks, C, 8, 0)
+                ub = _sr_uniforms(seed_ptr, rows, chunks, C, 8, 1)
         wa = _pack8(_codes(xa * enc[:, :, None], ua, SR, ON_GPU))
         wb = _pack8(_codes(xb * enc[:, :, None], ub, SR, ON_GPU))
         words = tl.reshape(tl.join(wa, wb), [BLOCK_R, 2 * G])
@@ -217,22 +212,22 @@ def _quantize_tile(
             if RAND_TENSOR:
                 u = load_tile_3d(rand_ptr, rows, chunks, C, 1, R, C, rand_ptr, 16, False)
             else:
-                u = _sr_uniforms(seed_ptr, rows, chunks, C, G, BLOCK_R, 16, 0)
+                u = _sr_uniforms(seed_ptr, rows, chunks, C, 16, 0)
         c = _codes(xa * enc[:, :, None], u, SR, ON_GPU)
         words = tl.reshape(_pack8(tl.reshape(c, [BLOCK_R, 2 * G, 8])), [BLOCK_R, 2 * G])
 
     rmask = rows < R
     wcols = pid_c * 2 * G + tl.arange(0, 2 * G)
-    wptrs = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :]
-    wmask = rmask[:, None] & (wcols[None, :] < C // 8)
-    sptrs = scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :]
-    smask = rmask[:, None] & (chunks[None, :] < C // 16)
-    if STREAM:
-        tl.store(wptrs, words, mask=wmask, cache_modifier=".cs")
-        tl.store(sptrs, sb_code.to(tl.uint8), mask=smask, cache_modifier=".cs")
-    else:
-        tl.store(wptrs, words, mask=wmask)
-        tl.store(sptrs, sb_code.to(tl.uint8), mask=smask)
+    tl.store(
+        data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :],
+        words,
+        mask=rmask[:, None] & (wcols[None, :] < C // 8),
+    )
+    tl.store(
+        scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
+        sb_code.to(tl.uint8),
+        mask=rmask[:, None] & (chunks[None, :] < C // 16),
+    )
 
 
 @triton.jit
@@ -242,7 +237,7 @@ def _nvfp4_kernel(
     R, C, stride_r, stride_c,
     BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr,
     RHT: tl.constexpr, SR: tl.constexpr, RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr,
-    HALF_LOADS: tl.constexpr, ITERS: tl.constexpr, COL_FASTEST: tl.constexpr, STREAM: tl.constexpr,
+    HALF_LOADS: tl.constexpr, ITERS: tl.constexpr, COL_FASTEST: tl.constexpr,
 ):
     pid_r, pid_c = tile_program(tl.cdiv(C // 16, G), COL_FASTEST)
     chunks = pid_c * G + tl.arange(0, G)
@@ -259,13 +254,13 @@ def _nvfp4_kernel(
 
     # ITERS row tiles, the next tile's load issued before the current tile is encoded and stored.
     rows = pid_r * (ITERS * BLOCK_R) + tl.arange(0, BLOCK_R)
-    xa, xb = _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, HALF_LOADS, STREAM)
+    xa, xb = _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, HALF_LOADS)
     for i in tl.static_range(ITERS):
         if i + 1 < ITERS:
             na, nb = _load_tile(x_ptr, h_ptr, rows + BLOCK_R, chunks, R, C, stride_r, stride_c, RHT,
-                                HALF_LOADS, STREAM)
+                                HALF_LOADS)
         _quantize_tile(xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr,
-                       scale_ptr, R, C, BLOCK_R, G, TILE_R, SR, RAND_TENSOR, ON_GPU, HALF_LOADS, STREAM)
+                       scale_ptr, R, C, BLOCK_R, G, TILE_R, SR, RAND_TENSOR, ON_GPU, HALF_LOADS)
         if i + 1 < ITERS:
             xa = na
             xb = nb
@@ -339,7 +334,7 @@ def quantize_nvfp4_2d(
         BLOCK_R=block_r, G=cfg["G"], TILE_R=tile[0],
         RHT=rht, SR=stochastic_rounding, RAND_TENSOR=stochastic_rounding and rand is not None,
         ON_GPU=x2d.is_cuda, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht and x2d.stride(1) == 1,
-        ITERS=cfg["ITERS"], COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]),
+        ITERS=cfg["ITERS"], COL_FASTEST=bool(cfg["COL_FASTEST"]),
         num_warps=cfg["num_warps"],
     )
     return data, scale, amax_fp32, gscale[0], gscale[1]

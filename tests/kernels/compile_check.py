@@ -43,7 +43,7 @@ def variants():
                 cfg = k_nvfp4.kernel_config(tile=(tile_r, 16), rht=rht, sr=sr, unit_stride=True)
                 nw = cfg.pop("num_warps")
                 cfg = dict(cfg, HALF_LOADS=bool(cfg["HALF_LOADS"]) and not rht,
-                           COL_FASTEST=bool(cfg["COL_FASTEST"]), STREAM=bool(cfg["STREAM"]))
+                           COL_FASTEST=bool(cfg["COL_FASTEST"]))
                 out.append((f"nvfp4 tile_r={tile_r} rht={rht} sr={sr} rand={rt}", k_nvfp4._nvfp4_kernel,
                             nv_types, dict(cfg, TILE_R=tile_r, RHT=rht, SR=sr, RAND_TENSOR=rt, ON_GPU=True,
                                            num_warps=nw)))
