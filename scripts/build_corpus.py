@@ -116,7 +116,11 @@ def download(pkg: str, debs: Path) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     have = sorted(debs.glob(f"{pkg}_*.deb"))
     if not have:
-        subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True)
+        if subprocess.run(["apt-get", "download", pkg], cwd=debs).returncode != 0:
+            # A fresh Debian image has no package lists yet: refresh them once and retry.
+            print(f"[corpus] apt-get download {pkg} failed; running apt-get update and retrying", flush=True)
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True)
         have = sorted(debs.glob(f"{pkg}_*.deb"))
     if len(have) != 1:
         raise SystemExit(f"error: expected one {pkg}_*.deb in {debs}, found {[p.name for p in have]}")
