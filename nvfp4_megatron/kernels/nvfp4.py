@@ -12,6 +12,10 @@ Same math and evaluation order as ``formats.nvfp4`` (DESIGN.md §1), in two laun
    ``s_b = e4m3(amax_b * (S_enc * fp32(1/6)))``, ``enc_b = min(1 / (s_b * S_dec), FLT_MAX)``,
    the E2M1 codes of ``clamp(x * enc_b, -6, 6)``, and writes two codes a byte plus the scale byte.
 
+Tiles are held chunk-major (``[G, BR, ...]``): with Triton's choice of thread order the threads
+of a warp then hold neighbouring blocks of a row, which is also the order of the code and scale
+stores, so for unit-stride input both stores go out from the compute layout without a round trip
+through shared memory (sm_90: no shared memory and no barriers in the 1x16 and SR kernels).
 Each half-block's 8 codes are written as one int32 word. With ``HALF_LOADS`` (the default; used for
 unit-stride input without RHT) each thread holds whole 16-blocks (two 8-element loads with one
 layout), so the block amax and scale are computed once per block without shuffles. The E2M1
@@ -93,11 +97,11 @@ def kernel_config(*, tile: tuple[int, int], rht: bool, sr: bool, unit_stride: bo
 
 @triton.jit
 def _load_half(ptr, rows, chunks, R, C, stride_r, HALF: tl.constexpr, other):
-    """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[BR, G, 8]``
+    """Elements ``8*HALF .. 8*HALF+7`` of each 16-block of a unit-stride tile, FP32 ``[G, BR, 8]``
     (one 16-byte load per block for BF16; both halves get one layout)."""
-    cols = chunks[None, :, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
-    mask = (rows < R)[:, None, None] & (cols < C)
-    return tl.load(ptr + rows[:, None, None].to(tl.int64) * stride_r + cols, mask=mask, other=other).to(tl.float32)
+    cols = chunks[:, None, None].to(tl.int64) * 16 + 8 * HALF + tl.arange(0, 8)[None, None, :]
+    mask = (rows < R)[None, :, None] & (cols < C)
+    return tl.load(ptr + rows[None, :, None].to(tl.int64) * stride_r + cols, mask=mask, other=other).to(tl.float32)
 
 
 @triton.jit
@@ -106,9 +110,9 @@ def _sr_uniforms(seed_ptr, rows, chunks, C, WIDTH: tl.constexpr, HALF: tl.conste
     Philox4x32 call per 4 elements, counter = (element index) // 4, element ``4c + 2i + j`` gets
     word ``2j + i`` of counter ``c`` (a fixed permutation inside each group of 4)."""
     q = tl.arange(0, WIDTH // 4)
-    ctr = rows[:, None, None].to(tl.int64) * (C // 4) + chunks[None, :, None] * 4 + 2 * HALF + q[None, None, :]
+    ctr = rows[None, :, None].to(tl.int64) * (C // 4) + chunks[:, None, None] * 4 + 2 * HALF + q[None, None, :]
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], chunks.shape[0], WIDTH])
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [chunks.shape[0], rows.shape[0], WIDTH])
     return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
 
 
@@ -159,19 +163,20 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 @triton.jit
 def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
                HALF_LOADS: tl.constexpr):
-    """The input tile: with ``HALF_LOADS`` its two half-blocks ``[BR, G, 8]``, else ``[BR, G, 16]`` twice."""
+    """The input tile, chunk-major: with ``HALF_LOADS`` its two half-blocks ``[G, BR, 8]``, else
+    ``[G, BR, 16]`` twice."""
     if HALF_LOADS:
         xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0)
         xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0)
     else:
-        xa = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        xa = tl.permute(load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT), (1, 0, 2))
         xb = xa
     return xa, xb
 
 
 @triton.jit
 def _quantize_tile(
-    xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr, scale_ptr, R, C,
+    xa, xb, rows, chunks, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr, scale_ptr, R, C,
     BLOCK_R: tl.constexpr, G: tl.constexpr, TILE_R: tl.constexpr, SR: tl.constexpr,
     RAND_TENSOR: tl.constexpr, ON_GPU: tl.constexpr, HALF_LOADS: tl.constexpr,
 ):
@@ -182,17 +187,17 @@ def _quantize_tile(
     else:
         bmax = _max_nan(tl.abs(xa), 2)
     if TILE_R != 1:
-        t = _max_nan(tl.reshape(bmax, [BLOCK_R // TILE_R, TILE_R, G]), 1)
+        t = _max_nan(tl.reshape(bmax, [G, BLOCK_R // TILE_R, TILE_R]), 2)
         bmax = tl.reshape(
-            tl.broadcast_to(tl.reshape(t, [BLOCK_R // TILE_R, 1, G]), [BLOCK_R // TILE_R, TILE_R, G]),
-            [BLOCK_R, G],
+            tl.broadcast_to(tl.reshape(t, [G, BLOCK_R // TILE_R, 1]), [G, BLOCK_R // TILE_R, TILE_R]),
+            [G, BLOCK_R],
         )
 
     sb_code, sb_val = _block_scale(bmax * (s_enc * 0.16666666666666666), ON_GPU)
     enc = tl.minimum(tl.div_rn(1.0, sb_val * s_dec), FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
 
     # Codes of x * enc (the clamp to [-6, 6] happens inside the E2M1 encoders), packed eight to
-    # an int32 word: two words per block, word 2g + h holding elements 8h..8h+7 of block g.
+    # an int32 word: two words per block ``[G, BR, 2]``, word h holding elements 8h..8h+7.
     if HALF_LOADS:
         ua = xa  # not read unless SR
         ub = xb
@@ -205,29 +210,23 @@ def _quantize_tile(
                 ub = _sr_uniforms(seed_ptr, rows, chunks, C, 8, 1)
         wa = _pack8(_codes(xa * enc[:, :, None], ua, SR, ON_GPU))
         wb = _pack8(_codes(xb * enc[:, :, None], ub, SR, ON_GPU))
-        words = tl.reshape(tl.join(wa, wb), [BLOCK_R, 2 * G])
+        words = tl.join(wa, wb)
     else:
         u = xa  # not read unless SR
         if SR:
             if RAND_TENSOR:
-                u = load_tile_3d(rand_ptr, rows, chunks, C, 1, R, C, rand_ptr, 16, False)
+                u = tl.permute(load_tile_3d(rand_ptr, rows, chunks, C, 1, R, C, rand_ptr, 16, False), (1, 0, 2))
             else:
                 u = _sr_uniforms(seed_ptr, rows, chunks, C, 16, 0)
         c = _codes(xa * enc[:, :, None], u, SR, ON_GPU)
-        words = tl.reshape(_pack8(tl.reshape(c, [BLOCK_R, 2 * G, 8])), [BLOCK_R, 2 * G])
+        words = tl.reshape(_pack8(tl.reshape(c, [G, 2 * BLOCK_R, 8])), [G, BLOCK_R, 2])
 
-    rmask = rows < R
-    wcols = pid_c * 2 * G + tl.arange(0, 2 * G)
-    tl.store(
-        data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (C // 8) + wcols[None, :],
-        words,
-        mask=rmask[:, None] & (wcols[None, :] < C // 8),
-    )
-    tl.store(
-        scale_ptr + rows[:, None].to(tl.int64) * (C // 16) + chunks[None, :],
-        sb_code.to(tl.uint8),
-        mask=rmask[:, None] & (chunks[None, :] < C // 16),
-    )
+    # Chunk-major tiles, so a warp's threads hold neighbouring blocks of one row and both stores
+    # go out from the compute layout (row-major tiles went through shared memory first).
+    mask = (rows < R)[None, :] & (chunks < C // 16)[:, None]
+    woff = rows[None, :, None].to(tl.int64) * (C // 8) + 2 * chunks[:, None, None] + tl.arange(0, 2)[None, None, :]
+    tl.store(data_ptr.to(tl.pointer_type(tl.int32)) + woff, words, mask=mask[:, :, None])
+    tl.store(scale_ptr + rows[None, :].to(tl.int64) * (C // 16) + chunks[:, None], sb_code.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -259,7 +258,7 @@ def _nvfp4_kernel(
         if i + 1 < ITERS:
             na, nb = _load_tile(x_ptr, h_ptr, rows + BLOCK_R, chunks, R, C, stride_r, stride_c, RHT,
                                 HALF_LOADS)
-        _quantize_tile(xa, xb, rows, chunks, pid_c, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr,
+        _quantize_tile(xa, xb, rows, chunks, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr,
                        scale_ptr, R, C, BLOCK_R, G, TILE_R, SR, RAND_TENSOR, ON_GPU, HALF_LOADS)
         if i + 1 < ITERS:
             xa = na

@@ -14,13 +14,16 @@ from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, types: dict, constexprs: dict, num_warps=4):
+def _compile(fn, types: dict, constexprs: dict, num_warps=4, divisible_by_16=()):
+    """``divisible_by_16``: arguments the launch specialises as multiples of 16 (as Triton does for
+    aligned pointers and sizes at run time), which is what lets it vectorise loads and stores."""
     constexprs = dict(constexprs)
     num_warps = constexprs.pop("num_warps", num_warps)
     sig = {}
     for name in fn.arg_names:
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
-    src = triton.compiler.ASTSource(fn, sig, constexprs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
+    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
