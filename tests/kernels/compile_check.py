@@ -3,28 +3,11 @@ lowering errors on a CPU machine (the interpreter accepts things the compiler re
 
 from __future__ import annotations
 
-import triton
-from triton.backends.compiler import GPUTarget
-
 from nvfp4_megatron.kernels import amax as k_amax
 from nvfp4_megatron.kernels import fp8 as k_fp8
 from nvfp4_megatron.kernels import mx as k_mx
 from nvfp4_megatron.kernels import nvfp4 as k_nvfp4
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-def _compile(fn, types: dict, constexprs: dict, num_warps=4, divisible_by_16=()):
-    """``divisible_by_16``: arguments the launch specialises as multiples of 16 (as Triton does for
-    aligned pointers and sizes at run time), which is what lets it vectorise loads and stores."""
-    constexprs = dict(constexprs)
-    num_warps = constexprs.pop("num_warps", num_warps)
-    sig = {}
-    for name in fn.arg_names:
-        sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
-    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+from nvfp4_megatron.kernels.sm90 import compile_sm90
 
 
 def variants():
@@ -82,7 +65,7 @@ if __name__ == "__main__":
         if len(sys.argv) > 1 and sys.argv[1] not in name:
             continue
         try:
-            k = _compile(fn, types, cx)
+            k = compile_sm90(fn, types, cx)
             print("ok  ", name, "regs", k.n_regs if hasattr(k, "n_regs") else "?", "spills", getattr(k, "n_spills", "?"))
         except Exception as e:  # report all, fail at the end
             failed += 1

@@ -12,7 +12,7 @@ import compile_check  # noqa: E402
 @pytest.mark.slow
 @pytest.mark.parametrize("name,fn,types,constexprs", compile_check.variants(), ids=lambda v: v if isinstance(v, str) else "")
 def test_compiles_for_sm90(name, fn, types, constexprs):
-    kernel = compile_check._compile(fn, types, constexprs)
+    kernel = compile_check.compile_sm90(fn, types, constexprs)
     ptx = kernel.asm["ptx"]
     assert "div.full.f32" not in ptx, f"{name}: approximate division in the PTX"
     assert ".ftz" not in ptx, f"{name}: flush-to-zero would change results on subnormals"
@@ -25,15 +25,9 @@ def test_rowwise_nvfp4_stores_without_shared_memory(sr):
     time) keeps its tiles in the order it stores them: 16-byte loads, 8-byte code stores, and no
     shared memory or barriers (a row-major tile layout went through shared memory before every
     store; kernels/nvfp4.py)."""
-    from nvfp4_megatron.kernels import nvfp4 as k
+    from nvfp4_megatron.kernels.sm90 import compile_nvfp4_launch
 
-    cfg = k.kernel_config(tile=(1, 16), rht=False, sr=sr, unit_stride=True)
-    cfg.update(HALF_LOADS=bool(cfg["HALF_LOADS"]), COL_FASTEST=bool(cfg["COL_FASTEST"]), TILE_R=1,
-               RHT=False, SR=sr, RAND_TENSOR=False, ON_GPU=True, stride_c=1)
-    types = {"x_ptr": "*bf16", "h_ptr": "*fp32", "amax_ptr": "*fp32", "rand_ptr": "*fp32",
-             "seed_ptr": "*i32", "data_ptr": "*u8", "scale_ptr": "*u8", "gscale_ptr": "*fp32"}
-    kernel = compile_check._compile(k._nvfp4_kernel, types, cfg,
-                                    divisible_by_16=[*types, "R", "C", "stride_r"])
+    _, kernel = compile_nvfp4_launch(tile=(1, 16), rht=False, sr=sr, unit_stride=True)
     ptx = kernel.asm["ptx"]
     assert kernel.metadata.shared == 0, f"shared memory: {kernel.metadata.shared} bytes"
     assert "bar.sync" not in ptx and "st.shared" not in ptx
