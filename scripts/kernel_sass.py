@@ -48,7 +48,11 @@ def main(argv=None) -> int:
         label, kernel = compile_nvfp4_launch(tile=tile, rht=rht, sr=sr, unit_stride=unit, config=config)
         s = sass_summary(kernel)
         out[name] = dict(s, setting=label)
-        print(f"{name:11s} {label:38s} instr={s['instructions']:5d} smem={s['shared_bytes']:5d} {s['ops']}", flush=True)
+        cfg = k.kernel_config(tile=tile, rht=rht, sr=sr, unit_stride=unit, config=config)
+        per_thread = cfg["BLOCK_R"] * cfg["G"] * 16 * cfg["ITERS"] // (32 * cfg["num_warps"])
+        s["instructions_per_element"] = round(s["instructions"] / per_thread, 2)
+        print(f"{name:11s} {label:38s} instr={s['instructions']:5d} ({s['instructions_per_element']:5.2f}/elem) "
+              f"regs={s['registers']:3d} local={s['local_bytes']} smem={s['shared_bytes']:5d} {s['ops']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

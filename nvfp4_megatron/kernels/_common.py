@@ -27,10 +27,11 @@ or the hardware:
   The butterflies contain no multiply, so FMA contraction cannot change them.
 * The RHT output is then rounded to the input's dtype (DESIGN.md §RHT; ``formats.rht.
   round_to_dtype``), in ``load_tile_3d``, so the post-RHT amax kernel, the RNE and the SR
-  quantization all see it. BF16 is rounded on the bits (``round_fp32_to_bf16``): the
-  interpreter's FP32 -> BF16 ``.to()`` truncates instead of rounding (Triton 3.6), the GPU's
-  ``cvt.rn.bf16.f32`` rounds to nearest even; the bit formula equals the latter and torch's
-  conversion. FP16 uses ``.to(tl.float16)`` (``cvt.rn.f16.f32`` on the GPU, NumPy's ``astype``
+  quantization all see it. BF16: on the GPU by ``cvt.rn.bf16.f32`` (nearest even), under the
+  interpreter on the bits (``round_fp32_to_bf16``), since the interpreter's FP32 -> BF16 ``.to()``
+  truncates instead of rounding (Triton 3.6); the bit formula equals the hardware convert and
+  torch's conversion (both tested against the reference on the GPU). The post-RHT amax rounds
+  only its final max (monotone, symmetric rounding: the same amax). FP16 uses ``.to(tl.float16)`` (``cvt.rn.f16.f32`` on the GPU, NumPy's ``astype``
   in the interpreter: both nearest even, subnormals and overflow to Inf included). NaN passes
   through unchanged in both cases, as in the reference.
 """
@@ -246,11 +247,16 @@ def round_fp32_to_bf16(v):
 
 
 @triton.jit
-def round_to_input_dtype(v, DTYPE: tl.constexpr):
-    """FP32 ``v`` rounded to ``DTYPE`` (BF16 / FP16; FP32: unchanged), back in FP32; NaN unchanged."""
+def round_to_input_dtype(v, DTYPE: tl.constexpr, HW: tl.constexpr = False):
+    """FP32 ``v`` rounded to ``DTYPE`` (BF16 / FP16; FP32: unchanged), back in FP32; NaN unchanged.
+    ``HW`` (GPU only): BF16 by the hardware ``cvt.rn.bf16.f32`` (nearest even, no flush, overflow
+    to Inf: the bit formula's result in fewer instructions); else the bit formula."""
     out = v
     if DTYPE == tl.bfloat16:
-        out = round_fp32_to_bf16(v)
+        if HW:
+            out = tl.where(v != v, v, v.to(tl.bfloat16).to(tl.float32))
+        else:
+            out = round_fp32_to_bf16(v)
     if DTYPE == tl.float16:
         out = tl.where(v != v, v, v.to(tl.float16).to(tl.float32))
     return out
@@ -259,19 +265,22 @@ def round_to_input_dtype(v, DTYPE: tl.constexpr):
 @triton.jit
 def load_tile_3d(
     x_ptr, rows, chunks, stride_r, stride_c, R, C, s_ptr,
-    CHUNK: tl.constexpr, RHT: tl.constexpr,
+    CHUNK: tl.constexpr, RHT: tl.constexpr, ROUND: tl.constexpr = True, HW: tl.constexpr = False,
 ):
     """FP32 tile ``[BR, G, CHUNK]``: rows ``rows``, chunks ``chunks`` of ``CHUNK`` columns.
 
     Strided loads, so a transposed view is read in place. With ``RHT`` (CHUNK = 16, ``s_ptr`` the
     16 signs) each chunk is replaced by its RHT, rounded to the dtype of ``x_ptr`` (BF16 input ->
-    BF16 values; DESIGN.md §RHT). Out-of-range elements read as 0.
+    BF16 values; DESIGN.md §RHT; ``HW``: by the hardware convert) unless ``ROUND`` is off (a
+    caller that only needs the max of ``|.|`` rounds the max instead: rounding is monotone and
+    symmetric, so the two agree). Out-of-range elements read as 0.
     """
     if RHT:
         mask2 = (rows < R)[:, None] & (chunks * CHUNK < C)[None, :]
         base = x_ptr + rows[:, None].to(tl.int64) * stride_r
         out = rht16(base, chunks[None, :].to(tl.int64) * CHUNK, stride_c, mask2, s_ptr)
-        out = round_to_input_dtype(out, x_ptr.dtype.element_ty)
+        if ROUND:
+            out = round_to_input_dtype(out, x_ptr.dtype.element_ty, HW)
     else:
         kk = tl.arange(0, CHUNK)
         cols = chunks[None, :, None].to(tl.int64) * CHUNK + kk[None, None, :]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d, tile_program
+from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d, round_to_input_dtype, tile_program
 
 # Tile of BLOCK_R x (G x 16) elements, ITERS row-tiles per program (one atomic per program);
 # COL_FASTEST: a 1-D grid whose consecutive programs take neighbouring column chunks.
@@ -40,16 +40,23 @@ CONFIGS = [
 def _amax_kernel(
     x_ptr, out_ptr, h_ptr, R, C, stride_r, stride_c,
     BLOCK_R: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr, RHT: tl.constexpr,
-    COL_FASTEST: tl.constexpr,
+    COL_FASTEST: tl.constexpr, ON_GPU: tl.constexpr,
 ):
     pid_r, pid_c = tile_program(tl.cdiv(C, 16 * G), COL_FASTEST)
     chunks = pid_c * G + tl.arange(0, G)
     running = tl.zeros([BLOCK_R, G, 16], dtype=tl.int32)
     for i in tl.static_range(ITERS):
         rows = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT)
+        # the RHT output unrounded: the max below is rounded once instead
+        x = load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT, False)
         running = tl.maximum(running, abs_bits(x))
     m = tl.max(tl.max(tl.max(running, axis=2), axis=1), axis=0)
+    if RHT:
+        # max |round(v)| = round(max |v|): rounding to the input dtype is monotone and symmetric
+        # (NaN: the same payload either way), so one rounding of the program's max gives the
+        # amax of the rounded transform (DESIGN.md §RHT)
+        mf = round_to_input_dtype(m.to(tl.float32, bitcast=True), x_ptr.dtype.element_ty, ON_GPU)
+        m = mf.to(tl.int32, bitcast=True)
     tl.atomic_max(out_ptr, m)
 
 
@@ -69,6 +76,6 @@ def amax_2d(x2d: torch.Tensor, *, signs_fp32: torch.Tensor | None = None, config
     _amax_kernel[grid](
         x2d, out_i32, h, rows, cols, x2d.stride(0), x2d.stride(1),
         BLOCK_R=cfg["BLOCK_R"], G=cfg["G"], ITERS=cfg["ITERS"], RHT=rht,
-        COL_FASTEST=bool(cfg["COL_FASTEST"]), num_warps=cfg["num_warps"],
+        COL_FASTEST=bool(cfg["COL_FASTEST"]), ON_GPU=x2d.is_cuda, num_warps=cfg["num_warps"],
     )
     return out_i32.view(torch.float32).reshape(())

@@ -162,14 +162,15 @@ def _codes(y, u, SR: tl.constexpr, ON_GPU: tl.constexpr):
 
 @triton.jit
 def _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT: tl.constexpr,
-               HALF_LOADS: tl.constexpr):
+               HALF_LOADS: tl.constexpr, ON_GPU: tl.constexpr):
     """The input tile, chunk-major: with ``HALF_LOADS`` its two half-blocks ``[G, BR, 8]``, else
     ``[G, BR, 16]`` twice."""
     if HALF_LOADS:
         xa = _load_half(x_ptr, rows, chunks, R, C, stride_r, 0, 0.0)
         xb = _load_half(x_ptr, rows, chunks, R, C, stride_r, 1, 0.0)
     else:
-        xa = tl.permute(load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT), (1, 0, 2))
+        xa = tl.permute(load_tile_3d(x_ptr, rows, chunks, stride_r, stride_c, R, C, h_ptr, 16, RHT, True, ON_GPU),
+                        (1, 0, 2))
         xb = xa
     return xa, xb
 
@@ -253,11 +254,11 @@ def _nvfp4_kernel(
 
     # ITERS row tiles, the next tile's load issued before the current tile is encoded and stored.
     rows = pid_r * (ITERS * BLOCK_R) + tl.arange(0, BLOCK_R)
-    xa, xb = _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, HALF_LOADS)
+    xa, xb = _load_tile(x_ptr, h_ptr, rows, chunks, R, C, stride_r, stride_c, RHT, HALF_LOADS, ON_GPU)
     for i in tl.static_range(ITERS):
         if i + 1 < ITERS:
             na, nb = _load_tile(x_ptr, h_ptr, rows + BLOCK_R, chunks, R, C, stride_r, stride_c, RHT,
-                                HALF_LOADS)
+                                HALF_LOADS, ON_GPU)
         _quantize_tile(xa, xb, rows, chunks, s_enc, s_dec, rand_ptr, seed_ptr, data_ptr,
                        scale_ptr, R, C, BLOCK_R, G, TILE_R, SR, RAND_TENSOR, ON_GPU, HALF_LOADS)
         if i + 1 < ITERS:

@@ -68,18 +68,24 @@ def cuobjdump() -> Path:
     return path
 
 
-def sass_lines(kernel) -> list[str]:
-    """The kernel's SASS instructions, one string each (addresses and encodings dropped)."""
+def _cuobjdump(kernel, flag: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        out = subprocess.run([str(cuobjdump()), "-sass", str(cubin)], capture_output=True, text=True,
-                             check=True).stdout
-    return [m.group(1) for line in out.splitlines() if (m := _INSTR.match(line))]
+        return subprocess.run([str(cuobjdump()), flag, str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def sass_lines(kernel) -> list[str]:
+    """The kernel's SASS instructions, one string each (addresses and encodings dropped)."""
+    return [m.group(1) for line in _cuobjdump(kernel, "-sass").splitlines() if (m := _INSTR.match(line))]
 
 
 def sass_summary(kernel) -> dict:
-    """Instruction count, shared memory bytes, and the count of each memory/barrier/shuffle op."""
+    """Instruction count, registers per thread, local-memory (spill) bytes, shared memory bytes,
+    and the count of each memory/barrier/shuffle instruction."""
     lines = sass_lines(kernel)
     ops = Counter(m.group(1) for line in lines for m in [_MEM_OPS.search(line)] if m)
-    return {"instructions": len(lines), "shared_bytes": kernel.metadata.shared, "ops": dict(sorted(ops.items()))}
+    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", _cuobjdump(kernel, "-res-usage")))
+    return {"instructions": len(lines), "registers": int(usage["REG"]), "local_bytes": int(usage["LOCAL"]),
+            "shared_bytes": kernel.metadata.shared, "ops": dict(sorted(ops.items()))}

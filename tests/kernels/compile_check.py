@@ -19,7 +19,7 @@ def variants():
             cx = {k: v for k, v in cfg.items() if k != "num_warps"}
             out.append((f"amax rht={rht} {cfg}", k_amax._amax_kernel,
                         {"x_ptr": "*bf16", "out_ptr": "*i32", "h_ptr": "*fp32"},
-                        dict(cx, RHT=rht)))
+                        dict(cx, RHT=rht, ON_GPU=True)))
     nv_types = {"x_ptr": "*bf16", "h_ptr": "*fp32", "amax_ptr": "*fp32", "rand_ptr": "*fp32",
                 "seed_ptr": "*i32", "data_ptr": "*u8", "scale_ptr": "*u8", "gscale_ptr": "*fp32"}
     for tile_r in (1, 16):

@@ -218,12 +218,12 @@ def special_values_input_bf16(device, *, subnormals: bool = True) -> torch.Tenso
 
 
 @triton.jit
-def _round_kernel(x_ptr, like_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _round_kernel(x_ptr, like_ptr, out_ptr, N, BLOCK: tl.constexpr, HW: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
     # the dtype is read from a pointer, as load_tile_3d does with the quantizer's input
-    tl.store(out_ptr + offs, round_to_input_dtype(v, like_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + offs, round_to_input_dtype(v, like_ptr.dtype.element_ty, HW), mask=m)
 
 
 @triton.jit
@@ -289,5 +289,9 @@ def check_round_to_dtype(name: str, device) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         out = torch.empty_like(x_dev)
         like = torch.empty(1, dtype=dtype, device=device)
-        _round_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, like, out, x.numel(), BLOCK=1024)
-        _same(f"{name} {dtype}", "value", out, round_to_dtype(x, dtype))
+        # both roundings on the GPU (the quantizer's hardware convert, the bit formula of the
+        # post-RHT amax's interpreter path and of the fused RoPE); the bit formula in the interpreter
+        for hw in ((False, True) if x_dev.is_cuda else (False,)):
+            out.fill_(0.0)
+            _round_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, like, out, x.numel(), BLOCK=1024, HW=hw)
+            _same(f"{name} {dtype} hw={hw}", "value", out, round_to_dtype(x, dtype))
