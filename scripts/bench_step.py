@@ -186,7 +186,7 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = F
         f"peak {peak / 2**30:.2f} GiB (static {static / 2**30:.2f}), loss {losses[0]:.3f}"
         f"->{losses[-1]:.3f}")
     if label in args.profile:
-        res["profile"] = prof = profile_step(step, args.warmup + args.steps)
+        res["profile"] = prof = profile_step(step, args.warmup + args.steps, ops=args.profile_ops)
         log(f"[{label}] profiled step: wall {prof['wall_ms_profiled']:.1f} ms, GPU busy "
             f"{prof['gpu_busy_ms']:.1f} ms, sync-like calls {prof['sync_like_calls']}")
         log(prof["gpu_table"])
@@ -200,12 +200,15 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = F
     return res
 
 
-def profile_step(step, i: int) -> dict:
+def profile_step(step, i: int, ops: bool = False) -> dict:
     """One profiled step: the GPU-busy time (sum of kernel times), the top GPU kernels, and the
-    top host-side calls (where host/device synchronisations show up)."""
+    top host-side calls (where host/device synchronisations show up). ``ops`` (``--profile-ops``)
+    also records input shapes and adds ``op_table``: GPU time by the torch op (and its input
+    shapes) that launched the kernels, which names the op behind each generic elementwise kernel
+    (without CUDA graphs: a replayed graph has no ops to attribute to)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=ops) as prof:
         t0 = time.perf_counter()
         step(i)
         torch.cuda.synchronize()
@@ -222,6 +225,9 @@ def profile_step(step, i: int) -> dict:
                               max_name_column_width=60),
         "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=12,
                               max_name_column_width=60),
+        **({"op_table": prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_device_time_total", row_limit=60, max_name_column_width=40,
+            max_shapes_column_width=100)} if ops else {}),
     }
 
 
@@ -244,6 +250,9 @@ def main() -> int:
     ap.add_argument("--microbatches", type=int, default=1, help="micro-batches per step")
     ap.add_argument("--weight-copies", default="reuse", choices=("reuse", "fresh"))
     ap.add_argument("--profile", default="", help="comma-separated --recipes entries to profile one step of")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="with --profile: record input shapes and add the GPU time by launching op "
+                         "and shapes (op_table); profile a recipe without +graph for this")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.profile = [p for p in args.profile.split(",") if p]
