@@ -31,9 +31,10 @@ or the hardware:
   interpreter on the bits (``round_fp32_to_bf16``), since the interpreter's FP32 -> BF16 ``.to()``
   truncates instead of rounding (Triton 3.6); the bit formula equals the hardware convert and
   torch's conversion (both tested against the reference on the GPU). The post-RHT amax rounds
-  only its final max (monotone, symmetric rounding: the same amax). FP16 uses ``.to(tl.float16)`` (``cvt.rn.f16.f32`` on the GPU, NumPy's ``astype``
-  in the interpreter: both nearest even, subnormals and overflow to Inf included). NaN passes
-  through unchanged in both cases, as in the reference.
+  only its final max (monotone, symmetric rounding: the same amax). FP16 uses
+  ``.to(tl.float16)`` (``cvt.rn.f16.f32`` on the GPU, NumPy's ``astype`` in the interpreter:
+  both nearest even, subnormals and overflow to Inf included). NaN passes through unchanged in
+  both cases, as in the reference.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 One pass over a 2-D view ``[R, C]`` (any strides, so a transposed view is read in place):
 ``max |x|`` or, with RHT signs, ``max |apply_rht(x)|`` over 16-element chunks of each row (the
-post-RHT amax that the NVFP4 columnwise copy needs, DESIGN.md §1; the transform rounded to the
-input's dtype first, DESIGN.md §RHT, by ``load_tile_3d`` as for the quantizer). Each program
+post-RHT amax that the NVFP4 columnwise copy needs, DESIGN.md §1; the max of the transform
+rounded to the input's dtype, DESIGN.md §RHT, which each program gets by rounding its unrounded
+max once: rounding is monotone and symmetric). Each program
 reduces ``ITERS`` tiles of ``BLOCK_R x 16G`` elements to the max of the FP32 bit patterns (int32,
 order-preserving for ``|x|``, NaN propagates) and folds it into the result with one
 ``atomic_max`` on a zeroed int32 word (fewer programs, fewer atomics on one address). The result

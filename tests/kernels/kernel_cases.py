@@ -289,8 +289,8 @@ def check_round_to_dtype(name: str, device) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         out = torch.empty_like(x_dev)
         like = torch.empty(1, dtype=dtype, device=device)
-        # both roundings on the GPU (the quantizer's hardware convert, the bit formula of the
-        # post-RHT amax's interpreter path and of the fused RoPE); the bit formula in the interpreter
+        # on the GPU both: the hardware convert (the quantizer and the post-RHT amax there) and
+        # the bit formula (the fused RoPE's); under the interpreter the bit formula
         for hw in ((False, True) if x_dev.is_cuda else (False,)):
             out.fill_(0.0)
             _round_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, like, out, x.numel(), BLOCK=1024, HW=hw)
