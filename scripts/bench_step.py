@@ -36,7 +36,9 @@ CUDA graph after ``training.graphs.WARMUP_STEPS`` eager steps and replayed (``tr
 ``--warmup`` must be larger than that, so the step that captures is not timed). ``RECIPE+tgemm``
 runs it with ``precision.emulated_gemm=triton`` (the emulated formats' GEMM with alpha in a Triton
 kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``. ``RECIPE+rope``:
-with ``train.fused_rope=true`` (``kernels/rope.py``; same bits, so the same losses).
+with ``train.fused_rope=true`` (``kernels/rope.py``; same bits, so the same losses). ``RECIPE+ce``:
+with ``train.fused_cross_entropy=true`` (``kernels/cross_entropy.py``; the loss differs in its
+last bits).
 """
 
 from __future__ import annotations
@@ -67,18 +69,23 @@ def run_recipe(spec: str, args, log) -> dict:
 
     base, _, suffixes = spec.partition("+")
     flags = set(suffixes.split("+")) if suffixes else set()
-    if flags - {"graph", "tgemm", "rope"}:
-        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm' and 'rope'")
+    if flags - {"graph", "tgemm", "rope", "ce"}:
+        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm', 'rope' and 'ce'")
+    from nvfp4_megatron.kernels.cross_entropy import disable_fused_cross_entropy
     from nvfp4_megatron.kernels.rope import disable_fused_rope
 
     try:
         with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
-            return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags)
+            return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags,
+                               ce="ce" in flags)
     finally:
-        disable_fused_rope()  # train.fused_rope patches Megatron's module: not for the next recipe
+        # train.fused_rope / fused_cross_entropy patch Megatron's modules: not for the next recipe
+        disable_fused_rope()
+        disable_fused_cross_entropy()
 
 
-def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = False) -> dict:
+def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = False,
+                ce: bool = False) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import gemm as qgemm
@@ -104,7 +111,8 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = F
     torch.manual_seed(1234)
     cfg = compose(args, recipe_name, (*(("train.cuda_graph=true",) if graphed else ()),
                                       *(("precision.emulated_gemm=triton",) if tgemm else ()),
-                                      *(("train.fused_rope=true",) if rope else ())))
+                                      *(("train.fused_rope=true",) if rope else ()),
+                                      *(("train.fused_cross_entropy=true",) if ce else ())))
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
     prev_mm = start_run_state(cfg)

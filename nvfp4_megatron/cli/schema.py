@@ -248,6 +248,11 @@ class TrainConfig:
     # our fused RoPE kernel (kernels/rope.py; GPU only) in place of Megatron's unfused torch RoPE:
     # one pass forward and one backward instead of ~6 each; the same bits
     fused_rope: bool = False
+    # our fused cross-entropy kernels (kernels/cross_entropy.py; GPU only) in place of Megatron's
+    # vocab_parallel_cross_entropy: three passes over the BF16 logits instead of ~8 over an FP32
+    # copy, no FP32 softmax kept for the backward; the loss differs in its last bits (the sum's
+    # order). Not with cross_entropy_fusion (Megatron's own fused one)
+    fused_cross_entropy: bool = False
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

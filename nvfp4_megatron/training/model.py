@@ -46,16 +46,23 @@ _FUSIONS_OFF = ("gradient_accumulation_fusion", "bias_activation_fusion", "maske
 
 
 def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None,
-                       cross_entropy_fusion: bool = False, fused_rope: bool = False, log=print):
+                       cross_entropy_fusion: bool = False, fused_rope: bool = False,
+                       fused_cross_entropy: bool = False, log=print):
     """Megatron's TransformerConfig; ``quantization``: the backend's fp8/fp4, BF16-block and MoE
     padding fields (``backend.backend_config_fields``; empty on the emulated backend).
     ``cross_entropy_fusion`` (``train.cross_entropy_fusion``, GPU only): Megatron's native fused
     vocab-parallel cross-entropy (three ``torch.compile``d kernels instead of about ten passes
     over the FP32 logits; the same mathematics in another order, so the loss differs from the
     unfused one in its last bits). ``fused_rope`` (``train.fused_rope``, GPU only): our RoPE kernel
-    (``kernels/rope.py``, bit-exact with Megatron's unfused RoPE) installed in Megatron's place."""
+    (``kernels/rope.py``, bit-exact with Megatron's unfused RoPE) installed in Megatron's place.
+    ``fused_cross_entropy`` (``train.fused_cross_entropy``, GPU only): our cross-entropy kernels
+    (``kernels/cross_entropy.py``: Megatron's arithmetic, the FP32 sum in another order) in place
+    of Megatron's ``vocab_parallel_cross_entropy``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if fused_cross_entropy and cross_entropy_fusion:
+        raise ValueError("train.fused_cross_entropy=true and train.cross_entropy_fusion=true both "
+                         "replace the cross-entropy; set one of them to false")
     if cross_entropy_fusion and not torch.cuda.is_available():
         raise ValueError("train.cross_entropy_fusion=true needs a GPU (Megatron's fused "
                          "cross-entropy is compiled for CUDA); set train.cross_entropy_fusion=false")
@@ -66,6 +73,13 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
         from nvfp4_megatron.kernels.rope import enable_fused_rope
 
         enable_fused_rope(log)
+    if fused_cross_entropy:
+        if not torch.cuda.is_available():
+            raise ValueError("train.fused_cross_entropy=true needs a GPU (Triton kernels); set "
+                             "train.fused_cross_entropy=false")
+        from nvfp4_megatron.kernels.cross_entropy import enable_fused_cross_entropy
+
+        enable_fused_cross_entropy(log)
     extra: dict[str, Any] = {}
     if cross_entropy_fusion:
         extra.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
@@ -170,7 +184,8 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"]),
         cross_entropy_fusion=t.get("cross_entropy_fusion", False),
-        fused_rope=t.get("fused_rope", False), log=log)
+        fused_rope=t.get("fused_rope", False),
+        fused_cross_entropy=t.get("fused_cross_entropy", False), log=log)
     if choice.backend != "te":
         from nvfp4_megatron.mcore.hybrid_spec import check_local_hybrid_pattern
 
@@ -203,7 +218,8 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"], **moe),
         cross_entropy_fusion=t.get("cross_entropy_fusion", False),
-        fused_rope=t.get("fused_rope", False), log=log)
+        fused_rope=t.get("fused_rope", False),
+        fused_cross_entropy=t.get("fused_cross_entropy", False), log=log)
     spec = gpt_layer_spec_for(choice, config,
                               pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))

@@ -252,6 +252,29 @@ def test_fused_rope_trains_the_same_bits(tmp_path, gpu_cache):
     assert [r["loss"] for r in runs[True][1]] == [r["loss"] for r in runs[False][1]]
 
 
+def test_fused_cross_entropy_trains_like_megatrons(tmp_path, gpu_cache):
+    """train.fused_cross_entropy=true: the same forward (step 1's loss equal to a few FP32 ulps:
+    only the order of the sum of exponentials differs), and curves that stay together (the
+    gradients differ in rare last bits, so the runs drift apart only slowly)."""
+    base = [*_overrides("nvfp4"), "train.train_iters=8", "train.eval_interval=4", "train.save=false",
+            "train.log_interval=1"]
+    runs = {}
+    for fused in (False, True):
+        run_dir = tmp_path / f"ce_{fused}"
+        rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_cross_entropy={str(fused).lower()}"])
+        assert rc == 0, out[-4000:]
+        assert ("[loss] fused cross-entropy kernels" in out) == fused, out[-3000:]
+        assert "Megatron's function for a call" not in out, out[-3000:]
+        runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
+    (eager, eager_valid), (fused, fused_valid) = runs[False], runs[True]
+    assert len(fused) == len(eager) == 8
+    assert abs(fused[0]["loss"] - eager[0]["loss"]) <= 1e-5 * abs(eager[0]["loss"])
+    for a, b in zip(fused, eager):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (a, b)
+    for a, b in zip(fused_valid, eager_valid):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (a, b)
+
+
 @pytest.mark.parametrize("name", list(GRAPH_CASES))
 def test_cuda_graph_trains_the_same_bits(name, tmp_path, gpu_cache):
     # 2 micro-batches per step (weight copies reused inside the graph too); telemetry every 5

@@ -43,6 +43,17 @@ def variants():
             out.append((f"rope {dt[1:]} backward={bw}", k_rope._rope_kernel,
                         {"x_ptr": dt, "cos_ptr": dt, "sin_ptr": dt, "out_ptr": dt},
                         dict(HALF=64, BLOCK_H=4, BACKWARD=bw)))
+    from nvfp4_megatron.kernels import cross_entropy as k_ce
+
+    for dt in ("*bf16", "*fp32"):
+        out.append((f"cross-entropy row max {dt[1:]}", k_ce._row_max_kernel,
+                    {"x_ptr": dt, "max_ptr": "*fp32"}, dict(V=131072, BLOCK=k_ce.BLOCK_V)))
+        out.append((f"cross-entropy row sum {dt[1:]}", k_ce._row_sum_kernel,
+                    {"x_ptr": dt, "max_ptr": "*fp32", "tgt_ptr": "*i64", "sum_ptr": "*fp32", "pred_ptr": "*fp32"},
+                    dict(V=131072, BLOCK=k_ce.BLOCK_V, ON_GPU=True)))
+        out.append((f"cross-entropy gradient {dt[1:]}", k_ce._grad_kernel,
+                    {"x_ptr": dt, "max_ptr": "*fp32", "sum_ptr": "*fp32", "tgt_ptr": "*i64", "g_ptr": "*fp32",
+                     "out_ptr": dt}, dict(V=131072, BLOCK=k_ce.BLOCK_V, ON_GPU=True)))
     for pow2 in (False, True):
         for mb, emin, maxv in ((3, -6, 448.0), (2, -14, 57344.0)):
             out.append((f"fp8 m{mb} pow2={pow2}", k_fp8._fp8_cs_kernel,

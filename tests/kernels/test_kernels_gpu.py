@@ -121,3 +121,19 @@ def test_sr_philox_deterministic_per_seed():
     assert not torch.equal(a1.data, b.data)
     c1, c2 = _sr_draws(x_row, 64, 1, rht=True), _sr_draws(x_row, 64, 1, rht=True)
     assert torch.equal(c1.data, c2.data)
+
+
+def test_fused_cross_entropy_matches_megatron_on_gpu(tmp_path):
+    """kernels/cross_entropy.py vs Megatron's vocab_parallel_cross_entropy on the GPU (one rank),
+    to ``ce_cases``' bounds, at a vocabulary of the 1.2B benchmark's size and two odd ones."""
+    import torch.distributed as dist
+
+    import ce_cases as cc
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        n = cc.check_one_process(((64, 2, 131072), (33, 3, 5000), (8, 2, 50304)),
+                                 (torch.bfloat16, torch.float32), dist.group.WORLD, device="cuda")
+    finally:
+        dist.destroy_process_group()
+    assert n == 6

@@ -131,5 +131,10 @@ def test_gpu_only_fusions_are_refused_without_a_gpu():
         transformer_config(c["model"], c["parallel"], bf16=True, cross_entropy_fusion=True)
     with pytest.raises(ValueError, match="train.fused_rope=true needs a GPU"):
         transformer_config(c["model"], c["parallel"], bf16=True, fused_rope=True)
+    with pytest.raises(ValueError, match="train.fused_cross_entropy=true needs a GPU"):
+        transformer_config(c["model"], c["parallel"], bf16=True, fused_cross_entropy=True)
+    with pytest.raises(ValueError, match="both replace the cross-entropy"):
+        transformer_config(c["model"], c["parallel"], bf16=True, fused_cross_entropy=True,
+                           cross_entropy_fusion=True)
     config = transformer_config(c["model"], c["parallel"], bf16=True)
     assert config.cross_entropy_loss_fusion is False  # off unless asked for
