@@ -39,17 +39,13 @@ to Megatron's function, with one log line.
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from nvfp4_megatron.kernels._common import round_to_input_dtype
-
-logger = logging.getLogger(__name__)
+from nvfp4_megatron.kernels.install import install, uninstall, warn_fallback_once
 
 # vocabulary entries per loop step of a program (one program per row); the vocabulary size is a
 # compile-time constant of the kernels (one compilation per model)
@@ -203,7 +199,7 @@ def fused_vocab_parallel_cross_entropy(vocab_parallel_logits, target, label_smoo
     """Drop-in for Megatron's ``tensor_parallel.vocab_parallel_cross_entropy`` (same signature)."""
     why = why_not_fused(vocab_parallel_logits, label_smoothing, on_cpu_ok=_on_cpu_ok)
     if why is not None:
-        _log_unfused(why)
+        warn_fallback_once("fused cross-entropy", why)
         return _original(vocab_parallel_logits, target, label_smoothing=label_smoothing, tp_group=tp_group)
     if tp_group is None:
         from megatron.core.parallel_state import get_tensor_model_parallel_group
@@ -212,29 +208,17 @@ def fused_vocab_parallel_cross_entropy(vocab_parallel_logits, target, label_smoo
     return FusedVocabParallelCrossEntropy.apply(vocab_parallel_logits, target, tp_group)
 
 
-@functools.cache
-def _log_unfused(why: str) -> None:
-    logger.warning("fused cross-entropy: Megatron's function for a call the kernels do not cover: %s", why)
-
-
 def enable_fused_cross_entropy(log=print) -> None:
     """Route Megatron's LM loss through the fused kernels (idempotent; GPU runs only)."""
     from megatron.core import tensor_parallel
 
-    current = tensor_parallel.vocab_parallel_cross_entropy
-    if getattr(current, "_nvfp4_fused", False):
-        return
-    fused = functools.partial(fused_vocab_parallel_cross_entropy, _original=current)
-    fused._nvfp4_fused = True  # type: ignore[attr-defined]
-    tensor_parallel.vocab_parallel_cross_entropy = fused
-    log("[loss] fused cross-entropy kernels (kernels/cross_entropy.py) in place of Megatron's "
-        "vocab_parallel_cross_entropy")
+    install(tensor_parallel, "vocab_parallel_cross_entropy", fused_vocab_parallel_cross_entropy, log=log,
+            message="[loss] fused cross-entropy kernels (kernels/cross_entropy.py) in place of "
+                    "Megatron's vocab_parallel_cross_entropy")
 
 
 def disable_fused_cross_entropy() -> None:
     """Put Megatron's own function back (a process that builds models with and without it)."""
     from megatron.core import tensor_parallel
 
-    current = tensor_parallel.vocab_parallel_cross_entropy
-    if getattr(current, "_nvfp4_fused", False):
-        tensor_parallel.vocab_parallel_cross_entropy = current.keywords["_original"]
+    uninstall(tensor_parallel, "vocab_parallel_cross_entropy")

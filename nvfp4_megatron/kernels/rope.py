@@ -27,16 +27,12 @@ one log line naming why.
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import triton
 import triton.language as tl
 
 from nvfp4_megatron.kernels._common import round_to_input_dtype
-
-logger = logging.getLogger(__name__)
+from nvfp4_megatron.kernels.install import install, uninstall, warn_fallback_once
 
 
 @triton.jit
@@ -131,7 +127,7 @@ def fused_apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, mla_rota
     why = why_not_fused(t, freqs, rotary_interleaved=rotary_interleaved, mla_rotary_interleaved=mla,
                         on_cpu_ok=_on_cpu_ok)
     if why is not None:
-        _log_unfused(why)
+        warn_fallback_once("fused RoPE", why)
         return _original(t, freqs, rotary_interleaved=rotary_interleaved,
                          mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale,
                          multi_latent_attention=multi_latent_attention)
@@ -140,28 +136,16 @@ def fused_apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, mla_rota
     return FusedRoPE.apply(t, cos_, sin_)
 
 
-@functools.cache
-def _log_unfused(why: str) -> None:
-    logger.warning("fused RoPE: Megatron's unfused RoPE for a call the kernel does not cover: %s", why)
-
-
 def enable_fused_rope(log=print) -> None:
     """Route Megatron's ``bshd`` RoPE through the fused kernel (idempotent; GPU runs only)."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    current = rope_utils._apply_rotary_pos_emb_bshd
-    if getattr(current, "_nvfp4_fused", False):
-        return
-    fused = functools.partial(fused_apply_rotary_pos_emb_bshd, _original=current)
-    fused._nvfp4_fused = True  # type: ignore[attr-defined]
-    rope_utils._apply_rotary_pos_emb_bshd = fused
-    log("[rope] fused RoPE kernel (kernels/rope.py) in place of Megatron's unfused bshd RoPE")
+    install(rope_utils, "_apply_rotary_pos_emb_bshd", fused_apply_rotary_pos_emb_bshd, log=log,
+            message="[rope] fused RoPE kernel (kernels/rope.py) in place of Megatron's unfused bshd RoPE")
 
 
 def disable_fused_rope() -> None:
     """Put Megatron's own function back (a process that builds models with and without it)."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    current = rope_utils._apply_rotary_pos_emb_bshd
-    if getattr(current, "_nvfp4_fused", False):
-        rope_utils._apply_rotary_pos_emb_bshd = current.keywords["_original"]
+    uninstall(rope_utils, "_apply_rotary_pos_emb_bshd")

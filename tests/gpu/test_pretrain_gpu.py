@@ -245,7 +245,7 @@ def test_fused_rope_trains_the_same_bits(tmp_path, gpu_cache):
         rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_rope={str(fused).lower()}"])
         assert rc == 0, out[-4000:]
         assert ("[rope] fused RoPE kernel" in out) == fused, out[-3000:]
-        assert "unfused RoPE for a call" not in out, out[-3000:]
+        assert "fused RoPE: Megatron's own function" not in out, out[-3000:]
         runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in runs[True][0]] == [r[key] for r in runs[False][0]], key
@@ -264,7 +264,7 @@ def test_fused_cross_entropy_trains_like_megatrons(tmp_path, gpu_cache):
         rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_cross_entropy={str(fused).lower()}"])
         assert rc == 0, out[-4000:]
         assert ("[loss] fused cross-entropy kernels" in out) == fused, out[-3000:]
-        assert "Megatron's function for a call" not in out, out[-3000:]
+        assert "fused cross-entropy: Megatron's own function" not in out, out[-3000:]
         runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
     (eager, eager_valid), (fused, fused_valid) = runs[False], runs[True]
     assert len(fused) == len(eager) == 8
