@@ -3,8 +3,9 @@
 For each mode (1x16 RNE, 16x16, SR, columnwise+RHT, columnwise+RHT+SR, columnwise without RHT) the
 launch's own tile setting (``kernels.nvfp4.kernel_config``, or ``--config`` over the base) is
 compiled with the operand alignment Triton specialises on at run time, and the SASS instruction
-count, shared memory, and the global/shared memory, barrier and shuffle instructions are printed
-(``--json`` writes them). A kernel change can be compared before/after on the CPU.
+count (total and per element of a thread), registers, local (spill) and shared memory, and the
+global/shared memory, barrier and shuffle instructions are printed (``--json`` writes them). A
+kernel change can be compared before/after on the CPU.
 
     .venv/bin/python scripts/kernel_sass.py [--config '{"BLOCK_R": 4, "G": 32, "ITERS": 16}'] [--json out.json]
 """
@@ -47,10 +48,10 @@ def main(argv=None) -> int:
             continue
         label, kernel = compile_nvfp4_launch(tile=tile, rht=rht, sr=sr, unit_stride=unit, config=config)
         s = sass_summary(kernel)
-        out[name] = dict(s, setting=label)
         cfg = k.kernel_config(tile=tile, rht=rht, sr=sr, unit_stride=unit, config=config)
         per_thread = cfg["BLOCK_R"] * cfg["G"] * 16 * cfg["ITERS"] // (32 * cfg["num_warps"])
         s["instructions_per_element"] = round(s["instructions"] / per_thread, 2)
+        out[name] = dict(s, setting=label)
         print(f"{name:11s} {label:38s} instr={s['instructions']:5d} ({s['instructions_per_element']:5.2f}/elem) "
               f"regs={s['registers']:3d} local={s['local_bytes']} smem={s['shared_bytes']:5d} {s['ops']}", flush=True)
     if args.json:
