@@ -292,6 +292,18 @@ def load_tile_3d(
 
 
 @triton.jit
+def max_nan(a, b):
+    """Elementwise max that propagates NaN (``max.NaN``), as ``torch.max``/``torch.amax`` do."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan_reduce(x, axis: tl.constexpr):
+    """``tl.max`` that propagates NaN (``max_nan`` as the combine function)."""
+    return tl.reduce(x, axis, max_nan)
+
+
+@triton.jit
 def tile_program(n_c, COL_FASTEST: tl.constexpr):
     """(row-tile, column-chunk) indices of this program: with ``COL_FASTEST`` a 1-D grid whose
     consecutive programs take neighbouring column chunks (``n_c`` of them) of one row band, else

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from nvfp4_megatron.kernels._common import round_to_input_dtype
+from nvfp4_megatron.kernels._common import max_nan, max_nan_reduce, round_to_input_dtype
 from nvfp4_megatron.kernels.install import install, uninstall, warn_fallback_once
 
 # vocabulary entries per loop step of a program (one program per row); the vocabulary size is a
@@ -72,11 +72,6 @@ def _to_dtype(v, DT: tl.constexpr, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _row_max_kernel(x_ptr, max_ptr, stride_row, V: tl.constexpr, BLOCK: tl.constexpr):
     """``M[row] = max_j float(l[row, j])`` (NaN propagates, as ``torch.max`` does)."""
     row = tl.program_id(0).to(tl.int64)
@@ -85,8 +80,8 @@ def _row_max_kernel(x_ptr, max_ptr, stride_row, V: tl.constexpr, BLOCK: tl.const
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         v = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        acc = _max_nan(acc, v)
-    tl.store(max_ptr + row, tl.reduce(acc, 0, _max_nan))
+        acc = max_nan(acc, v)
+    tl.store(max_ptr + row, max_nan_reduce(acc, 0))
 
 
 @triton.jit

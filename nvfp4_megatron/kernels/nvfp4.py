@@ -50,6 +50,8 @@ from nvfp4_megatron.kernels._common import (
     e2m1_rne_code,
     e2m1_sr_code,
     load_tile_3d,
+    max_nan,
+    max_nan_reduce,
     rht_signs_on,
     round_fp8,
     tile_program,
@@ -117,18 +119,6 @@ def _sr_uniforms(seed_ptr, rows, chunks, C, WIDTH: tl.constexpr, HALF: tl.conste
 
 
 @triton.jit
-def _max_nan_combine(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _max_nan(x, axis: tl.constexpr):
-    """``tl.max`` that propagates NaN (as ``torch.amax`` and the reference's block amax do); the
-    ``|.|`` of the callers folds into ``max.NaN``'s operands."""
-    return tl.reduce(x, axis, _max_nan_combine)
-
-
-@triton.jit
 def _pack8(codes):
     """E2M1 codes ``[A, B, 8]`` -> one int32 word per group of 8: element ``k`` in bits
     ``4k..4k+3`` (in little-endian bytes: element 2i in the low nibble of byte i)."""
@@ -184,11 +174,11 @@ def _quantize_tile(
     """Block scales and codes of one loaded tile (``_load_tile``), stored."""
     # Block amax (NaN propagates), then 16x16 tiles take the max over 16 rows.
     if HALF_LOADS:
-        bmax = tl.maximum(_max_nan(tl.abs(xa), 2), _max_nan(tl.abs(xb), 2), propagate_nan=tl.PropagateNan.ALL)
+        bmax = max_nan(max_nan_reduce(tl.abs(xa), 2), max_nan_reduce(tl.abs(xb), 2))
     else:
-        bmax = _max_nan(tl.abs(xa), 2)
+        bmax = max_nan_reduce(tl.abs(xa), 2)
     if TILE_R != 1:
-        t = _max_nan(tl.reshape(bmax, [G, BLOCK_R // TILE_R, TILE_R]), 2)
+        t = max_nan_reduce(tl.reshape(bmax, [G, BLOCK_R // TILE_R, TILE_R]), 2)
         bmax = tl.reshape(
             tl.broadcast_to(tl.reshape(t, [G, BLOCK_R // TILE_R, 1]), [G, BLOCK_R // TILE_R, TILE_R]),
             [G, BLOCK_R],

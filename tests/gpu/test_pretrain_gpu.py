@@ -235,18 +235,26 @@ GRAPH_CASES = {
 }
 
 
+def _with_and_without(tmp_path, gpu_cache, base, option, installed, kernel) -> dict:
+    """{False: (train rows, valid rows), True: ...}: ``base`` run with ``option`` off and on; the
+    run with it logs ``installed`` and neither falls back to Megatron's function for ``kernel``."""
+    runs = {}
+    for on in (False, True):
+        run_dir = tmp_path / f"{option}_{on}"
+        rc, out = _run(run_dir, gpu_cache, [*base, f"{option}={str(on).lower()}"])
+        assert rc == 0, out[-4000:]
+        assert (installed in out) == on, out[-3000:]
+        assert f"{kernel}: Megatron's own function" not in out, out[-3000:]
+        runs[on] = (_rows(run_dir), _rows(run_dir, "valid"))
+    return runs
+
+
 def test_fused_rope_trains_the_same_bits(tmp_path, gpu_cache):
     """train.fused_rope=true: the fused RoPE kernel gives Megatron's unfused RoPE's bits, so every
     loss, gradient norm and validation loss of a run equals the run without it."""
     base = [*_overrides("nvfp4"), "train.train_iters=8", "train.eval_interval=4", "train.save=false"]
-    runs = {}
-    for fused in (False, True):
-        run_dir = tmp_path / f"rope_{fused}"
-        rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_rope={str(fused).lower()}"])
-        assert rc == 0, out[-4000:]
-        assert ("[rope] fused RoPE kernel" in out) == fused, out[-3000:]
-        assert "fused RoPE: Megatron's own function" not in out, out[-3000:]
-        runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
+    runs = _with_and_without(tmp_path, gpu_cache, base, "train.fused_rope", "[rope] fused RoPE kernel",
+                             "fused RoPE")
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in runs[True][0]] == [r[key] for r in runs[False][0]], key
     assert [r["loss"] for r in runs[True][1]] == [r["loss"] for r in runs[False][1]]
@@ -258,14 +266,8 @@ def test_fused_cross_entropy_trains_like_megatrons(tmp_path, gpu_cache):
     gradients differ in rare last bits, so the runs drift apart only slowly)."""
     base = [*_overrides("nvfp4"), "train.train_iters=8", "train.eval_interval=4", "train.save=false",
             "train.log_interval=1"]
-    runs = {}
-    for fused in (False, True):
-        run_dir = tmp_path / f"ce_{fused}"
-        rc, out = _run(run_dir, gpu_cache, [*base, f"train.fused_cross_entropy={str(fused).lower()}"])
-        assert rc == 0, out[-4000:]
-        assert ("[loss] fused cross-entropy kernels" in out) == fused, out[-3000:]
-        assert "fused cross-entropy: Megatron's own function" not in out, out[-3000:]
-        runs[fused] = (_rows(run_dir), _rows(run_dir, "valid"))
+    runs = _with_and_without(tmp_path, gpu_cache, base, "train.fused_cross_entropy",
+                             "[loss] fused cross-entropy kernels", "fused cross-entropy")
     (eager, eager_valid), (fused, fused_valid) = runs[False], runs[True]
     assert len(fused) == len(eager) == 8
     assert abs(fused[0]["loss"] - eager[0]["loss"]) <= 1e-5 * abs(eager[0]["loss"])
