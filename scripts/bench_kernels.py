@@ -84,8 +84,17 @@ def main(argv=None) -> int:
         add(f"amax (post-RHT along tokens, x.t()) {tag}",
             lambda cfg=cfg: k_amax.amax_2d(xt, signs_fp32=signs, config=cfg), n * 2)
         amax_ok &= torch.equal(k_amax.amax_2d(xt, signs_fp32=signs, config=cfg), amax_col)
+    # both amaxes of the quantized linear's X / dY from one read (row-wise copy + RHT'd Wgrad copy),
+    # against the two launches above
+    for over in ({}, {"ITERS": 2}):
+        cfg = dict(k_amax.DEFAULT_CONFIG, **over)
+        tag = f"[{cfg['BLOCK_R']}x{cfg['G'] * 16} x{cfg['ITERS']} w{cfg['num_warps']}{' col-fastest' if cfg.get('COL_FASTEST') else ''}]"
+        add(f"amax both (plain + post-RHT of x.t(), one read) {tag}",
+            lambda cfg=cfg: k_amax.amax_2d_both(xt, signs_fp32=signs, config=cfg), n * 2)
+        got_col, got_row = k_amax.amax_2d_both(xt, signs_fp32=signs, config=cfg)
+        amax_ok &= torch.equal(got_col, amax_col) and torch.equal(got_row, amax_row)
     if not amax_ok:
-        print("  !! a swept amax tile gives another amax than the default tile", flush=True)
+        print("  !! a swept amax tile (or the one-read pair) gives another amax than the default tile", flush=True)
 
     # None: the product's default for the launch's mode (kernels.nvfp4.kernel_config); {}: the
     # base DEFAULT_CONFIG; other dicts: settings over the base

@@ -38,7 +38,8 @@ runs it with ``precision.emulated_gemm=triton`` (the emulated formats' GEMM with
 kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``. ``RECIPE+rope``:
 with ``train.fused_rope=true`` (``kernels/rope.py``; same bits, so the same losses). ``RECIPE+ce``:
 with ``train.fused_cross_entropy=true`` (``kernels/cross_entropy.py``; the loss differs in its
-last bits).
+last bits). ``RECIPE+amax2``: each quantized copy of X and dY reads the tensor for its own amax,
+as before ``quant.linear.set_copy_amax_sharing`` (same bits), to measure the shared read.
 """
 
 from __future__ import annotations
@@ -69,19 +70,26 @@ def run_recipe(spec: str, args, log) -> dict:
 
     base, _, suffixes = spec.partition("+")
     flags = set(suffixes.split("+")) if suffixes else set()
-    if flags - {"graph", "tgemm", "rope", "ce"}:
-        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm', 'rope' and 'ce'")
+    if flags - {"graph", "tgemm", "rope", "ce", "amax2"}:
+        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm', 'rope', 'ce' and 'amax2'")
     from nvfp4_megatron.kernels.cross_entropy import disable_fused_cross_entropy
     from nvfp4_megatron.kernels.rope import disable_fused_rope
+    from nvfp4_megatron.quant import linear as qlinear
 
+    prev_share = qlinear.set_copy_amax_sharing("amax2" not in flags)
     try:
         with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
-            return _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags,
-                               ce="ce" in flags)
+            res = _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags,
+                              ce="ce" in flags)
+        # the whole --recipes entry: "recipe" alone does not tell bf16+graph from bf16+graph+rope
+        res.update(spec=spec, fused_rope="rope" in flags, fused_cross_entropy="ce" in flags,
+                   copy_amax_sharing="amax2" not in flags)
+        return res
     finally:
         # train.fused_rope / fused_cross_entropy patch Megatron's modules: not for the next recipe
         disable_fused_rope()
         disable_fused_cross_entropy()
+        qlinear.set_copy_amax_sharing(prev_share)
 
 
 def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = False,

@@ -168,8 +168,11 @@ def _slice(base, cols0, k, stride_c, mask2, s_ptr):
 
 
 @triton.jit
-def rht16(base, cols0, stride_c, mask2, s_ptr):
-    """RHT tile ``[BR, G, 16]``: ``fwht16(x * signs) * 0.25`` of every 16-element chunk.
+def rht16(base, cols0, stride_c, mask2, s_ptr, RAW: tl.constexpr = False):
+    """RHT tile ``[BR, G, 16]``: ``fwht16(x * signs) * 0.25`` of every 16-element chunk; with
+    ``RAW`` the pair (RHT tile, ``x * signs`` tile): the untransformed elements with the signs
+    applied (exact: the signs are ±1, so ``|x * s| = |x|``), for a caller that also needs the
+    plain amax of the same elements (``kernels.amax``, both amaxes from one read).
 
     The 16 chunk elements are loaded as 16 slices ``[BR, G]`` (coalesced when the input is a
     transposed view; cached in L1 otherwise), so each butterfly is a plain elementwise add/sub
@@ -193,6 +196,8 @@ def rht16(base, cols0, stride_c, mask2, s_ptr):
     x13 = _slice(base, cols0, 13, stride_c, mask2, s_ptr)
     x14 = _slice(base, cols0, 14, stride_c, mask2, s_ptr)
     x15 = _slice(base, cols0, 15, stride_c, mask2, s_ptr)
+    if RAW:
+        raw = _join16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
     # stride 1
     x0, x1 = x0 + x1, x0 - x1
     x2, x3 = x2 + x3, x2 - x3
@@ -229,8 +234,11 @@ def rht16(base, cols0, stride_c, mask2, s_ptr):
     x5, x13 = x5 + x13, x5 - x13
     x6, x14 = x6 + x14, x6 - x14
     x7, x15 = x7 + x15, x7 - x15
-    y = _join16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-    return y * 0.25
+    y = _join16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15) * 0.25
+    if RAW:
+        return y, raw
+    else:
+        return y
 
 
 @triton.jit

@@ -65,6 +65,24 @@ def amax(x: torch.Tensor, *, rht: bool = False, rht_signs=None) -> torch.Tensor:
     return global_amax(formats.apply_rht(x, rht_signs) if rht else x.float())
 
 
+def amax_and_transposed_rht(x2d: torch.Tensor, *, rht_signs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``amax(x2d)``, ``amax(x2d.t(), rht=True)``) of a 2-D ``[tokens, features]`` tensor, the
+    same bits as those two calls, from one read of ``x2d`` on CUDA (``kernels.amax.amax_2d_both``
+    on the transposed view). The quantized linear's row-wise copy of an activation or gradient
+    takes the first, its RHT'd column-wise (Wgrad) copy the second. The token count must be a
+    multiple of 16 (the RHT's chunk)."""
+    if x2d.dim() != 2 or x2d.shape[0] % 16 != 0:
+        raise ValueError(f"amax_and_transposed_rht: need a 2-D [tokens, features] tensor with the "
+                         f"token count a multiple of 16, got shape {tuple(x2d.shape)}")
+    if uses_kernel(x2d):
+        from nvfp4_megatron.kernels._common import rht_signs_on
+        from nvfp4_megatron.kernels.amax import amax_2d_both
+
+        col, row = amax_2d_both(x2d.t(), signs_fp32=rht_signs_on(x2d.device, rht_signs))
+        return row, col
+    return amax(x2d), amax(x2d.t(), rht=True, rht_signs=rht_signs)
+
+
 def quantize_nvfp4(x: torch.Tensor, *, tile: tuple[int, int] = (1, 16), rht: bool = False,
                    rht_signs=None, stochastic_rounding: bool = False,
                    generator: torch.Generator | None = None, rand: torch.Tensor | None = None,

@@ -225,7 +225,8 @@ def _reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
 
 def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "", role: str = "",
                      amax_group=None, occ: tuple | None = None,
-                     transposed_copy: bool = False) -> QuantizedOperand:
+                     transposed_copy: bool = False,
+                     amax: torch.Tensor | None = None) -> QuantizedOperand:
     """Quantize a 2-D high-precision tensor along its last dim as ``tq`` says (via dispatch).
 
     ``amax_group``: a process group over which the per-tensor amax is reduced (MAX), or None.
@@ -237,6 +238,8 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     is finite only if the unclamped X is (a clamp can turn an Inf into a finite value, and OCC
     clamps without a check, which would read the GPU back), and the telemetry compares the
     unclamped X with what the Fprop GEMM effectively uses.
+    ``amax``: this copy's local amax (post-RHT when the copy is transformed), already computed
+    from the same elements (``_copy_amaxes``), so it is not read again here; None: computed here.
     """
     if not tq.is_quantized:
         raise ValueError(f"quantize_operand: {role or 'operand'} is bf16; nothing to quantize")
@@ -248,7 +251,8 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     # One amax pass serves three purposes: the non-finite check, the TP reduction, and (passed
     # as amax=) the quantizer's own global amax. Post-RHT when the copy is transformed; a linear
     # transform of finite values is finite, so the check is unchanged.
-    amax = dispatch.amax(x2d, rht=(fmt == "nvfp4" and tq.rht))
+    if amax is None:
+        amax = dispatch.amax(x2d, rht=_rht(tq))
     finite = torch.isfinite(amax)
     if occ is not None:
         finite = finite & torch.isfinite(occ[0]).all()
@@ -292,6 +296,32 @@ def quantize_operand(x2d: torch.Tensor, tq: TensorQuant, *, layer_key: str = "",
     guarded = (fmt == "fp8" and occ is None and amax_group is None
                and getattr(q, "gemm_scale_inv", None) is not None)
     return QuantizedOperand(q=q, tq=tq, finite=finite, fp8_t=fp8_t, scale_guarded=guarded)
+
+
+def _rht(tq: TensorQuant) -> bool:
+    return tq.format == "nvfp4" and tq.rht
+
+
+def _copy_amaxes(x2d: torch.Tensor, row: TensorQuant, col: TensorQuant
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The local amaxes of the row-wise copy of ``x2d`` [tokens, features] (``row``) and of the
+    column-wise copy of its transpose (``col``), from one read of ``x2d`` where they allow it, else
+    ``(None, None)`` (each quantizer call then reads ``x2d`` for its own).
+
+    Neither copy RHT'd: both are ``max |x2d|`` (zero tokens appended for the column-wise copy
+    change no max). RHT on the column-wise copy only (the NVFP4 recipes' Wgrad copies):
+    ``dispatch.amax_and_transposed_rht`` (one kernel on CUDA) when the token count is a multiple
+    of 16 (otherwise the RHT sees appended zero tokens, which the column-wise quantizer call
+    handles). The same numbers as the two separate amax passes, bit for bit.
+    ``set_copy_amax_sharing(False)``: always ``(None, None)``."""
+    if not _copy_amax_sharing:
+        return None, None
+    if not _rht(row) and not _rht(col):
+        a = dispatch.amax(x2d)
+        return a, a
+    if _rht(col) and not _rht(row) and x2d.shape[0] % 16 == 0:
+        return dispatch.amax_and_transposed_rht(x2d)
+    return None, None
 
 
 def quantized_gemm(a: QuantizedOperand, b: QuantizedOperand, *,
@@ -339,6 +369,19 @@ def set_fp8_cast_transpose(enabled: bool) -> bool:
     Returns the previous setting."""
     global _fp8_cast_transpose
     prev, _fp8_cast_transpose = _fp8_cast_transpose, bool(enabled)
+    return prev
+
+
+_copy_amax_sharing = True
+
+
+def set_copy_amax_sharing(enabled: bool) -> bool:
+    """Whether the row-wise and column-wise copies of X (forward) and of dY (backward) get their
+    amaxes from one read of the tensor (default; ``_copy_amaxes``) or each from its own amax pass,
+    as before (same numbers; exists to measure it: ``scripts/bench_step.py`` suffix ``+amax2``).
+    Returns the previous setting."""
+    global _copy_amax_sharing
+    prev, _copy_amax_sharing = _copy_amax_sharing, bool(enabled)
     return prev
 
 
@@ -500,6 +543,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
                             and recipe.fprop.input.is_quantized
                             and _fp8_transpose_reuse(recipe.fprop.input, recipe.wgrad.input))
         w_t_needed = any(ctx.needs_input_grad) and _same_weight_copy(recipe)
+        # X's Fprop copy and its Wgrad copy (quantized below from the same x2d): amaxes from one read
+        amax_x = amax_x_col = None
+        if (recipe.fprop.input.is_quantized and not (ms is not None and ms.occ) and need_wgrad
+                and _saved_input_mode == "quantized" and recipe.wgrad.input.is_quantized
+                and recipe.wgrad.input.format != "e2m1_vector" and not x_col_is_fprop_t):
+            amax_x, amax_x_col = _copy_amaxes(x2d, recipe.fprop.input, recipe.wgrad.input)
         if recipe.fprop.input.is_quantized:
             x_fprop, residual, occ_info = x2d, None, None
             if ms is not None and ms.occ:
@@ -511,7 +560,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
                     residual = None  # clamped values are dropped (the paper's Table 1 ablation)
             xq = quantize_operand(x_fprop, recipe.fprop.input, layer_key=key, role="fprop.input",
                                   amax_group=group, occ=occ_info,
-                                  transposed_copy=x_col_is_fprop_t and residual is None)
+                                  transposed_copy=x_col_is_fprop_t and residual is None,
+                                  amax=amax_x)
             w_fprop = _weight_operand(
                 weight, recipe.fprop.weight, key=key, role="fprop.weight", variant=(w_t_needed,),
                 make=lambda: quantize_operand(weight, recipe.fprop.weight, layer_key=key,
@@ -547,7 +597,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 qtelemetry.record_alias(key, "fprop.input", "wgrad.input")
             elif tq.is_quantized and _saved_input_mode == "quantized":
                 x_col = quantize_operand(pad_rows(x2d, _token_multiple(tq)).t(), tq,
-                                         layer_key=key, role="wgrad.input", amax_group=group)
+                                         layer_key=key, role="wgrad.input", amax_group=group,
+                                         amax=amax_x_col)
             else:
                 save_input = input
         w_dgrad = w_fprop.t().one_orientation() if (w_fprop is not None and w_t_needed) else None
@@ -572,10 +623,16 @@ class QuantizedLinearFunction(torch.autograd.Function):
         dyq = None
         dy_reused = ctx.need_wgrad and _fp8_transpose_reuse(recipe.dgrad.grad_output,
                                                             recipe.wgrad.grad_output)
+        # dY's Dgrad copy and its Wgrad copy (quantized below from the same dy2d): one amax read
+        amax_dy = amax_dy_col = None
+        if (recipe.dgrad.grad_output.is_quantized and ctx.need_wgrad and not dy_reused
+                and recipe.wgrad.grad_output.is_quantized):
+            amax_dy, amax_dy_col = _copy_amaxes(dy2d, recipe.dgrad.grad_output,
+                                                recipe.wgrad.grad_output)
         if recipe.dgrad.grad_output.is_quantized:
             dyq = quantize_operand(dy2d, recipe.dgrad.grad_output, layer_key=key,
                                    role="dgrad.grad_output", amax_group=group,
-                                   transposed_copy=dy_reused)
+                                   transposed_copy=dy_reused, amax=amax_dy)
             wq = ctx.w_dgrad
             if wq is not None and wq.tq.format == "fp8":
                 _notify(key, "dgrad.weight", recipe.dgrad.weight)
@@ -614,7 +671,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 else:
                     dy_col = quantize_operand(pad_rows(dy2d, _token_multiple(tq)).t(), tq,
                                               layer_key=key, role="wgrad.grad_output",
-                                              amax_group=group)
+                                              amax_group=group, amax=amax_dy_col)
                 x_col = ctx.x_col
                 if x_col is None:  # saved-input mode "bf16": quantize the Wgrad copy now
                     total = (_gather_sp(saved_input, call.tp_group) if call.sequence_parallel

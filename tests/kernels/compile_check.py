@@ -14,12 +14,12 @@ def variants():
     """(name, fn, pointer/scalar types, constexprs (and the launch's ``num_warps``)) for every kernel
     variant the package launches."""
     out = []
-    for rht in (False, True):
+    for rht, both in ((False, False), (True, False), (True, True)):
         for cfg in k_amax.CONFIGS:
             cx = {k: v for k, v in cfg.items() if k != "num_warps"}
-            out.append((f"amax rht={rht} {cfg}", k_amax._amax_kernel,
+            out.append((f"amax rht={rht} both={both} {cfg}", k_amax._amax_kernel,
                         {"x_ptr": "*bf16", "out_ptr": "*i32", "h_ptr": "*fp32"},
-                        dict(cx, RHT=rht, ON_GPU=True)))
+                        dict(cx, RHT=rht, BOTH=both, ON_GPU=True)))
     nv_types = {"x_ptr": "*bf16", "h_ptr": "*fp32", "amax_ptr": "*fp32", "rand_ptr": "*fp32",
                 "seed_ptr": "*i32", "data_ptr": "*u8", "scale_ptr": "*u8", "gscale_ptr": "*fp32"}
     for tile_r in (1, 16):

@@ -71,7 +71,9 @@ def check_nvfp4(name: str, x: torch.Tensor, *, kernel_config: dict | None = None
 
 def check_amax_configs(name: str, x2d: torch.Tensor) -> None:
     """The amax kernel under every swept tile (and small tiles with the 1-D column-fastest grid):
-    ``max |x|`` and the post-RHT amax of ``x2d.t()`` equal the reference's bits."""
+    ``max |x|`` and the post-RHT amax of ``x2d.t()`` equal the reference's bits, from two launches
+    and from the one launch that gives both (``amax_2d_both``, and through
+    ``dispatch.amax_and_transposed_rht`` as the quantized linear calls it)."""
     from nvfp4_megatron.formats.inputs import global_amax
     from nvfp4_megatron.kernels import amax as k_amax
     from nvfp4_megatron.kernels._common import rht_signs_on
@@ -83,6 +85,27 @@ def check_amax_configs(name: str, x2d: torch.Tensor) -> None:
     for cfg in k_amax.CONFIGS + small:
         _same(f"{name} {cfg}", "amax", k_amax.amax_2d(x2d, config=cfg), want)
         _same(f"{name} {cfg}", "post-RHT amax", k_amax.amax_2d(x2d.t(), signs_fp32=signs, config=cfg), want_t)
+        both_t, both = k_amax.amax_2d_both(x2d.t(), signs_fp32=signs, config=cfg)
+        _same(f"{name} {cfg}", "post-RHT amax (one launch for both)", both_t, want_t)
+        _same(f"{name} {cfg}", "amax (one launch for both)", both, want)
+    check_amax_pair(name, x2d)
+
+
+def check_amax_pair(name: str, x2d: torch.Tensor) -> None:
+    """``dispatch.amax_and_transposed_rht`` (the quantized linear's one read for a row-wise copy
+    and an RHT'd column-wise copy) equals the two reference amaxes bit for bit."""
+    from nvfp4_megatron.formats.inputs import global_amax
+    from nvfp4_megatron.kernels import amax as k_amax
+    from nvfp4_megatron.kernels import dispatch
+    from nvfp4_megatron.kernels._common import rht_signs_on
+
+    want, want_t = global_amax(x2d.cpu().float()), global_amax(formats.apply_rht(x2d.cpu().t()))
+    row, col = dispatch.amax_and_transposed_rht(x2d)
+    _same(name, "pair: row-wise amax", row, want)
+    _same(name, "pair: post-RHT amax of the transpose", col, want_t)
+    both_t, both = k_amax.amax_2d_both(x2d.t(), signs_fp32=rht_signs_on(x2d.device))  # the kernel itself
+    _same(name, "both: post-RHT amax of the transpose", both_t, want_t)
+    _same(name, "both: amax", both, want)
 
 
 def check_mx(name: str, x: torch.Tensor, elem_dtype) -> None:

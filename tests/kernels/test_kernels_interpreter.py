@@ -33,6 +33,13 @@ kc.check_nvfp4("special nvfp4 columnwise rht", x.t(), rht=True)
 # sign) is the platform's default NaN: negative under NumPy on x86, positive in torch and on GPUs.
 kc.check_nvfp4("special nvfp4 rowwise rht", torch.cat([x[:6], x[7:]]), rht=True)
 kc.check_nvfp4("special nvfp4 16x16", x, tile=(16, 16))
+kc.check_amax_pair("special amax pair", x)  # Inf and NaN: both maxima NaN
+xi = x.clone()
+xi[4, 70] = 1.0
+kc.check_amax_pair("special amax pair, Inf without NaN", xi)  # both +Inf
+xi[2, 3] = xi[3, 40] = 2.0
+xi[6, :16] = 1e30
+kc.check_amax_pair("special amax pair, finite", xi)  # the subnormal and -0.0 rows stay
 kc.check_round_to_dtype("rht output rounding", "cpu")
 kc.check_block_scale("nvfp4 block scale rounding", "cpu")
 xb = kc.special_values_input_bf16("cpu", subnormals=False)  # the interpreter mis-loads BF16 subnormals

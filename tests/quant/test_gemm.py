@@ -161,3 +161,75 @@ def test_fp8_cs_transposed_copies_are_reused_and_exact(monkeypatch):
                        mm(dyq.data.float(), wq.data.float(), dyq.scale_inv, wq.scale_inv))
     assert torch.equal(wi.grad, mm(dyq.data.float().t(), xq.data.float(), dyq.scale_inv,
                                    xq.scale_inv))
+
+
+_REAL_AMAX = (qlinear.dispatch.amax, qlinear.dispatch.amax_and_transposed_rht)
+
+
+def _count_amax_reads(monkeypatch, recipe_name: str, tokens: int, sharing: bool):
+    """One quantized linear forward + backward: its outputs and the amax calls it made (``amax``:
+    one read of a tensor each; ``pair``: one read for a row-wise and an RHT'd column-wise copy)."""
+    reads = []
+    inside = []  # the pair's CPU path makes its two reads through dispatch.amax: not counted
+    real_amax, real_pair = _REAL_AMAX
+
+    def amax(t, **k):
+        if not inside:
+            reads.append(("amax", tuple(t.shape), k.get("rht", False)))
+        return real_amax(t, **k)
+
+    def pair(t, **k):
+        reads.append(("pair", tuple(t.shape)))
+        inside.append(1)
+        try:
+            return real_pair(t, **k)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(qlinear.dispatch, "amax", amax)
+    monkeypatch.setattr(qlinear.dispatch, "amax_and_transposed_rht", pair)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(96, 64, generator=g) * 0.1).to(torch.bfloat16).requires_grad_(True)
+    gy = (torch.randn(tokens, 96, generator=g) * 0.01).to(torch.bfloat16)
+    qstate.reset_state()
+    prev = qlinear.set_copy_amax_sharing(sharing)
+    try:
+        y = qlinear.quantized_linear(x, w, None, qlinear.LinearCall(
+            recipe=get_recipe(recipe_name).linear, layer_key="l0"))
+        y.backward(gy)
+    finally:
+        qlinear.set_copy_amax_sharing(prev)
+    return (y.detach(), x.grad, w.grad), reads
+
+
+@pytest.mark.parametrize("recipe,tokens,want_shared", [
+    # NVFP4: row-wise Fprop/Dgrad copies + RHT'd Wgrad copies -> one pair read each for X and dY
+    ("nvfp4_all_layers", 64, [("pair", (64, 64)), ("amax", (96, 64), False), ("pair", (64, 96))]),
+    # 40 tokens: the RHT'd copies see 8 appended zero tokens, so they keep their own reads
+    ("nvfp4_all_layers", 40, None),
+    # MXFP8 (no RHT): both copies of X / dY take max |x| -> one read each
+    # (the weight's Dgrad copy is quantized from W^T [64, 96] with 1x32 blocks)
+    ("mxfp8", 64, [("amax", (64, 64), False), ("amax", (96, 64), False), ("amax", (64, 96), False),
+                   ("amax", (64, 96), False)]),
+])
+def test_copies_share_one_amax_read_same_numbers(monkeypatch, recipe, tokens, want_shared):
+    """The row-wise and column-wise copies of X and of dY get their amaxes from one read of the
+    tensor (``quant.linear._copy_amaxes``); the outputs equal those with one amax pass per copy,
+    bit for bit."""
+    out_sep, reads_sep = _count_amax_reads(monkeypatch, recipe, tokens, sharing=False)
+    out_sh, reads_sh = _count_amax_reads(monkeypatch, recipe, tokens, sharing=True)
+    for a, b in zip(out_sh, out_sep):
+        assert torch.equal(a, b)
+    rht = recipe.startswith("nvfp4")
+    pad = -(-tokens // 16) * 16 if rht else -(-tokens // 32) * 32
+    # one read per copy: X (Fprop), W (Fprop; its Dgrad copy is the 2D transpose or its own),
+    # X^T (Wgrad, tokens padded to the block), dY (Dgrad), dY^T (Wgrad)
+    assert [r for r in reads_sep if r[0] == "pair"] == []
+    assert ("amax", (tokens, 64), False) in reads_sep and ("amax", (64, pad), rht) in reads_sep
+    assert ("amax", (tokens, 96), False) in reads_sep and ("amax", (96, pad), rht) in reads_sep
+    if want_shared is None:
+        assert reads_sh == reads_sep
+    else:
+        assert reads_sh == want_shared
+        assert len(reads_sh) < len(reads_sep)
