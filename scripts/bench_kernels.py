@@ -186,6 +186,22 @@ def main(argv=None) -> int:
         lambda: k_fp8.quantize_fp8_current(x, torch.float8_e4m3fn, amax=amax_row), n * 2 + n)
     add("reference formats.quantize_nvfp4 (eager torch, GPU)", lambda: formats.quantize_nvfp4(x), nv_bytes)
 
+    # the emulated NVFP4 GEMM's alpha pass on an FP32 GEMM output of this size: torch's multiply by
+    # a 0-d tensor into BF16 (what quant/gemm.bf16_mm did) against the Triton pass it uses now
+    from nvfp4_megatron.kernels.gemm_alpha import scale_by_alpha
+
+    acc = torch.randn(R, C, device=dev)
+    alpha_t = torch.tensor(0.3712345, device=dev)
+    out_bf = torch.empty(R, C, device=dev, dtype=torch.bfloat16)
+    add("alpha pass FP32 -> BF16: torch.mul(acc, 0-d alpha, out=bf16)",
+        lambda: torch.mul(acc, alpha_t, out=out_bf), n * 6)
+    add("alpha pass FP32 -> BF16: kernels.gemm_alpha.scale_by_alpha",
+        lambda: scale_by_alpha(acc, alpha_t, torch.bfloat16), n * 6)
+    if not torch.equal(scale_by_alpha(acc, alpha_t, torch.bfloat16), torch.mul(acc, alpha_t, out=out_bf)):
+        bits_ok = False
+        print("  !! scale_by_alpha differs from torch.mul", flush=True)
+    del acc, out_bf
+
     if not args.no_torchao:
         try:
             from torchao.prototype.mx_formats.mx_tensor import MXTensor as AOMX

@@ -10,6 +10,14 @@ one round-to-nearest-even store in the output dtype -- the same contract; only t
 accumulation order differs from cuBLAS's (the operand values and products are exact, so on inputs
 whose partial sums are exact in FP32 both give the same bits: tests/kernels).
 
+``scale_by_alpha`` is the other half of the cuBLAS path: the pass that multiplies cuBLAS's FP32
+output by alpha and rounds it to the output dtype. Torch's ``mul`` with a 0-d CUDA tensor operand
+(a stride-0 broadcast, so not the vectorised path) and a BF16 ``out=`` ran as the generic
+``elementwise_kernel<128, 4>`` at about half the copy bandwidth (78 ms of the graphed
+nvfp4_all_layers 1.2B step, PERFORMANCE.md); this kernel reads the FP32 tile with 16-byte loads,
+multiplies by alpha in FP32 and rounds once to nearest even: torch's bits (NaN aside: the
+hardware convert gives the canonical NaN, torch keeps the payload; both are NaN).
+
 No autotuning: the tile configuration is a fixed function of nothing but the kernel, so a run
 computes the same bits every time and after a resume (an autotuner could pick another tile, i.e.
 another accumulation order, in another process).
@@ -25,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from nvfp4_megatron.kernels._common import round_fp32_to_bf16
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); measured on the H200
 # (docs/PERFORMANCE.md, "The alpha in the GEMM's epilogue")
@@ -63,15 +73,22 @@ def _mm_alpha_kernel(a_ptr, b_ptr, c_ptr, alpha_ptr, M, N, K,
         b_ptrs += BLOCK_K * stride_bk
     if HAS_ALPHA:
         acc = acc * tl.load(alpha_ptr)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if DOT_FP32 and c_ptr.dtype.element_ty == tl.bfloat16:
-        # the interpreter truncates FP32 -> BF16; round to nearest even from the bits, as the GPU
-        bits = acc.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        c = tl.where(acc == acc, bits.to(tl.float32, bitcast=True), acc).to(tl.bfloat16)
+        # the interpreter truncates FP32 -> BF16: round to nearest even from the bits, as the GPU
+        tl.store(c_ptrs.to(tl.pointer_type(tl.int16)), bf16_bits_rne(acc),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
     else:
-        c = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c,
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def bf16_bits_rne(v):
+    """The BF16 bit patterns (int16) of FP32 ``v`` rounded to nearest even, NaN -> 0x7FC0 (torch's
+    CPU conversion). Under the interpreter only: its FP32 -> BF16 convert truncates, and it
+    garbles BF16 subnormals, so the bits are stored through an int16 pointer instead."""
+    bits = round_fp32_to_bf16(v).to(tl.int32, bitcast=True) >> 16
+    return tl.where(v != v, 0x7FC0, bits).to(tl.int16)
 
 
 def mm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | None,
@@ -101,3 +118,37 @@ def mm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | None,
         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return c
+
+
+SCALE_BLOCK = 4096  # elements per program of ``scale_by_alpha`` (16 per thread at 8 warps)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, alpha_ptr, out_ptr, n, BLOCK: tl.constexpr, ROUND_BITS: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0) * tl.load(alpha_ptr)
+    if ROUND_BITS:  # BF16 output under the interpreter (see bf16_bits_rne)
+        tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + offs, bf16_bits_rne(v), mask=mask)
+    else:
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_by_alpha(x: torch.Tensor, alpha: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``round_out_dtype(x * alpha)`` for a contiguous FP32 ``x`` (the GEMM's FP32 output) and an
+    FP32 0-d ``alpha`` on its device, in one pass; FP32 output in place (returns ``x``)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"scale_by_alpha: need a contiguous FP32 tensor, got {x.dtype} with strides "
+                         f"{tuple(x.stride())}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"scale_by_alpha: output BF16, FP16 or FP32, got {out_dtype}")
+    if alpha.numel() != 1 or alpha.device != x.device:
+        raise ValueError(f"scale_by_alpha: alpha must be one element on {x.device}, got "
+                         f"{tuple(alpha.shape)} on {alpha.device}")
+    out = x if out_dtype == torch.float32 else torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    n = x.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](
+            x, alpha.reshape(1).float(), out, n, BLOCK=SCALE_BLOCK,
+            ROUND_BITS=not x.is_cuda and out_dtype == torch.bfloat16, num_warps=8)
+    return out

@@ -21,7 +21,9 @@ rounded to its dtype. Three backends implement it; they differ only in FP32 accu
     ``q * s_b`` in one pass, and ``torch.mm(..., out_dtype=float32)`` multiplies them on the BF16
     tensor cores with FP32 accumulation; alpha multiplies the FP32 output in the pass that casts
     it to the output dtype. Without a per-tensor scale (MX) the GEMM writes the output dtype
-    directly (FP32 accumulation, one rounding: the same as rounding the FP32 result). Hopper has
+    directly (FP32 accumulation, one rounding: the same as rounding the FP32 result). The alpha
+    pass is a Triton kernel (``kernels/gemm_alpha.scale_by_alpha``; torch's ``mul`` by a 0-d CUDA
+    tensor into a BF16 ``out=`` ran at half the copy bandwidth), with torch's bits. Hopper has
     no FP4 and no block-scaled MX GEMM, so this is emulation, and is labelled so. With
     ``set_emulated_mm("triton")`` (``precision.emulated_gemm=triton``) the multiplication is one
     Triton kernel with alpha in its epilogue (``kernels/gemm_alpha.py``): no FP32 output pass; the
@@ -245,6 +247,10 @@ def bf16_mm(a: torch.Tensor, b_t: torch.Tensor, alpha: torch.Tensor | None,
             return torch.mm(a, b_t)
         return torch.mm(a, b_t, out_dtype=torch.float32).to(out_dtype)
     out = torch.mm(a, b_t, out_dtype=torch.float32)
+    if out.is_cuda:  # one vectorised pass (kernels/gemm_alpha.scale_by_alpha), torch's bits
+        from nvfp4_megatron.kernels.gemm_alpha import scale_by_alpha
+
+        return scale_by_alpha(out, alpha, out_dtype)
     if out_dtype == torch.float32:
         return out.mul_(alpha)
     res = torch.empty(out.shape, dtype=out_dtype, device=out.device)

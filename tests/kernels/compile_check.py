@@ -54,6 +54,12 @@ def variants():
         out.append((f"cross-entropy gradient {dt[1:]}", k_ce._grad_kernel,
                     {"x_ptr": dt, "max_ptr": "*fp32", "sum_ptr": "*fp32", "tgt_ptr": "*i64", "g_ptr": "*fp32",
                      "out_ptr": dt}, dict(V=131072, BLOCK=k_ce.BLOCK_V, ON_GPU=True)))
+    from nvfp4_megatron.kernels import gemm_alpha as k_ga
+
+    for dt in ("*bf16", "*fp16", "*fp32"):
+        out.append((f"alpha pass {dt[1:]}", k_ga._scale_kernel,
+                    {"x_ptr": "*fp32", "alpha_ptr": "*fp32", "out_ptr": dt},
+                    dict(BLOCK=k_ga.SCALE_BLOCK, ROUND_BITS=False, num_warps=8)))
     for pow2 in (False, True):
         for mb, emin, maxv in ((3, -6, 448.0), (2, -14, 57344.0)):
             out.append((f"fp8 m{mb} pow2={pow2}", k_fp8._fp8_cs_kernel,

@@ -318,3 +318,24 @@ def check_round_to_dtype(name: str, device) -> None:
             out.fill_(0.0)
             _round_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, like, out, x.numel(), BLOCK=1024, HW=hw)
             _same(f"{name} {dtype} hw={hw}", "value", out, round_to_dtype(x, dtype))
+
+
+def check_scale_by_alpha(name: str, device) -> None:
+    """``gemm_alpha.scale_by_alpha`` (the alpha pass of the cuBLAS path) vs torch's multiply by a
+    0-d tensor and cast, the pass it replaces: the same values for BF16 / FP16 / FP32 outputs on
+    ``rounding_probe`` (ties, subnormals, overflow, Inf, NaN; any NaN equals any NaN) times alphas
+    that round, scale down into subnormals and overflow."""
+    from nvfp4_megatron.kernels.gemm_alpha import scale_by_alpha
+
+    x = rounding_probe()
+    for a in (1.0, 0.3712345, 2.0**-20, 3.0):
+        alpha = torch.tensor(a, dtype=torch.float32)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            want = (x * alpha).to(dtype)
+            got = scale_by_alpha(x.to(device, copy=True), alpha.to(device), dtype)  # FP32: in place
+            if dtype == torch.float32:  # the pass it replaces, on the device
+                got_torch = x.to(device, copy=True).mul_(alpha.to(device))
+            else:
+                got_torch = torch.mul(x.to(device), alpha.to(device), out=torch.empty(x.shape, dtype=dtype, device=device))
+            _same(f"{name} alpha={a} {dtype}", "value", got.float(), want.float())
+            _same(f"{name} alpha={a} {dtype}", "value vs torch on the device", got.float(), got_torch.float())

@@ -70,6 +70,13 @@ def test_rht_output_rounded_to_input_dtype_exact():
     kc.check_nvfp4("special bf16 columnwise rht sr", xb.t(), rht=True, stochastic_rounding=True, rand=u)
 
 
+def test_alpha_pass_matches_torch():
+    """The cuBLAS path's alpha pass (``gemm_alpha.scale_by_alpha``): the values of torch's multiply
+    by a 0-d tensor and cast, on the CPU and on the device, for ties, subnormals, overflow, Inf and
+    NaN, BF16 / FP16 / FP32 outputs."""
+    kc.check_scale_by_alpha("alpha pass", "cuda")
+
+
 def test_block_scale_hardware_convert_exact():
     """The NVFP4 block scale from ``cvt.rn.satfinite.e4m3x2.f32``: the reference's bytes and values
     on every E4M3 value, tie and neighbour, random FP32 patterns, overflow, Inf and NaN."""

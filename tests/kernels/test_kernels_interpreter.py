@@ -41,6 +41,7 @@ xi[2, 3] = xi[3, 40] = 2.0
 xi[6, :16] = 1e30
 kc.check_amax_pair("special amax pair, finite", xi)  # the subnormal and -0.0 rows stay
 kc.check_round_to_dtype("rht output rounding", "cpu")
+kc.check_scale_by_alpha("alpha pass", "cpu")
 kc.check_block_scale("nvfp4 block scale rounding", "cpu")
 xb = kc.special_values_input_bf16("cpu", subnormals=False)  # the interpreter mis-loads BF16 subnormals
 kc.check_nvfp4("special bf16 nvfp4 columnwise rht", xb.t(), rht=True)
