@@ -47,7 +47,8 @@ _SCRIPT = r"""
 import sys
 sys.path.insert(0, {here!r})
 import gemm_cases as gc
-n = gc.run_all("cpu", [((48, 64), False), ((33, 96), True), ((32, 256), True), ((20, 200), True)])
+n = gc.run_all("cpu", [((48, 64), False), ((33, 96), True), ((32, 256), True), ((20, 200), True),
+                       ((40, 48), True), ((17, 272), True), ((64, 528), False)])
 print("checked", n)
 print("INTERPRETER-OK")
 """
@@ -77,6 +78,23 @@ def test_dequant_kernel_compiles_for_sm90():
             sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
             src = triton.compiler.ASTSource(fn, sig, cx)
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def test_nvfp4_dequant_kernel_whole_blocks_per_thread_sm90():
+    """The NVFP4 dequantize kernel, compiled for sm_90 as launched (aligned operands): each block's
+    8 code bytes in one 8-byte load, its 16 BF16 values in two 16-byte stores, no flush-to-zero."""
+    pytest.importorskip("triton")
+    from nvfp4_megatron.kernels import dequant as k
+    from nvfp4_megatron.kernels.sm90 import compile_sm90
+    from nvfp4_megatron.quant.gemm import _NVFP4_DEQUANT_TILE
+
+    types = {"codes_ptr": "*u8", "scale_ptr": "*u8", "finite_ptr": "*i32", "out_ptr": "*bf16"}
+    br, g = _NVFP4_DEQUANT_TILE
+    kernel = compile_sm90(k._nvfp4_dequant_kernel, types, dict(BLOCK_R=br, G=g, num_warps=4),
+                          divisible_by_16=[*types, "R", "K", "codes_stride", "scale_stride"])
+    ptx = kernel.asm["ptx"]
+    assert "ld.global.v2.b32" in ptx and "st.global.v4.b32" in ptx, "loads/stores not vectorised"
+    assert ".ftz" not in ptx and "div.full.f32" not in ptx
 
 
 def _run_linear(recipe_name: str, mode: str):
