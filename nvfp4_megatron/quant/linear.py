@@ -316,6 +316,7 @@ def _copy_amaxes(x2d: torch.Tensor, row: TensorQuant, col: TensorQuant
     ``set_copy_amax_sharing(False)``: always ``(None, None)``."""
     if not _copy_amax_sharing:
         return None, None
+    x2d = x2d.detach()
     if not _rht(row) and not _rht(col):
         a = dispatch.amax(x2d)
         return a, a
