@@ -38,7 +38,8 @@ runs it with ``precision.emulated_gemm=triton`` (the emulated formats' GEMM with
 kernel's epilogue, ``kernels/gemm_alpha.py``); both: ``RECIPE+graph+tgemm``. ``RECIPE+rope``:
 with ``train.fused_rope=true`` (``kernels/rope.py``; same bits, so the same losses). ``RECIPE+ce``:
 with ``train.fused_cross_entropy=true`` (``kernels/cross_entropy.py``; the loss differs in its
-last bits). ``RECIPE+amax2``: each quantized copy of X and dY reads the tensor for its own amax,
+last bits). ``RECIPE+gaf``: with ``train.gradient_accumulation_fusion=true`` (``mcore/grad_accum.py``;
+weight gradients added to ``main_grad`` in FP32 inside the Wgrad GEMM). ``RECIPE+amax2``: each quantized copy of X and dY reads the tensor for its own amax,
 as before ``quant.linear.set_copy_amax_sharing`` (same bits), to measure the shared read.
 """
 
@@ -70,8 +71,9 @@ def run_recipe(spec: str, args, log) -> dict:
 
     base, _, suffixes = spec.partition("+")
     flags = set(suffixes.split("+")) if suffixes else set()
-    if flags - {"graph", "tgemm", "rope", "ce", "amax2"}:
-        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm', 'rope', 'ce' and 'amax2'")
+    if flags - {"graph", "tgemm", "rope", "ce", "amax2", "gaf"}:
+        raise ValueError(f"{spec}: the parts after '+' may be 'graph', 'tgemm', 'rope', 'ce', 'amax2' "
+                         "and 'gaf'")
     from nvfp4_megatron.kernels.cross_entropy import disable_fused_cross_entropy
     from nvfp4_megatron.kernels.rope import disable_fused_rope
     from nvfp4_megatron.quant import linear as qlinear
@@ -80,12 +82,15 @@ def run_recipe(spec: str, args, log) -> dict:
     try:
         with graph_stream("graph" in flags):  # a graphed model is built and trained on the capture stream
             res = _run_recipe(base, "graph" in flags, "tgemm" in flags, args, log, rope="rope" in flags,
-                              ce="ce" in flags)
+                              ce="ce" in flags, gaf="gaf" in flags)
         # the whole --recipes entry: "recipe" alone does not tell bf16+graph from bf16+graph+rope
         res.update(spec=spec, fused_rope="rope" in flags, fused_cross_entropy="ce" in flags,
-                   copy_amax_sharing="amax2" not in flags)
+                   copy_amax_sharing="amax2" not in flags, gradient_accumulation_fusion="gaf" in flags)
         return res
     finally:
+        from nvfp4_megatron.mcore import grad_accum
+
+        grad_accum.uninstall()
         # train.fused_rope / fused_cross_entropy patch Megatron's modules: not for the next recipe
         disable_fused_rope()
         disable_fused_cross_entropy()
@@ -93,7 +98,7 @@ def run_recipe(spec: str, args, log) -> dict:
 
 
 def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = False,
-                ce: bool = False) -> dict:
+                ce: bool = False, gaf: bool = False) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nvfp4_megatron.quant import gemm as qgemm
@@ -120,7 +125,8 @@ def _run_recipe(spec: str, graphed: bool, tgemm: bool, args, log, rope: bool = F
     cfg = compose(args, recipe_name, (*(("train.cuda_graph=true",) if graphed else ()),
                                       *(("precision.emulated_gemm=triton",) if tgemm else ()),
                                       *(("train.fused_rope=true",) if rope else ()),
-                                      *(("train.fused_cross_entropy=true",) if ce else ())))
+                                      *(("train.fused_cross_entropy=true",) if ce else ()),
+                                      *(("train.gradient_accumulation_fusion=true",) if gaf else ())))
     # as pretrain.py: every recipe starts from the same weights (the model-parallel CUDA RNG
     # initialises them; without reseeding, each recipe after the first got other weights)
     prev_mm = start_run_state(cfg)

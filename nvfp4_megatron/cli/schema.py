@@ -253,6 +253,11 @@ class TrainConfig:
     # copy, no FP32 softmax kept for the backward; the loss differs in its last bits (the sum's
     # order). Not with cross_entropy_fusion (Megatron's own fused one)
     fused_cross_entropy: bool = False
+    # Megatron's gradient-accumulation fusion (GPU only; mcore/grad_accum.py stands in for Apex's
+    # fused_weight_gradient_mlp_cuda): the Wgrad GEMMs add into the FP32 main_grad directly, with no
+    # BF16 weight.grad and no separate accumulation pass; each micro-batch's weight gradient is then
+    # not rounded to BF16 before it is added (as in Megatron-LM / NeMo runs with Apex or TE)
+    gradient_accumulation_fusion: bool = False
     ckpt_optim_format: CkptOptimFormat = CkptOptimFormat.dp_reshardable
     resume: bool = True  # continue from the newest checkpoint in run_dir/checkpoints
     load: Optional[str] = None  # a checkpoint directory to start from (overrides resume)

@@ -40,14 +40,22 @@ _CONFIG_MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num
 _CONFIG_PARALLEL_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                            "context_parallel_size", "expert_model_parallel_size",
                            "expert_tensor_parallel_size", "sequence_parallel")
-# fused kernels that need Apex / Transformer Engine (docs/ARCHITECTURE.md "Off, and why")
+# fused kernels that need Apex / Transformer Engine (docs/ARCHITECTURE.md "Off, and why");
+# gradient_accumulation_fusion can be switched on (train.gradient_accumulation_fusion, mcore/grad_accum.py)
 _FUSIONS_OFF = ("gradient_accumulation_fusion", "bias_activation_fusion", "masked_softmax_fusion",
                 "bias_dropout_fusion", "apply_rope_fusion")
 
 
+def fusion_options(t: dict) -> dict:
+    """The ``train.*`` fusion switches that ``transformer_config`` takes, from the train config."""
+    return {k: t.get(k, False) for k in ("cross_entropy_fusion", "fused_rope", "fused_cross_entropy",
+                                         "gradient_accumulation_fusion")}
+
+
 def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | None = None,
                        cross_entropy_fusion: bool = False, fused_rope: bool = False,
-                       fused_cross_entropy: bool = False, log=print):
+                       fused_cross_entropy: bool = False, gradient_accumulation_fusion: bool = False,
+                       log=print):
     """Megatron's TransformerConfig; ``quantization``: the backend's fp8/fp4, BF16-block and MoE
     padding fields (``backend.backend_config_fields``; empty on the emulated backend).
     ``cross_entropy_fusion`` (``train.cross_entropy_fusion``, GPU only): Megatron's native fused
@@ -57,7 +65,10 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
     (``kernels/rope.py``, bit-exact with Megatron's unfused RoPE) installed in Megatron's place.
     ``fused_cross_entropy`` (``train.fused_cross_entropy``, GPU only): our cross-entropy kernels
     (``kernels/cross_entropy.py``: Megatron's arithmetic, the FP32 sum in another order) in place
-    of Megatron's ``vocab_parallel_cross_entropy``."""
+    of Megatron's ``vocab_parallel_cross_entropy``. ``gradient_accumulation_fusion``
+    (``train.gradient_accumulation_fusion``, GPU only): Megatron's option of that name, with the
+    Wgrad GEMM that accumulates into the FP32 ``main_grad`` from ``mcore/grad_accum.py`` instead
+    of Apex (each micro-batch's weight gradient is then not rounded to BF16 before it is added)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if fused_cross_entropy and cross_entropy_fusion:
@@ -81,6 +92,14 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
 
         enable_fused_cross_entropy(log)
     extra: dict[str, Any] = {}
+    if gradient_accumulation_fusion:
+        if not torch.cuda.is_available():
+            raise ValueError("train.gradient_accumulation_fusion=true needs a GPU (Megatron's "
+                             "backward places its weight-gradient placeholder on the CUDA device); "
+                             "set train.gradient_accumulation_fusion=false")
+        from nvfp4_megatron.mcore import grad_accum
+
+        grad_accum.install(log)
     if cross_entropy_fusion:
         extra.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
     act = m["activation"]
@@ -114,7 +133,7 @@ def transformer_config(m: dict, p: dict, *, bf16: bool, quantization: dict | Non
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=resolve_cpu_initialization(m),
-        **dict.fromkeys(_FUSIONS_OFF, False),
+        **dict(dict.fromkeys(_FUSIONS_OFF, False), gradient_accumulation_fusion=gradient_accumulation_fusion),
         **extra,
         **(quantization or {}),
     )
@@ -183,9 +202,7 @@ def build_hybrid(cfg: dict, recipe, *, log=print):
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"]),
-        cross_entropy_fusion=t.get("cross_entropy_fusion", False),
-        fused_rope=t.get("fused_rope", False),
-        fused_cross_entropy=t.get("fused_cross_entropy", False), log=log)
+        **fusion_options(t), log=log)
     if choice.backend != "te":
         from nvfp4_megatron.mcore.hybrid_spec import check_local_hybrid_pattern
 
@@ -217,9 +234,7 @@ def build_gpt(cfg: dict, recipe, *, log=print):
     log(f"[precision] backend {choice.describe()}")
     config = transformer_config(m, p, bf16=t["bf16"], quantization=backend_config_fields(
         choice, recipe, num_layers=m["num_layers"], **moe),
-        cross_entropy_fusion=t.get("cross_entropy_fusion", False),
-        fused_rope=t.get("fused_rope", False),
-        fused_cross_entropy=t.get("fused_cross_entropy", False), log=log)
+        **fusion_options(t), log=log)
     spec = gpt_layer_spec_for(choice, config,
                               pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(config=config, transformer_layer_spec=spec, **_model_kwargs(m))

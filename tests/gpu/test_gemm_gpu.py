@@ -205,3 +205,34 @@ def test_triton_alpha_gemm_same_bits_as_cublas_on_exact_sums(m, n, k):
                            want.view(torch.int16))
     finally:
         gemm.set_emulated_mm(prev)
+
+
+def test_gradient_accumulation_fusion_gemm_adds_into_main_grad():
+    """``mcore/grad_accum.py`` (``train.gradient_accumulation_fusion``): ``torch.addmm`` with
+    ``out_dtype=float32`` into the FP32 ``main_grad`` itself (``out=`` its own input) adds the FP32
+    weight gradient of BF16 operands, within the FP32 accumulation bound of the exact product, and
+    the same for FP32 operands; on operands whose partial sums are exact in FP32 (multiples of 1/4)
+    it equals the exact sum bit for bit."""
+    from nvfp4_megatron.mcore import grad_accum
+
+    g = torch.Generator().manual_seed(3)
+    for tokens, n_in, n_out in ((8192, 2048, 512), (1000, 384, 96)):
+        x = torch.randn(tokens, n_in, generator=g).to(torch.bfloat16)
+        dy = torch.randn(tokens, n_out, generator=g).to(torch.bfloat16)
+        main = torch.randn(n_out, n_in, generator=g)
+        exact = main.double() + dy.double().t() @ x.double()
+        bound = main.double().abs() * 2**-24 + (dy.double().abs().t() @ x.double().abs()) * tokens * 2**-23
+        got = main.cuda()
+        grad_accum.wgrad_gemm_accum_fp32(x.cuda(), dy.cuda(), got)
+        err = (got.cpu().double() - exact).abs()
+        assert (err <= bound).all(), float((err / bound.clamp_min(1e-30)).max())
+        got32 = main.cuda()
+        grad_accum.wgrad_gemm_accum_fp32(x.float().cuda(), dy.float().cuda(), got32)
+        assert ((got32.cpu().double() - exact).abs() <= bound).all()
+    xq = (torch.randint(-8, 9, (256, 64), generator=g) / 4).to(torch.bfloat16)
+    dq = (torch.randint(-8, 9, (256, 32), generator=g) / 4).to(torch.bfloat16)
+    m = (torch.randint(-8, 9, (32, 64), generator=g) / 4).float()
+    want = m + dq.float().t() @ xq.float()
+    got = m.cuda()
+    grad_accum.wgrad_gemm_accum_fp32(xq.cuda(), dq.cuda(), got)
+    assert torch.equal(got.cpu(), want)

@@ -304,3 +304,23 @@ def test_cuda_graph_trains_the_same_bits(name, tmp_path, gpu_cache):
     want = {"nvfp4": "+", "nvfp4_all_layers": "+", "nvfp4_tgemm": "+",
             "nvfp4_switch_all": "+0"}.get(name, "0")
     assert ["+" if n > 0 else "0" for n in seeds] == list(want), (seeds, out[-3000:])
+
+
+def test_gradient_accumulation_fusion_trains_like_without(tmp_path, gpu_cache):
+    """train.gradient_accumulation_fusion=true (``mcore/grad_accum.py`` in place of Apex): Megatron's
+    BF16 linears (the BF16 blocks, the LM head) and the quantized linears add each micro-batch's
+    weight gradient to ``main_grad`` in FP32 without rounding it to BF16 first. Step 1's loss is the
+    same (the forward does not change), its gradient norm is not (the option is on), and the runs
+    stay within 1e-3 of each other."""
+    base = [*_overrides("nvfp4"), "train.train_iters=8", "train.eval_interval=4", "train.save=false",
+            "train.log_interval=1"]
+    runs = _with_and_without(tmp_path, gpu_cache, base, "train.gradient_accumulation_fusion",
+                             "[fusion] gradient_accumulation_fusion", "gradient_accumulation_fusion")
+    (off, off_valid), (on, on_valid) = runs[False], runs[True]
+    assert len(on) == len(off) == 8
+    assert on[0]["loss"] == off[0]["loss"]
+    assert on[0]["grad_norm"] != off[0]["grad_norm"]
+    for a, b in zip(on, off):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (a, b)
+    for a, b in zip(on_valid, off_valid):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (a, b)

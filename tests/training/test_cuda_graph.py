@@ -136,5 +136,8 @@ def test_gpu_only_fusions_are_refused_without_a_gpu():
     with pytest.raises(ValueError, match="both replace the cross-entropy"):
         transformer_config(c["model"], c["parallel"], bf16=True, fused_cross_entropy=True,
                            cross_entropy_fusion=True)
+    with pytest.raises(ValueError, match="train.gradient_accumulation_fusion=true needs a GPU"):
+        transformer_config(c["model"], c["parallel"], bf16=True, gradient_accumulation_fusion=True)
     config = transformer_config(c["model"], c["parallel"], bf16=True)
     assert config.cross_entropy_loss_fusion is False  # off unless asked for
+    assert config.gradient_accumulation_fusion is False
