@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from nvfp4_megatron.kernels.gemm_alpha import bf16_bits_rne
+from nvfp4_megatron.kernels.gemm_alpha import bf16_bits_rne, mm_output
 
 # tile configuration (see the module docstring). FLATTEN: one software-pipelined loop over all
 # (tile, K step) pairs of a program (else each tile's K loop is pipelined on its own, draining at
@@ -189,25 +189,15 @@ def mm_alpha_persistent(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | 
     """``round_out_dtype(alpha * (a @ b))``: ``a`` [M, K] and ``b`` [K, N] BF16 with one unit-stride
     dimension each and the other stride a multiple of 16 bytes (else ``ValueError``), FP32
     accumulation, ``alpha`` an FP32 0-d device tensor or None. ``config`` overrides ``CONFIG``."""
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"mm_alpha_persistent: need A [M, K] and B [K, N], got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        raise ValueError(f"mm_alpha_persistent: BF16 operands only, got {a.dtype} and {b.dtype}")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"mm_alpha_persistent: output BF16, FP16 or FP32, got {out_dtype}")
+    c, alpha = mm_output("mm_alpha_persistent", a, b, alpha, out_dtype)
     unknown = set(config or {}) - set(CONFIG)
     if unknown:
         raise ValueError(f"mm_alpha_persistent: unknown config keys {sorted(unknown)}")
+    if c.numel() == 0:
+        return c
     cfg = dict(CONFIG, **(config or {}))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    m, k = a.shape
-    n = b.shape[1]
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    if m == 0 or n == 0:
-        return c
-    if alpha is not None:
-        alpha = alpha.reshape(1).float()
+    (m, k), n = a.shape, b.shape[1]
     if k == 0:  # TMA needs non-empty extents; the empty sum is 0 (times alpha, as the kernel would)
         acc = torch.zeros((m, n), dtype=torch.float32, device=a.device)
         return c.copy_(acc * alpha if alpha is not None else acc)
