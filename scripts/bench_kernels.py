@@ -203,19 +203,25 @@ def main(argv=None) -> int:
     del acc, out_bf
 
     # the emulated GEMM's dequantize pass of an NVFP4 operand of this size: the generic kernel
-    # (what quant/gemm.dequant_bf16 used for NVFP4) against the NVFP4 kernel it uses now
+    # (what quant/gemm.dequant_bf16 used before) against the block kernel it uses now; MXFP8 too
     from nvfp4_megatron.quant.gemm import dequant_bf16
 
     q_row = k_nvfp4.quantize_nvfp4(x, amax=amax_row)
     yes = torch.ones((), dtype=torch.bool, device=dev)
     dq_bytes = n // 2 + n // 16 + n * 2  # read codes + scales, write BF16
     add("nvfp4 dequantize to BF16: generic kernel", lambda: dequant_bf16(q_row, "nvfp4", yes, generic=True), dq_bytes)
-    add("nvfp4 dequantize to BF16: NVFP4 kernel", lambda: dequant_bf16(q_row, "nvfp4", yes), dq_bytes)
-    if not torch.equal(dequant_bf16(q_row, "nvfp4", yes).view(torch.int16),
-                       dequant_bf16(q_row, "nvfp4", yes, generic=True).view(torch.int16)):
-        bits_ok = False
-        print("  !! the NVFP4 dequantize kernel differs from the generic one", flush=True)
-    del q_row
+    add("nvfp4 dequantize to BF16: block kernel", lambda: dequant_bf16(q_row, "nvfp4", yes), dq_bytes)
+    q_mx = k_mx.quantize_mx(x, torch.float8_e4m3fn)
+    mx_bytes = n + n // 32 + n * 2
+    add("mxfp8 e4m3 dequantize to BF16: generic kernel", lambda: dequant_bf16(q_mx, "mxfp8", yes, generic=True),
+        mx_bytes)
+    add("mxfp8 e4m3 dequantize to BF16: block kernel", lambda: dequant_bf16(q_mx, "mxfp8", yes), mx_bytes)
+    for q, fmt in ((q_row, "nvfp4"), (q_mx, "mxfp8")):
+        if not torch.equal(dequant_bf16(q, fmt, yes).view(torch.int16),
+                           dequant_bf16(q, fmt, yes, generic=True).view(torch.int16)):
+            bits_ok = False
+            print(f"  !! the {fmt} block dequantize kernel differs from the generic one", flush=True)
+    del q_row, q_mx
 
     if not args.no_torchao:
         try:
