@@ -5,10 +5,8 @@ per micro-batch): Fprop, Dgrad and Wgrad of QKV, the attention projection, FC1 a
 quantized linear calls them (``a`` [M, K] contiguous; ``b`` read as [K, N]: the transpose of an
 [N, K] copy for Fprop and Wgrad, and for Dgrad the 2D-tiled weight's Fprop copy [K, N] itself, as
 in the paper's recipe), BF16 output with alpha. Times (CUDA events, median of ``--iters``) of ``quant.gemm.bf16_mm`` with
-``cublas`` (``torch.mm`` to FP32, then ``alpha *`` into BF16), of ``kernels.gemm_alpha.mm_alpha``
-under each tile configuration in ``CONFIGS``, and of the persistent TMA kernel
-``kernels.gemm_persistent.mm_alpha_persistent`` under each configuration in ``PERSISTENT_CONFIGS``
-(names starting "persistent"; its default first).
+``cublas`` (``torch.mm`` to FP32, then ``alpha *`` into BF16) and of ``kernels.gemm_alpha.mm_alpha``
+under each tile configuration in ``CONFIGS``.
 
 Usage (GPU): ``python scripts/bench_gemm_alpha.py --json out.json``.
 """
@@ -27,15 +25,6 @@ CONFIGS = {
     "128x256x64 w8 s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "256x128x64 w8 s3": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "128x256x32 w8 s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-}
-# over gemm_persistent.CONFIG (128x256x64, 8 warps, 3 stages, GROUP_M 8, subtiled TMA-store epilogue,
-# flattened tile loop, one program per SM): one more stage (224 KiB of shared memory, BF16 output
-# only), and 128x128 tiles on one warp group with two programs per SM (112 KiB each), so that one
-# program's epilogue overlaps the other's main loop on the same SM
-PERSISTENT_CONFIGS = {
-    "persistent 128x256x64 w8 s3": {},
-    "persistent 128x256x64 w8 s4": dict(num_stages=4),
-    "persistent 128x128x64 w4 s3 x2/SM": dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2),
 }
 
 
@@ -65,7 +54,6 @@ def _time(fn, iters: int) -> float:
 
 def main() -> int:
     from nvfp4_megatron.kernels.gemm_alpha import mm_alpha
-    from nvfp4_megatron.kernels.gemm_persistent import mm_alpha_persistent
     from nvfp4_megatron.quant import gemm
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,9 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     gemm.set_emulated_mm("cublas")
     alpha = torch.tensor(0.00137, device="cuda")
-    variants = {**{c: (mm_alpha, cfg) for c, cfg in CONFIGS.items()},
-                **{c: (mm_alpha_persistent, cfg) for c, cfg in PERSISTENT_CONFIGS.items()}}
-    rows, totals = [], {"cublas": 0.0, **{c: 0.0 for c in variants}}
+    rows, totals = [], {"cublas": 0.0, **{c: 0.0 for c in CONFIGS}}
     for name, m, n, k in shapes():
         a = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         if name.endswith("dgrad"):
@@ -86,11 +72,11 @@ def main() -> int:
         row = {"gemm": name, "M": m, "N": n, "K": k, "b_layout": "KxN" if bt.is_contiguous() else "NxK^T",
                "cublas_ms": _time(lambda: gemm.bf16_mm(a, bt, alpha, torch.bfloat16), args.iters)}
         totals["cublas"] += row["cublas_ms"]
-        for cname, (fn, cfg) in variants.items():
-            row[cname] = _time(lambda: fn(a, bt, alpha, torch.bfloat16, cfg), args.iters)
+        for cname, cfg in CONFIGS.items():
+            row[cname] = _time(lambda: mm_alpha(a, bt, alpha, torch.bfloat16, cfg), args.iters)
             totals[cname] += row[cname]
         rows.append(row)
-        best = min(variants, key=lambda c: row[c])
+        best = min(CONFIGS, key=lambda c: row[c])
         tflops = 2 * m * n * k / row[best] / 1e9
         print(f"{name:12s} {m}x{n}x{k}: cublas+alpha {row['cublas_ms']:.3f} ms, best triton "
               f"{row[best]:.3f} ms ({best}, {tflops:.0f} TFLOP/s)", flush=True)

@@ -32,6 +32,9 @@ from nvfp4_megatron.kernels._common import abs_bits, load_tile_3d, rht16, round_
 # The default: 108 / 134 us (rowwise / post-RHT of x.t()) on the 8192 x 20480 BF16 tensor, against
 # 112 / 151 us for the row-fastest [32x128 x8] tile before it (H200, PERFORMANCE.md, session 11).
 DEFAULT_CONFIG = {"BLOCK_R": 32, "G": 8, "ITERS": 4, "num_warps": 4, "COL_FASTEST": 1}
+# amax_2d_both: ITERS=2 (80 registers instead of 168): 131.4 us against 141.2 at ITERS=4 on the
+# 8192 x 20480 tensor (H200, PERFORMANCE.md session 13), the two single launches 107.9 + 120.7
+BOTH_CONFIG = dict(DEFAULT_CONFIG, ITERS=2)
 CONFIGS = [
     {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4, "COL_FASTEST": 0},
     {"BLOCK_R": 32, "G": 8, "ITERS": 8, "num_warps": 4, "COL_FASTEST": 1},
@@ -109,5 +112,5 @@ def amax_2d_both(x2d: torch.Tensor, *, signs_fp32: torch.Tensor, config: dict | 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``max |apply_rht(x2d)|`` along dim 1, ``max |x2d|``), FP32 0-d each, from one read: the
     same bits as ``amax_2d`` with and without ``signs_fp32``."""
-    out = _launch(x2d, signs_fp32, config, both=True).view(torch.float32)
+    out = _launch(x2d, signs_fp32, BOTH_CONFIG if config is None else config, both=True).view(torch.float32)
     return out[0], out[1]

@@ -85,13 +85,18 @@ def kernel_config(*, tile: tuple[int, int], rht: bool, sr: bool, unit_stride: bo
     """The tile settings of one launch: ``config`` over ``DEFAULT_CONFIG`` when given (a sweep or a
     test names every setting it wants), else the measured default of the launch's mode."""
     if config is not None:
-        return dict(DEFAULT_CONFIG, **config)
+        cfg = dict(DEFAULT_CONFIG, **config)
+        if tile[0] != 1 and cfg["BLOCK_R"] != tile[0]:
+            raise ValueError(f"kernel config BLOCK_R={cfg['BLOCK_R']} with {tile[0]}x16 tiles: use "
+                             f"BLOCK_R={tile[0]} (a program holding several tile rows gave wrong "
+                             "codes on the H200, PERFORMANCE.md session 13)")
+        return cfg
+    if tile[0] != 1:  # one tile row per program (see above), also with SR
+        return dict(DEFAULT_CONFIG, **dict(MODE_CONFIGS["2d"], BLOCK_R=tile[0]))
     mode = None
     if not sr:
         if rht:
             mode = "rht"
-        elif tile[0] != 1:
-            mode = "2d"
         elif unit_stride:
             mode = "rowwise"
     return dict(DEFAULT_CONFIG, **MODE_CONFIGS.get(mode, {}))
@@ -313,8 +318,6 @@ def quantize_nvfp4_2d(
         else:
             seed_c = _seed_from_generator(generator, dev)
     block_r = cfg["BLOCK_R"]
-    if tile[0] != 1 and block_r % tile[0] != 0:
-        raise ValueError(f"kernel config BLOCK_R={block_r} must be a multiple of the tile height {tile[0]}")
     n_r, n_c = triton.cdiv(rows, block_r * cfg["ITERS"]), triton.cdiv(cols // 16, cfg["G"])
     grid = (n_r * n_c,) if cfg["COL_FASTEST"] else (n_r, n_c)
     _nvfp4_kernel[grid](

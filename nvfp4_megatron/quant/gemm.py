@@ -174,16 +174,13 @@ def _fp8_code(dtype: torch.dtype) -> int:
 
 
 _DEQUANT_TILE = (16, 256)  # (rows, columns) per program; columns a multiple of every block size
-_BLOCK_DEQUANT_ROWS, _BLOCK_DEQUANT_COLS = 16, 256  # per program of the block kernel (rows, elements)
 
 
-def dequant_bf16(q, fmt: str, finite: torch.Tensor, *, generic: bool = False) -> torch.Tensor:
+def dequant_bf16(q, fmt: str, finite: torch.Tensor) -> torch.Tensor:
     """Exact BF16 ``q * s_b`` (2-D ``[rows, K]``) of a formats result, NaN everywhere if not finite.
 
     NVFP4 (E2M1 + E4M3 block scale), MXFP8 / MXFP4 (E4M3/E5M2/E2M1 + E8M0), FP8 per-tensor (the
     element values; ``scale_inv`` stays outside as alpha). CUDA tensors only (Triton kernel).
-    ``generic``: NVFP4 / MX through the generic kernel instead of the block kernel (same bits; to
-    measure it).
     """
     from nvfp4_megatron.kernels import dequant as k
 
@@ -210,15 +207,6 @@ def dequant_bf16(q, fmt: str, finite: torch.Tensor, *, generic: bool = False) ->
     rows = codes2.shape[0]
     per_tensor = fmt == "fp8"
     out = torch.empty((rows, k_dim), dtype=torch.bfloat16, device=codes2.device)
-    if (not generic and not per_tensor and block % (16 if elem == k.ELEM_E2M1 else 8) == 0
-            and block <= _BLOCK_DEQUANT_COLS and codes2.data_ptr() % 4 == 0 and codes2.stride(0) % 4 == 0):
-        # whole blocks per thread: 8-byte code loads, 16-byte stores (kernels/dequant.py)
-        br, g = _BLOCK_DEQUANT_ROWS, _BLOCK_DEQUANT_COLS // block
-        grid = (triton_cdiv(rows, br), triton_cdiv(k_dim // block, g))
-        k._block_dequant_kernel[grid](codes2, scale2, flag, out, rows, k_dim, codes2.stride(0),
-                                      scale2.stride(0), ELEM=elem, SCALE=scode, BLOCK=block,
-                                      BLOCK_R=br, G=g, num_warps=4)
-        return out
     br, bk = _DEQUANT_TILE
     grid = (triton_cdiv(rows, br), triton_cdiv(k_dim, bk))
     k._dequant_kernel[grid](codes2, scale2, flag, out, rows, k_dim, codes2.stride(0),

@@ -18,6 +18,11 @@ from __future__ import annotations
 import torch
 
 LOSS_REL = 2e-6
+# plus an absolute part: the sum of exponentials is >= 1 (the row max's own term), so another
+# summation order moves log(sum) by a few FP32 ulps of 1 whatever the loss; a loss near 0 (the
+# target the clear maximum) is all cancellation (the H200 run of session 13: 1.5497e-06 against
+# Megatron's 1.6689e-06, 2^-23 apart)
+LOSS_ABS = 2.0**-20
 REF_REL = 1e-5
 GRAD32_REL = 2e-6
 MAX_FLIPPED = 0.01
@@ -68,7 +73,8 @@ def compare(name, got, want, dtype, target, up, vocab_start=0):
     off)."""
     (l1, g1), (l2, g2) = got, want
     rel = ((l1 - l2).abs() / l2.abs().clamp_min(1e-30)).max().item()
-    assert rel <= LOSS_REL, f"{name}: loss relative difference {rel:.3g} > {LOSS_REL}"
+    excess = ((l1 - l2).abs() - (LOSS_REL * l2.abs() + LOSS_ABS)).max().item()
+    assert excess <= 0, f"{name}: loss difference over {LOSS_REL} relative + {LOSS_ABS} (relative {rel:.3g})"
     v = g1.shape[-1]
     t = (target - vocab_start).reshape(-1).cpu()
     owned = (t >= 0) & (t < v)

@@ -177,7 +177,7 @@ def run_all(shape, *, device, dtype=torch.bfloat16, heavy=False, seed=0, full=Tr
     case("nvfp4 rowwise tile16", check_nvfp4, x, kernel_config=tile16)
     case("nvfp4 sr rand tile16", check_nvfp4, x, stochastic_rounding=True, rand=rand, kernel_config=tile16)
     if x.shape[0] % 16 == 0:
-        case("nvfp4 2d 16x16 tile16", check_nvfp4, x, tile=(16, 16), kernel_config=tile16)
+        case("nvfp4 2d 16x16 tile16", check_nvfp4, x, tile=(16, 16), kernel_config=dict(tile16, BLOCK_R=16))
     if cols_ok:
         case("amax configs", check_amax_configs, x)
     # several row tiles per program (the next one prefetched) and the 1-D column-fastest grid:

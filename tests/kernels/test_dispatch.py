@@ -87,3 +87,17 @@ def test_gpu_case_without_kernel_logs_once(caplog):
         dispatch.quantize_fp8_block(x, torch.float8_e4m3fn)
     assert sum("quantize_fp8_block" in r.message for r in caplog.records) == 1
     assert dispatch.uses_kernel(x)
+
+
+def test_16x16_tiles_refuse_programs_of_several_tile_rows():
+    """BLOCK_R = 32 with 16x16 tiles gave wrong codes on the H200 (half the bytes, session 13)
+    while the interpreter agreed with the reference: such a setting is refused, and the default
+    settings (also with SR) hold one tile row per program."""
+    import pytest as _pytest
+
+    from nvfp4_megatron.kernels import nvfp4 as k
+
+    with _pytest.raises(ValueError, match="BLOCK_R=32 with 16x16 tiles"):
+        k.kernel_config(tile=(16, 16), rht=False, sr=False, unit_stride=True, config={"BLOCK_R": 32})
+    for sr in (False, True):
+        assert k.kernel_config(tile=(16, 16), rht=False, sr=sr, unit_stride=True)["BLOCK_R"] == 16

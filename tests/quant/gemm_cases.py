@@ -60,10 +60,6 @@ def check_dequant(name: str, x: torch.Tensor, fmt: str, variant, device) -> None
     no = torch.zeros((), dtype=torch.bool, device=device)
     nan = gemm.dequant_bf16(qd, fmt, no).cpu()
     assert torch.isnan(nan).all(), f"{name}: non-finite flag did not give all-NaN"
-    if fmt != "fp8":  # the block kernel above; the generic one (misaligned codes) as well
-        gen = gemm.dequant_bf16(qd, fmt, yes, generic=True).cpu()
-        assert torch.equal(gen.view(torch.int16), want.view(torch.int16)), f"{name}: generic {fmt} dequant"
-        assert torch.isnan(gemm.dequant_bf16(qd, fmt, no, generic=True)).all(), name
 
 
 def inputs(shape, seed: int, *, heavy: bool) -> torch.Tensor:
@@ -81,7 +77,7 @@ def run_all(device, shapes) -> int:
         for fmt, variant in CASES:
             if variant == (16, 16) and shape[0] % 16:
                 continue
-            if fmt != "fp8" and shape[-1] % (16 if fmt == "nvfp4" else 32):  # K a multiple of the block
+            if fmt != "fp8" and shape[-1] % 32:  # block formats: K a multiple of the block
                 continue
             check_dequant(f"{shape} heavy={heavy}", x, fmt, variant, device)
             n += 1
