@@ -95,7 +95,7 @@ def mm_output(name: str, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor |
               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the empty ``[M, N]`` output, alpha as a 1-element FP32 tensor or None) of a GEMM of ``a``
     [M, K] and ``b`` [K, N]; ``ValueError`` unless both are BF16 and ``out_dtype`` is BF16, FP16 or
-    FP32 (the emulated GEMMs' operands; shared by ``mm_alpha`` and ``gemm_persistent``)."""
+    FP32 (the emulated GEMM's operands)."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"{name}: need A [M, K] and B [K, N], got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
