@@ -91,31 +91,25 @@ def bf16_bits_rne(v):
     return tl.where(v != v, 0x7FC0, bits).to(tl.int16)
 
 
-def mm_output(name: str, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | None,
-              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the empty ``[M, N]`` output, alpha as a 1-element FP32 tensor or None) of a GEMM of ``a``
-    [M, K] and ``b`` [K, N]; ``ValueError`` unless both are BF16 and ``out_dtype`` is BF16, FP16 or
-    FP32 (the emulated GEMM's operands)."""
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"{name}: need A [M, K] and B [K, N], got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        raise ValueError(f"{name}: BF16 operands only, got {a.dtype} and {b.dtype}")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"{name}: output BF16, FP16 or FP32, got {out_dtype}")
-    c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
-    return c, (None if alpha is None else alpha.reshape(1).float())
-
-
 def mm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | None,
              out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """``round_out_dtype(alpha * (a @ b))``: ``a`` [M, K] and ``b`` [K, N] BF16 (any strides),
     FP32 accumulation, ``alpha`` an FP32 0-d device tensor or None."""
-    c, alpha = mm_output("mm_alpha", a, b, alpha, out_dtype)
-    if c.numel() == 0:
-        return c
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"mm_alpha: need A [M, K] and B [K, N], got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        raise ValueError(f"mm_alpha: BF16 operands only, got {a.dtype} and {b.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"mm_alpha: output BF16, FP16 or FP32, got {out_dtype}")
     cfg = dict(CONFIG, **(config or {}))
-    (m, k), n = a.shape, b.shape[1]
+    m, k = a.shape
+    n = b.shape[1]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    if alpha is not None:
+        alpha = alpha.reshape(1).float()
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _mm_alpha_kernel[grid](
         a, b, c, alpha if alpha is not None else c, m, n, k,

@@ -25,17 +25,15 @@ _INSTR = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(.*?)\s*;")
 
 def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, divisible_by_16=()):
     """``fn`` compiled for sm_90. ``types``: pointer/scalar types by argument name (others i32);
-    ``constexprs`` (may hold the launch's ``num_warps`` and ``num_stages``); ``divisible_by_16``: arguments the launch
+    ``constexprs`` (may hold the launch's ``num_warps``); ``divisible_by_16``: arguments the launch
     specialises as multiples of 16 (as Triton does at run time for aligned pointers and sizes),
     which is what lets it vectorise loads and stores."""
     constexprs = dict(constexprs)
-    options = {"num_warps": constexprs.pop("num_warps", num_warps)}
-    if "num_stages" in constexprs:  # a launch option too (software pipelining depth)
-        options["num_stages"] = constexprs.pop("num_stages")
+    num_warps = constexprs.pop("num_warps", num_warps)
     sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
-    return triton.compile(src, target=TARGET, options=options)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
 _NVFP4_TYPES = {"x_ptr": "*bf16", "h_ptr": "*fp32", "amax_ptr": "*fp32", "rand_ptr": "*fp32",
